@@ -1,0 +1,708 @@
+"""TokenBridge: post-training quantization of continuous VAE latents + dimension-wise AR head.
+
+Reference implementation of "Bridging Continuous and Discrete Tokens for Autoregressive Visual
+Generation" (TokenBridge, ICCV 2025, arXiv 2503.16430). One file, in the order of the paper's
+method section:
+
+  1. GaussianQuantizer     post-training, per-channel quantizer (paper Sec. 3.1, Eq. for γ_k)
+  2. frequency_order       frequency-based channel ordering (paper Sec. 3.2, "dimension order")
+  3. TokenBridgeConfig     one dataclass, presets tiny / bench-s / base / large / huge
+  4. Transformer blocks    plain pre-norm blocks and adaLN blocks with a fixed-size KV cache
+  5. Backbone              MAR-style masked encoder-decoder giving a feature z per position
+  6. DimensionwiseARHead   p(q^c | q^<c, z), one `levels`-way classification per channel
+  7. TokenBridge           training loss and the sampler (cosine schedule, CFG, confidence order)
+
+Shapes: token-like tensors are channel-last (B, N, C) with N = H*W positions; image-like tensors
+are channel-first (B, C, H, W). Usage:
+
+    import tokenbridge as tb
+    model = tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny"))
+    model.calibrate(train_latents)                  # quantizer statistics + channel order
+    loss = model(latents, labels)                   # cross-entropy, for training
+    latents = model.generate(labels, num_iter=16, cfg=2.0, seed=0)
+"""
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LN_EPS = 1e-6  # every LayerNorm, as in MAR and the official TokenBridge code
+
+
+def _require(condition, message):
+    """Bad input gets one clear line, never a deep traceback or silent garbage."""
+    if not condition:
+        raise ValueError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Post-training dimension-wise quantizer
+# ---------------------------------------------------------------------------------------------
+
+class GaussianQuantizer(nn.Module):
+    """Quantize each channel of a continuous latent into `levels` equiprobable Gaussian bins.
+
+    A channel value x is normalised with its own statistics, u = (x - mean_c) / std_c, clamped to
+    [-r, r], and assigned to the bin b_k <= u < b_{k+1} with b_k = Φ⁻¹(k / levels) (clamped to
+    [-r, r]). A bin is represented by its conditional mean γ_k = E[ξ | b_k <= ξ < b_{k+1}],
+    ξ ~ N(0, 1). No parameters: everything is a buffer, so it travels with checkpoints and ONNX.
+
+    assign="nearest" reproduces the official code, which picks the nearest γ instead of the bin
+    (the two differ for ~0.5% of values). `order` holds the AR generation order of the channels.
+    """
+
+    def __init__(self, levels=64, std_range=3.0, channels=16, assign="bins"):
+        super().__init__()
+        _require(levels >= 2, f"levels must be >= 2 (got {levels}); the paper uses 64 (16 for the ablation)")
+        _require(std_range > 0, f"std_range must be > 0 (got {std_range}); the paper uses 3")
+        _require(assign in ("bins", "nearest"), f"assign must be 'bins' or 'nearest' (got {assign!r})")
+        self.levels, self.std_range, self.channels, self.assign = levels, std_range, channels, assign
+        # float64 for the tables: the tail bins are thin, and float32 Φ⁻¹ loses digits there.
+        boundaries = torch.special.ndtri(torch.linspace(0, 1, levels + 1, dtype=torch.float64))
+        boundaries = boundaries.clamp(-std_range, std_range)
+        a, b = boundaries[:-1], boundaries[1:]
+        pdf = lambda t: torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+        centers = (pdf(a) - pdf(b)) / (torch.special.ndtr(b) - torch.special.ndtr(a))  # truncated-normal mean
+        self.register_buffer("boundaries", boundaries.float())                 # (levels+1,)
+        self.register_buffer("centers", centers.float())                       # (levels,)
+        self.register_buffer("mean", torch.zeros(channels))                    # (C,)
+        self.register_buffer("std", torch.ones(channels))                      # (C,)
+        self.register_buffer("order", torch.arange(channels))                  # (C,) AR slot -> channel
+
+    def _check_tokens(self, tokens):
+        _require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels,
+                 f"expected channel-last tokens (..., {self.channels}), got shape {tuple(tokens.shape)}; "
+                 "for (B, C, H, W) latents use TokenBridge.patchify first")
+        _require(tokens.is_floating_point(), f"expected float tokens, got {tokens.dtype}")
+        _require(bool(torch.isfinite(tokens).all()), "tokens contain NaN or inf; check the VAE output")
+
+    @torch.no_grad()
+    def calibrate(self, tokens):
+        """Set the per-channel mean/std from training latents, tokens (..., C)."""
+        self._check_tokens(tokens)
+        flat = tokens.reshape(-1, self.channels).double()
+        _require(flat.shape[0] >= 2, "calibration needs at least 2 token vectors")
+        self.mean.copy_(flat.mean(0))
+        self.std.copy_(flat.std(0).clamp_min(1e-8))
+        return self
+
+    @torch.no_grad()
+    def use_official_range(self):
+        """The official code's fixed map of [-5, 5] onto [-3, 3] for every channel (for interop)."""
+        self.mean.zero_()
+        self.std.fill_(5.0 / self.std_range)
+        return self
+
+    def quantize(self, tokens):
+        """(..., C) float -> (..., C) long in [0, levels)."""
+        self._check_tokens(tokens)
+        u = ((tokens.float() - self.mean) / self.std).clamp(-self.std_range, self.std_range).contiguous()
+        if self.assign == "nearest":
+            return (u.unsqueeze(-1) - self.centers).abs().argmin(-1)
+        # right=True: a value on a boundary b_k belongs to bin k, as in b_k <= u < b_{k+1}.
+        return torch.bucketize(u, self.boundaries[1:-1], right=True)
+
+    def dequantize(self, indices):
+        """(..., C) long -> (..., C) float, each index replaced by its bin's conditional mean."""
+        _require(not indices.is_floating_point() and indices.shape[-1] == self.channels,
+                 f"expected integer indices (..., {self.channels}), got {indices.dtype} {tuple(indices.shape)}")
+        _require(bool(((indices >= 0) & (indices < self.levels)).all()),
+                 f"indices must lie in [0, {self.levels})")
+        return self.centers[indices] * self.std + self.mean
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Frequency-based dimension ordering
+# ---------------------------------------------------------------------------------------------
+
+LOW_FREQUENCY_RADIUS = 0.25  # cycles per latent position: half the Nyquist frequency
+
+
+def low_frequency_share(latents, radius=LOW_FREQUENCY_RADIUS):
+    """Per-channel share of spectral energy at low frequency, latents (N, C, H, W) -> (C,).
+
+    Each map's mean is removed first, so the DC term is excluded: a constant offset carries no
+    spatial structure, and counting it would rank channels by their mean instead of their shape.
+    "Low" means |f| <= radius (cycles per position, |f| <= 0.5 is the whole band).
+    """
+    _require(latents.dim() == 4 and min(latents.shape[-2:]) >= 2,
+             f"expected latents (N, C, H, W) with H, W >= 2, got {tuple(latents.shape)}")
+    _require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf")
+    x = latents.double()
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    power = torch.fft.fft2(x).abs().square().sum(0)                            # (C, H, W)
+    fy = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64)
+    fx = torch.fft.fftfreq(x.shape[-1], dtype=torch.float64)
+    low = (fy[:, None].square() + fx[None, :].square()).sqrt() <= radius       # (H, W)
+    return (power * low).sum((1, 2)) / power.sum((1, 2)).clamp_min(1e-30)
+
+
+def frequency_order(latents, radius=LOW_FREQUENCY_RADIUS):
+    """Channel generation order, most low-frequency first: structure first, detail later."""
+    share = low_frequency_share(latents, radius)
+    return torch.argsort(share, descending=True, stable=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Configuration
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenBridgeConfig:
+    image_size: int = 32
+    vae_stride: int = 4             # image pixels per latent position
+    channels: int = 16              # VAE latent channels C = AR head length
+    levels: int = 64                # quantization bins per channel (paper: 64; ablation 16)
+    std_range: float = 3.0          # r: normalised values are clamped to [-r, r]
+    num_classes: int = 10
+    buffer_size: int = 4            # leading slots holding the class embedding (MAR: 64)
+    encoder_width: int = 64
+    encoder_depth: int = 2
+    encoder_heads: int = 4
+    decoder_width: int = 64
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    head_width: int = 64
+    head_depth: int = 2
+    head_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0            # attention and projection dropout (MAR/official: 0.1)
+    label_drop_prob: float = 0.1    # classifier-free guidance: train with the null class
+    mask_ratio_min: float = 0.7     # MAR: mask ratio ~ truncated N(1, 0.25) on [min, 1]
+    head: str = "ar"                # "ar" | "parallel" (ablation: channels independent given z)
+    order: str = "frequency"        # "frequency" | "default" (ablation: channels in VAE order)
+    official_compat: bool = False   # nearest-centre quantizer + slot-0 sampling quirk, for interop
+
+    def __post_init__(self):
+        _require(self.levels >= 2, f"levels must be >= 2 (got {self.levels})")
+        _require(self.image_size % self.vae_stride == 0,
+                 f"image_size {self.image_size} must be divisible by vae_stride {self.vae_stride}")
+        _require(self.head in ("ar", "parallel"), f"head must be 'ar' or 'parallel' (got {self.head!r})")
+        _require(self.order in ("frequency", "default"),
+                 f"order must be 'frequency' or 'default' (got {self.order!r})")
+        for part in ("encoder", "decoder", "head"):
+            width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
+            _require(width % heads == 0, f"{part}_width {width} must be divisible by {part}_heads {heads}")
+
+    @property
+    def grid(self):
+        return self.image_size // self.vae_stride
+
+    @property
+    def seq_len(self):
+        return self.grid ** 2
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        _require(name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+def _imagenet(**kw):
+    return TokenBridgeConfig(image_size=256, vae_stride=16, num_classes=1000, buffer_size=64,
+                             dropout=0.1, **kw)
+
+
+PRESETS = {
+    # tests and the CPU demo; also the official tiny reference configuration
+    "tiny": TokenBridgeConfig(),
+    # 32px images, VAE stride 4 -> 8x8 tokens: the speed benchmark
+    "bench-s": TokenBridgeConfig(buffer_size=64, encoder_width=256, encoder_depth=4, encoder_heads=8,
+                                 decoder_width=256, decoder_depth=4, decoder_heads=8,
+                                 head_width=256, head_depth=2, head_heads=8),
+    # the paper reports L and H; B is MAR-B's backbone with a proportionally smaller head
+    "base": _imagenet(encoder_width=768, encoder_depth=12, encoder_heads=12, decoder_width=768,
+                      decoder_depth=12, decoder_heads=12, head_width=768, head_depth=3, head_heads=8),
+    "large": _imagenet(encoder_width=1024, encoder_depth=16, encoder_heads=16, decoder_width=1024,
+                       decoder_depth=16, decoder_heads=16, head_width=1024, head_depth=4, head_heads=8),
+    "huge": _imagenet(encoder_width=1280, encoder_depth=20, encoder_heads=16, decoder_width=1280,
+                      decoder_depth=20, decoder_heads=16, head_width=1024, head_depth=6, head_heads=8),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Transformer blocks
+# ---------------------------------------------------------------------------------------------
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, qk_norm=False, dropout=0.0):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, dim // heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def _qkv(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, L, hd)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _attend(self, q, k, v, mask):
+        B, _, L, _ = q.shape
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, L, -1)))            # (B, L, D)
+
+    def forward(self, x, mask=None):
+        """mask: bool, True = may attend; broadcast to (B, h, L, L)."""
+        return self._attend(*self._qkv(x), mask)
+
+    def forward_cached(self, x, cache, t):
+        """One new slot x (B, 1, D) at position t with a fixed-size cache (2, B, h, S, hd).
+
+        The new key/value is written into slot t and the query attends to slots <= t. Fixed
+        shapes and no data-dependent indexing, so this exports to ONNX as is.
+        """
+        q, k, v = self._qkv(x)
+        slots = torch.arange(cache.shape[-2], device=x.device)
+        write = (slots == t).view(-1, 1)                                                  # (S, 1)
+        cache = torch.stack([torch.where(write, k, cache[0]), torch.where(write, v, cache[1])])
+        return self._attend(q, cache[0], cache[1], (slots <= t).view(1, -1)), cache
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, ratio, dropout):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, int(dim * ratio)), nn.Linear(int(dim * ratio), dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block of the backbone (timm's ViT block)."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, mlp_ratio, dropout)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class AdaLNBlock(nn.Module):
+    """Block of the AR head: qk-normed causal attention, every sub-layer modulated by c (DiT)."""
+
+    def __init__(self, dim, heads, mlp_ratio, dropout):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads, qk_norm=True, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, mlp_ratio, dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, mask=None, cache=None, t=None):
+        """Teacher-forced over all slots (cache None), or one slot t with a KV cache."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        if cache is None:
+            h = self.attn(h, mask)
+        else:
+            h, cache = self.attn.forward_cached(h, cache, t)
+        x = x + gate1 * h
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x, cache
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        scale, shift = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return modulate(self.norm_final(x), shift, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Backbone: MAR's masked encoder-decoder over spatial positions
+# ---------------------------------------------------------------------------------------------
+
+class Backbone(nn.Module):
+    """Known positions (dequantized tokens) + class -> a feature z for every position.
+
+    Two equivalent ways to hide the unknown positions from the encoder: `drop_masked=True`
+    gathers only the visible ones (fast, training), `drop_masked=False` keeps the fixed sequence
+    and gives masked keys no attention (no data-dependent shapes: sampling and ONNX).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        De, Dd, S, N = cfg.encoder_width, cfg.decoder_width, cfg.buffer_size, cfg.seq_len
+        self.num_classes, self.buffer_size = cfg.num_classes, cfg.buffer_size
+        self.grad_checkpointing = False
+        self.class_emb = nn.Embedding(cfg.num_classes, De)
+        self.fake_latent = nn.Parameter(torch.zeros(1, De))      # the null class, for CFG
+        self.z_proj = nn.Linear(cfg.channels, De)
+        self.z_proj_ln = nn.LayerNorm(De, eps=LN_EPS)
+        self.encoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, De))
+        self.encoder_blocks = nn.ModuleList(
+            Block(De, cfg.encoder_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.encoder_depth))
+        self.encoder_norm = nn.LayerNorm(De, eps=LN_EPS)
+        self.decoder_embed = nn.Linear(De, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, Dd))
+        self.decoder_blocks = nn.ModuleList(
+            Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(Dd, eps=LN_EPS)
+        self.output_pos_embed = nn.Parameter(torch.zeros(1, N, Dd))
+
+    def class_embedding(self, labels):
+        """labels in [0, num_classes]; the extra label num_classes is the null class."""
+        known = self.class_emb(labels.clamp(max=self.num_classes - 1))
+        return torch.where((labels == self.num_classes).unsqueeze(-1), self.fake_latent, known)
+
+    def _run(self, blocks, x, mask):
+        for block in blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return x
+
+    def forward(self, values, mask, labels, drop_masked=False):
+        """values (B, N, C) dequantized tokens, mask (B, N) bool True = unknown, labels (B,)."""
+        B = values.shape[0]
+        x = self.z_proj(values)                                                        # (B, N, De)
+        buffer = self.class_embedding(labels).unsqueeze(1).expand(-1, self.buffer_size, -1)
+        x = self.z_proj_ln(torch.cat([buffer, x], dim=1) + self.encoder_pos_embed)     # (B, S+N, De)
+        visible = F.pad(~mask, (self.buffer_size, 0), value=True)                      # (B, S+N)
+        if drop_masked:  # every image has the same number of masked positions
+            x = self._run(self.encoder_blocks, x[visible].view(B, -1, x.shape[-1]), None)  # (B, V, De)
+        else:            # buffer slots are never masked, so no attention row is empty
+            x = self._run(self.encoder_blocks, x, visible[:, None, None, :])          # (B, S+N, De)
+        x = self.decoder_embed(self.encoder_norm(x))
+        mask_tokens = self.mask_token.to(x.dtype).expand(B, visible.shape[1], -1)
+        if drop_masked:
+            x = mask_tokens.masked_scatter(visible.unsqueeze(-1), x)                   # (B, S+N, Dd)
+        else:
+            x = torch.where(visible.unsqueeze(-1), x, mask_tokens)
+        x = self._run(self.decoder_blocks, x + self.decoder_pos_embed, None)
+        x = self.decoder_norm(x)[:, self.buffer_size:]
+        return x + self.output_pos_embed                                               # (B, N, Dd)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Dimension-wise AR head: p(q) = Π_c p(q^c | q^<c, z) at every position
+# ---------------------------------------------------------------------------------------------
+
+class DimensionwiseARHead(nn.Module):
+    """A small causal transformer over C slots per position, in generation order.
+
+    Slot 0 holds proj(z); slot c > 0 holds the embedding of token q^{c-1} (one table per slot);
+    slot c predicts channel c with its own `levels`-way linear head. Every block is adaLN-
+    conditioned on proj(z) + a per-slot embedding. parallel=True is the ablation: slots > 0 get
+    no token, so each channel is predicted from z alone.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, D, K = cfg.channels, cfg.head_width, cfg.levels
+        self.channels, self.levels, self.parallel = C, K, cfg.head == "parallel"
+        self.slot0_quirk = cfg.official_compat
+        self.heads, self.head_dim = cfg.head_heads, D // cfg.head_heads
+        self.condition_proj = nn.Linear(cfg.decoder_width, D)
+        self.slot_pos = nn.Parameter(torch.zeros(C, D))          # added to each slot's input
+        self.slot_cond = nn.Parameter(torch.zeros(C, D))         # added to each slot's adaLN condition
+        if not self.parallel:
+            self.token_embed = nn.Parameter(torch.zeros(C - 1, K, D))  # slot c+1 embeds token c
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(D, cfg.head_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.head_depth))
+        self.norm = nn.LayerNorm(D, eps=LN_EPS)
+        self.final = FinalLayer(D)
+        self.out_weight = nn.Parameter(torch.zeros(C, K, D))     # one classifier per channel
+        self.out_bias = nn.Parameter(torch.zeros(C, K))
+        self.register_buffer("causal", torch.ones(C, C, dtype=torch.bool).tril(), persistent=False)
+
+    def project(self, z):
+        """Backbone features (..., Dd) -> the head's condition (..., D), once per position."""
+        return self.condition_proj(z)
+
+    def _logits(self, x, c, slots):
+        x = self.final(self.norm(x), c)
+        return torch.einsum("...sd,skd->...sk", x, self.out_weight[slots]) + self.out_bias[slots]
+
+    def forward(self, cond, tokens):
+        """Teacher forcing. cond (M, D), tokens (M, L) in generation order, L < C.
+
+        Returns logits (M, L+1, levels) for channels 0..L; L = C-1 gives the full training pass.
+        """
+        M, L = tokens.shape
+        if self.parallel:
+            inputs = cond.new_zeros(M, L, cond.shape[-1])
+        else:
+            inputs = self.token_embed[torch.arange(L, device=cond.device), tokens]         # (M, L, D)
+        x = torch.cat([cond.unsqueeze(1), inputs], dim=1) + self.slot_pos[:L + 1]        # (M, L+1, D)
+        c = cond.unsqueeze(1) + self.slot_cond[:L + 1]                                    # (M, L+1, D)
+        for block in self.blocks:
+            x, _ = block(x, c, self.causal[:L + 1, :L + 1])
+        return self._logits(x, c, slice(0, L + 1))
+
+    def empty_cache(self, rows, device=None, dtype=torch.float32):
+        """Fixed-size KV cache: (depth, 2, rows, heads, C, head_dim)."""
+        return torch.zeros(len(self.blocks), 2, rows, self.heads, self.channels, self.head_dim,
+                           device=device, dtype=dtype)
+
+    def step(self, cond, prev_token, t, cache):
+        """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long tensor.
+
+        Returns logits (M, levels) for channel t and the updated cache. Equal, to float
+        tolerance, to forward()'s slot t: one token through the blocks instead of the prefix.
+        """
+        if self.parallel:
+            token = torch.zeros_like(cond)
+        else:  # slot t embeds token t-1 with table t-1 (clamped: slot 0 uses cond instead)
+            token = self.token_embed[(t - 1).clamp(min=0)][prev_token]                    # (M, D)
+        first = cond + self.slot_cond[0] if self.slot0_quirk else cond
+        x = (torch.where(t == 0, first, token) + self.slot_pos[t]).unsqueeze(1)          # (M, 1, D)
+        c = (cond + self.slot_cond[t]).unsqueeze(1)                                       # (M, 1, D)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block(x, c, cache=layer_cache, t=t)
+            new_cache.append(layer_cache)
+        return self._logits(x, c, t.view(1))[:, 0], torch.stack(new_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. TokenBridge: training loss and sampler
+# ---------------------------------------------------------------------------------------------
+
+def mask_schedule(seq_len, num_iter):
+    """Positions still masked after each step: floor(N cos(π/2 (s+1)/T)), at least 1 and at
+    least one fewer than before, 0 after the last step (MAR's cosine schedule). Pure Python so
+    the ONNX loop can copy it digit for digit."""
+    left, remaining = [], seq_len
+    for s in range(num_iter):
+        n = math.floor(seq_len * math.cos(math.pi / 2 * (s + 1) / num_iter))
+        remaining = 0 if s == num_iter - 1 else max(1, min(remaining - 1, n))
+        left.append(remaining)
+    return left
+
+
+def sample_from_logits(logits, uniforms, temperature):
+    """Pick a token per row by inverse CDF with supplied uniforms (M,), so both runtimes agree.
+
+    Returns the tokens (M,) and their log-probabilities under the sampling distribution.
+    temperature 0 is greedy (argmax).
+    """
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, torch.zeros_like(logits[:, 0])
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    cdf = logp.exp().cumsum(-1)
+    token = (cdf < uniforms.unsqueeze(-1)).sum(-1).clamp(max=logits.shape[-1] - 1)
+    return token, logp.gather(-1, token.unsqueeze(-1))[:, 0]
+
+
+class TokenBridge(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.quantizer = GaussianQuantizer(cfg.levels, cfg.std_range, cfg.channels,
+                                           assign="nearest" if cfg.official_compat else "bins")
+        self.backbone = Backbone(cfg)
+        self.head = DimensionwiseARHead(cfg)
+        self._init_weights()
+
+    def _init_weights(self):
+        # As MAR / the official code: xavier for linears, N(0, 0.02) for learned embeddings ...
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        b, h = self.backbone, self.head
+        for p in (b.class_emb.weight, b.fake_latent, b.mask_token, b.encoder_pos_embed,
+                  b.decoder_pos_embed, b.output_pos_embed, h.slot_pos, h.slot_cond):
+            nn.init.normal_(p, std=0.02)
+        # ... token tables keep nn.Embedding's N(0, 1), classifiers are xavier like nn.Linear ...
+        if not h.parallel:
+            nn.init.normal_(h.token_embed)
+        bound = math.sqrt(6 / (h.out_weight.shape[1] + h.out_weight.shape[2]))
+        nn.init.uniform_(h.out_weight, -bound, bound)
+        # ... and zero-init adaLN so each head block starts as the identity (DiT).
+        for m in list(h.blocks) + [h.final]:
+            nn.init.zeros_(m.adaLN_modulation[-1].weight)
+            nn.init.zeros_(m.adaLN_modulation[-1].bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # --- layout and input checks -------------------------------------------------------------
+
+    def patchify(self, latents):
+        return latents.flatten(2).transpose(1, 2)                                     # (B, N, C)
+
+    def unpatchify(self, tokens):
+        B, g = tokens.shape[0], self.cfg.grid
+        return tokens.transpose(1, 2).reshape(B, self.cfg.channels, g, g)             # (B, C, H, W)
+
+    def _check_latents(self, latents):
+        c, g = self.cfg.channels, self.cfg.grid
+        _require(latents.dim() == 4 and tuple(latents.shape[1:]) == (c, g, g),
+                 f"expected latents (B, {c}, {g}, {g}) for image_size {self.cfg.image_size} / vae_stride "
+                 f"{self.cfg.vae_stride}, got {tuple(latents.shape)}; check the VAE and the config")
+        _require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf; check the VAE output")
+
+    def _check_labels(self, labels, batch=None):
+        k = self.cfg.num_classes
+        _require(labels.dim() == 1 and not labels.is_floating_point(),
+                 f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+        _require(batch is None or labels.shape[0] == batch,
+                 f"got {labels.shape[0]} labels for a batch of {batch} latents")
+        _require(bool(((labels >= 0) & (labels < k)).all()),
+                 f"labels must lie in [0, {k}) for this model's {k} classes, got {labels.tolist()[:8]}")
+
+    @torch.no_grad()
+    def calibrate(self, latents):
+        """Fit the quantizer's per-channel statistics and the channel order, latents (N, C, H, W)."""
+        self._check_latents(latents)
+        self.quantizer.calibrate(self.patchify(latents))
+        order = frequency_order(latents) if self.cfg.order == "frequency" else torch.arange(self.cfg.channels)
+        self.quantizer.order.copy_(order)
+        return self
+
+    # --- training ------------------------------------------------------------------------------
+
+    def random_mask(self, batch, device):
+        """MAR masking: one ratio per batch ~ truncated N(1, 0.25) on [mask_ratio_min, 1], a random
+        order per image. Returns mask (B, N), True = masked (to predict)."""
+        N, lo = self.cfg.seq_len, self.cfg.mask_ratio_min
+        ndtr_lo = torch.special.ndtr(torch.tensor((lo - 1.0) / 0.25, dtype=torch.float64))
+        u = ndtr_lo + (0.5 - ndtr_lo) * torch.rand((), dtype=torch.float64)      # inverse-CDF draw
+        ratio = 1.0 + 0.25 * torch.special.ndtri(u).item()
+        num_masked = min(N, math.ceil(N * ratio))
+        rank = torch.rand(batch, N, device=device).argsort(-1).argsort(-1)       # random order
+        return rank < num_masked
+
+    def token_logits(self, latents, labels, mask):
+        """Backbone + teacher-forced head. Returns logits (M, C, levels) and targets (M, C) for the
+        M masked positions, channels in generation order."""
+        tokens = self.patchify(latents)
+        indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
+        z = self.backbone(self.quantizer.dequantize(indices), mask, labels, drop_masked=True)
+        targets = indices[mask][:, self.quantizer.order]                              # (M, C)
+        return self.head(self.head.project(z[mask]), targets[:, :-1]), targets
+
+    def forward(self, latents, labels):
+        """Training loss: cross-entropy summed over channels, averaged over masked positions."""
+        self._check_latents(latents)
+        self._check_labels(labels, latents.shape[0])
+        mask = self.random_mask(latents.shape[0], latents.device)
+        if self.training:  # drop labels to the null class, for classifier-free guidance
+            drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_drop_prob
+            labels = torch.where(drop, self.cfg.num_classes, labels)
+        logits, targets = self.token_logits(latents, labels, mask)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / len(targets)
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    def condition(self, values, mask, labels):
+        """Backbone + the head's input projection: (B, N, C) known values -> (B, N, D)."""
+        return self.head.project(self.backbone(values, mask, labels))
+
+    def _sample_channels(self, cond, uniforms, temperature, logit_guidance=None):
+        """Channel by channel with the KV cache. cond (M, D), or (2M, D) with logit guidance w
+        (cond rows first); uniforms (M, C). Returns tokens (M, C) in VAE channel order and the
+        summed log-probability of each position's C tokens."""
+        cache = self.head.empty_cache(len(cond), cond.device, cond.dtype)
+        token = torch.zeros(len(cond), dtype=torch.long, device=cond.device)
+        generated, score = [], 0.0
+        for t in range(self.cfg.channels):
+            logits, cache = self.head.step(cond, token, torch.tensor(t, device=cond.device), cache)
+            if logit_guidance is not None:
+                l_cond, l_uncond = logits.chunk(2)
+                logits = l_uncond + logit_guidance * (l_cond - l_uncond)
+            token, logp = sample_from_logits(logits, uniforms[:, t], temperature)
+            generated.append(token)
+            score = score + logp
+            if logit_guidance is not None:
+                token = token.repeat(2)
+        tokens = torch.empty_like(uniforms, dtype=torch.long)
+        tokens[:, self.quantizer.order] = torch.stack(generated, dim=1)               # (M, C)
+        return tokens, score
+
+    @torch.no_grad()
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
+                      cfg_mode="features", position_order="random", confidence_noise=1.0):
+        """MAR-style iterative decoding of all positions. Returns token indices (B, N, C).
+
+        Every random number comes from numpy.random.default_rng(seed), in this sequence:
+        random order: one permutation of N per image; then per step: uniforms (B, N, C) for the
+        channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
+        """
+        device = next(self.parameters()).device
+        labels = torch.as_tensor(labels, device=device)
+        self._check_labels(labels)
+        B, N, C = len(labels), self.cfg.seq_len, self.cfg.channels
+        _require(1 <= num_iter <= N, f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
+        _require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+        _require(cfg_mode in ("features", "logits"), f"cfg_mode must be 'features' or 'logits', got {cfg_mode!r}")
+        _require(position_order in ("random", "confidence"),
+                 f"position_order must be 'random' or 'confidence', got {position_order!r}")
+        rng = np.random.default_rng(seed)
+        if position_order == "random":
+            orders = torch.from_numpy(np.stack([rng.permutation(N) for _ in range(B)])).to(device)
+            rank = orders.argsort(-1)                                  # rank[b, n]: when n is decoded
+        guided = cfg != 1.0
+        all_labels = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if guided else labels
+        tokens = torch.zeros(B, N, C, dtype=torch.long, device=device)
+        mask = torch.ones(B, N, dtype=torch.bool, device=device)
+        for s, left in enumerate(mask_schedule(N, num_iter)):
+            uniforms = torch.from_numpy(rng.random((B, N, C))).float().to(device)
+            values = self.quantizer.dequantize(tokens)
+            reps = 2 if guided else 1
+            cond = self.condition(values.repeat(reps, 1, 1), mask.repeat(reps, 1), all_labels)  # (rB, N, D)
+            w = 1.0 + (cfg - 1.0) * (N - left) / N                     # linear CFG schedule
+            if guided and cfg_mode == "features":
+                # Guidance on backbone features z, applied after the head's linear projection:
+                # proj(z_u + w (z_c - z_u)) = proj(z_u) + w (proj(z_c) - proj(z_u)), exactly.
+                cond_c, cond_u = cond.chunk(2)
+                cond = cond_u + w * (cond_c - cond_u)
+            if position_order == "random":
+                chosen = mask & (rank >= left)                         # decode the next slice of each order
+                candidates = chosen
+            else:
+                candidates = mask                                      # sample all, keep the most confident
+            rows = candidates.repeat(cond.shape[0] // B, 1)
+            new, score = self._sample_channels(cond[rows], uniforms[candidates], temperature,
+                                               w if guided and cfg_mode == "logits" else None)
+            if position_order == "confidence":
+                gumbel = -torch.log(-torch.log(torch.from_numpy(rng.random((B, N))).float().to(device)))
+                scores = torch.full((B, N), -math.inf, device=device)
+                scores[candidates] = score
+                scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
+                keep = scores.topk(int(mask[0].sum()) - left, dim=-1).indices
+                chosen = torch.zeros_like(mask).scatter_(1, keep, True)
+                new = new[chosen[candidates]]
+            tokens[chosen] = new
+            mask = mask & ~chosen
+        return tokens
+
+    @torch.no_grad()
+    def generate(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, **kwargs):
+        """Sample images' latents (B, C, H, W), dequantized, ready for the VAE decoder."""
+        tokens = self.sample_tokens(labels, num_iter, cfg, temperature, seed, **kwargs)
+        return self.unpatchify(self.quantizer.dequantize(tokens))
