@@ -1,0 +1,305 @@
+"""Export a trained TokenBridge run to ONNX, for the torch-free sampling loop in sample.py.
+
+    python export.py --run runs/demo                 # -> runs/demo/onnx/
+    python export.py --run runs/demo --fp16          # half-precision graphs, for GPU
+
+Writes three graphs and one JSON (DESIGN.md §3, issue 4):
+  backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
+                     = TokenBridge.condition: the masked, fixed-shape backbone path + head.project
+  head_step.onnx     one channel of the AR head with its fixed-size KV cache, the logit-level CFG
+                     mix and the inverse-CDF sampler inside (head.step + sample_from_logits), so a
+                     whole channel loop can stay on the device
+  vae_decoder.onnx   scaled latents (B, C, H, W) -> image (B, 3, H', W') in [-1, 1]
+  tokenbridge.json   config, quantizer tables, channel order, graph I/O names, fingerprint
+
+Every graph passes onnx.checker and is compared with PyTorch on random inputs before export
+reports success. Exporter: the TorchScript tracer (`dynamo=False`). With torch 2.13 the dynamo
+exporter also works, but it turns the batch into a symbolic dimension with guards: the head graph
+has two batch-like dimensions (G guidance halves x M positions) whose product is the KV-cache row
+count, which dynamo refuses without hand-written derived dims, and it has no benefit for graphs
+whose shapes never depend on data. The tracer with `dynamic_axes` gives the same ops, exports in
+seconds, and the graphs are validated against PyTorch either way.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+import tokenbridge as tb
+from sample import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, HEAD_FILE, HEAD_INPUTS,
+                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, make_session)
+
+OPSET = 17
+
+
+# --- loading a run ---------------------------------------------------------------------------
+
+def fingerprint(model):
+    """sha256 over the state dict (names, dtypes, shapes, bytes): the identity of the weights,
+    unchanged by re-saving the checkpoint, stored in the JSON and in every graph."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_run(run, device="cpu"):
+    """RUN/checkpoint.pt -> (model in eval mode, checkpoint dict); EMA weights when present."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}; train one with train.py --out {run}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = tb.TokenBridge(tb.TokenBridgeConfig.from_dict(ckpt["config"]))
+    state = dict(ckpt["model"])
+    if ckpt.get("ema") is not None:  # EMA may hold parameters only; buffers come from `model`
+        state.update(ckpt["ema"])
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt
+
+
+def load_vae(run, device="cpu"):
+    """RUN/vae as a diffusers AutoencoderKL, or None when the run has none."""
+    path = os.path.join(run, "vae")
+    if not os.path.isdir(path):
+        return None
+    from diffusers import AutoencoderKL
+    return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).to(device).eval()
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- export wrappers: thin shells around tokenbridge.py, in the order the loop calls them -----
+
+class BackboneGraph(nn.Module):
+    """Twin of TokenBridge.condition: values (B, N, C), mask (B, N) bool, labels (B,) -> (B, N, D)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, values, mask, labels):
+        return self.model.condition(values, mask, labels)
+
+
+class HeadStepGraph(nn.Module):
+    """One channel step of TokenBridge._sample_channels, sampling included.
+
+    cond (G, M, D): G = 1, or 2 for logit-level CFG (cond rows, then uncond rows).
+    tokens (M, C): the tokens sampled so far, in generation order; column t is written.
+    cache (depth, 2, G, M, heads, C, head_dim): head.step's cache with the G*M rows split, so
+    every dimension is a plain input dimension (no derived G*M for the exporter to prove).
+    uniforms (M, C), score (M,): as in _sample_channels; temperature, guidance: 0-d float.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.head = model.head
+        self.levels = model.cfg.levels
+
+    def forward(self, cond, step, cache, tokens, uniforms, temperature, guidance, score):
+        G, M, D = cond.shape
+        slots = torch.arange(tokens.shape[1], device=tokens.device)
+        # twin of `token` carried between steps in _sample_channels (repeated for both halves)
+        prev = torch.where(slots == step - 1, tokens, 0).sum(1).repeat(G)                # (G*M,)
+        rows = cache.flatten(2, 3)                                                       # (depth, 2, G*M, h, C, hd)
+        logits, rows = self.head.step(cond.reshape(G * M, D), prev, step, rows)          # (G*M, K)
+        # logit-level CFG: uncond + w (cond - uncond); with G = 1 both halves are the same rows
+        # and this is logits + w * 0, exactly the unguided logits.
+        halves = logits.view(G, M, -1)
+        logits = halves[-1] + guidance * (halves[0] - halves[-1])                         # (M, K)
+        # twin of tb.sample_from_logits, with the greedy branch as a `where` (temperature is an
+        # input here, not a Python number the tracer would freeze)
+        greedy = temperature == 0
+        logp = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, temperature), dim=-1)
+        cdf = logp.exp().cumsum(-1)
+        u = torch.where(slots == step, uniforms, 0).sum(1)                                # (M,) = uniforms[:, t]
+        token = (cdf < u.unsqueeze(-1)).sum(-1).clamp(max=self.levels - 1)
+        token_logp = logp.gather(-1, token.unsqueeze(-1))[:, 0]
+        token = torch.where(greedy, logits.argmax(-1), token)
+        token_logp = torch.where(greedy, 0.0, token_logp)
+        tokens = torch.where(slots == step, token.unsqueeze(1), tokens)                   # (M, C)
+        return logits, tokens, score + token_logp, rows.view(cache.shape)
+
+
+class VAEDecoderGraph(nn.Module):
+    """Scaled latents (B, C, H, W) -> image (B, 3, H*s, W*s) in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+
+# --- random example inputs, used for tracing and for the parity check ------------------------
+
+def backbone_inputs(cfg, batch, dtype, gen):
+    N, C = cfg.seq_len, cfg.channels
+    values = torch.randn(batch, N, C, generator=gen).to(dtype)
+    mask = torch.rand(batch, N, generator=gen) < 0.6
+    mask[:, 0] = True
+    labels = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)   # incl. the null class
+    labels[-1] = cfg.num_classes
+    return values, mask, labels
+
+
+def head_inputs(model, guidance_halves, rows, step, dtype, gen):
+    cfg, head = model.cfg, model.head
+    C, D = cfg.channels, cfg.head_width
+    cond = torch.randn(guidance_halves, rows, D, generator=gen).to(dtype)
+    cache = torch.randn(len(head.blocks), 2, guidance_halves, rows, head.heads, C, head.head_dim,
+                        generator=gen).to(dtype)
+    tokens = torch.randint(0, cfg.levels, (rows, C), generator=gen)
+    uniforms = torch.rand(rows, C, generator=gen)
+    return (cond, torch.tensor(step), cache, tokens, uniforms, torch.tensor(0.9),
+            torch.tensor(2.5 if guidance_halves == 2 else 1.0), torch.randn(rows, generator=gen))
+
+
+# --- export + check ---------------------------------------------------------------------------
+
+def _export(module, example, path, inputs, outputs, dynamic_axes, meta):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shapes: the checks below decide
+        torch.onnx.export(module, example, path, input_names=list(inputs), output_names=list(outputs),
+                          dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    graph = onnx.load(path)
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, path)
+    onnx.checker.check_model(path, full_check=True)
+
+
+def _max_diff(module, examples, path, inputs, outputs, fp16):
+    """Largest |torch - onnxruntime| over the float outputs of all example sets, and how many
+    integer outputs (sampled tokens) differ. fp16 graphs are compared with the fp32 model on the
+    same rounded inputs, relative to each output's scale."""
+    reference = copy.deepcopy(module).float()
+    session = make_session(path, "cpu")[0]
+    worst, mismatched = 0.0, 0
+    for example in examples:
+        with torch.no_grad():
+            want = reference(*(x.float() if x.is_floating_point() else x for x in example))
+        want = want if isinstance(want, tuple) else (want,)
+        got = session.run(list(outputs), {name: x.numpy() for name, x in zip(inputs, example)})
+        for w, g in zip(want, got):
+            if w.is_floating_point():
+                diff = float(np.abs(w.numpy() - g.astype(np.float32)).max())
+                worst = max(worst, diff / (1.0 + float(w.abs().max())) if fp16 else diff)
+            else:
+                mismatched += int((w.numpy() != g).sum())
+    return worst, mismatched
+
+
+def export(run, out=None, fp16=False, tolerance=None, verbose=True):
+    """Export RUN to OUT (default RUN/onnx). Returns the metadata dict written to the JSON."""
+    out = out or os.path.join(run, "onnx")
+    os.makedirs(out, exist_ok=True)
+    model, ckpt = load_run(run)
+    vae = load_vae(run)
+    cfg = model.cfg
+    dtype = torch.float16 if fp16 else torch.float32
+    tolerance = tolerance or (5e-2 if fp16 else 1e-4)
+    say = print if verbose else (lambda *a: None)
+    fp = fingerprint(model)
+    meta = {"fingerprint": fp}
+    gen = torch.Generator().manual_seed(0)
+    report = {}
+
+    def run_export(name, module, examples, inputs, outputs, axes):
+        path = os.path.join(out, name)
+        tmp = path + ".tmp"  # a graph that failed its check never sits under the real name
+        _export(module, examples[0], tmp, inputs, outputs, axes, meta)
+        diff, wrong = _max_diff(module, examples, tmp, inputs, outputs, fp16)
+        say(f"{name}: onnx.checker ok, max |torch - onnxruntime| = {diff:.2e}"
+            + (f" (relative)" if fp16 else "") + (f", {wrong} sampled tokens differ" if wrong else ""))
+        # a sampled token may flip at a near-tie of the CDF and a uniform; more than that is a bug
+        if diff > tolerance or wrong > (4 if fp16 else 1):
+            os.remove(tmp)
+            raise ValueError(f"{name} differs from PyTorch by {diff:.2e} (tolerance {tolerance:.0e}, "
+                             f"{wrong} tokens differ); not exported")
+        os.replace(tmp, path)
+        report[name] = diff
+
+    module = BackboneGraph(model).to(dtype)
+    examples = [backbone_inputs(cfg, b, dtype, gen) for b in (2, 3)]
+    run_export(BACKBONE_FILE, module, examples, BACKBONE_INPUTS, BACKBONE_OUTPUTS,
+               {"values": {0: "batch"}, "mask": {0: "batch"}, "labels": {0: "batch"}, "cond": {0: "batch"}})
+
+    module = HeadStepGraph(model).to(dtype)
+    # trace at a middle step with guidance, check at the first/last step and without guidance too
+    examples = [head_inputs(model, 2, 5, 3, dtype, gen), head_inputs(model, 1, 7, 0, dtype, gen),
+                head_inputs(model, 2, 3, cfg.channels - 1, dtype, gen)]
+    run_export(HEAD_FILE, module, examples, HEAD_INPUTS, HEAD_OUTPUTS,
+               {"cond": {0: "halves", 1: "rows"}, "cache": {2: "halves", 3: "rows"}, "tokens": {0: "rows"},
+                "uniforms": {0: "rows"}, "score": {0: "rows"}, "logits": {0: "rows"},
+                "tokens_out": {0: "rows"}, "score_out": {0: "rows"}, "cache_out": {2: "halves", 3: "rows"}})
+
+    scaling = None
+    if vae is not None:
+        scaling = float(vae.config.scaling_factor)
+        module = VAEDecoderGraph(vae).to(dtype)
+        g = cfg.grid
+        examples = [(torch.randn(b, cfg.channels, g, g, generator=gen).to(dtype),) for b in (2, 1)]
+        run_export(VAE_FILE, module, examples, VAE_INPUTS, VAE_OUTPUTS,
+                   {"latents": {0: "batch"}, "image": {0: "batch"}})
+    else:
+        say("no VAE in the run (RUN/vae): vae_decoder.onnx not written")
+
+    q = model.quantizer
+    info = {
+        "fingerprint": fp,
+        "checkpoint_sha256": file_sha256(os.path.join(run, "checkpoint.pt")),
+        "config": cfg.to_dict(),
+        "dtype": "float16" if fp16 else "float32",
+        "weights": "ema" if ckpt.get("ema") is not None else "model",
+        "quantizer": {"centers": q.centers.tolist(), "mean": q.mean.tolist(), "std": q.std.tolist(),
+                      "order": q.order.tolist()},
+        "head": {"depth": len(model.head.blocks), "heads": model.head.heads, "head_dim": model.head.head_dim},
+        "vae": {"file": VAE_FILE, "scaling_factor": scaling} if vae is not None else None,
+        "graphs": {BACKBONE_FILE: {"inputs": list(BACKBONE_INPUTS), "outputs": list(BACKBONE_OUTPUTS)},
+                   HEAD_FILE: {"inputs": list(HEAD_INPUTS), "outputs": list(HEAD_OUTPUTS)},
+                   **({VAE_FILE: {"inputs": list(VAE_INPUTS), "outputs": list(VAE_OUTPUTS)}} if vae else {})},
+        "max_abs_diff": report,
+        "torch": torch.__version__, "opset": OPSET,
+    }
+    with open(os.path.join(out, META_FILE + ".tmp"), "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(os.path.join(out, META_FILE + ".tmp"), os.path.join(out, META_FILE))
+    say(f"exported {run} -> {out} (fingerprint {fp[:12]})")
+    return info
+
+
+def main(args):
+    export(args.run, args.out, fp16=args.fp16)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="run folder holding checkpoint.pt (and vae/, a diffusers AutoencoderKL)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/onnx)")
+    p.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPU; checked against fp32 PyTorch)")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(get_parser().parse_args())
+    except ValueError as e:  # bad input: one line, not a traceback
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,425 @@
+"""Sample images from a TokenBridge run, with PyTorch or with ONNX Runtime (no torch needed).
+
+    python sample.py --run runs/demo                                  # PyTorch, PNG grid
+    python export.py --run runs/demo && \\
+    python sample.py --onnx runs/demo/onnx --runtime onnx --cfg 2.0  # ONNX Runtime only
+    python sample.py --benchmark --preset bench-s                     # one JSON line of timings
+
+The ONNX path (OnnxSampler) imports numpy, onnxruntime and Pillow only; torch is imported lazily,
+for the torch runtime and the benchmark. OnnxSampler.sample_tokens is a step-for-step mirror of
+TokenBridge.sample_tokens (tokenbridge.py §7): the same cosine schedule, the same order rule and
+the same draws from numpy.random.default_rng(seed) in the same sequence, so a seed gives the same
+tokens in both runtimes (up to a rare flip where a uniform lands on a near-tie of the CDF). Each
+step names its twin. On GPU, the channel loop keeps the KV cache, tokens, uniforms and scores on
+the device with IOBinding, so nothing crosses to the host between channel steps.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+# ONNX file and I/O names, shared with export.py (which imports them from here: this module must
+# stay importable without torch).
+META_FILE, BACKBONE_FILE, HEAD_FILE, VAE_FILE = "tokenbridge.json", "backbone.onnx", "head_step.onnx", "vae_decoder.onnx"
+BACKBONE_INPUTS, BACKBONE_OUTPUTS = ("values", "mask", "labels"), ("cond",)
+HEAD_INPUTS = ("cond", "step", "cache", "tokens", "uniforms", "temperature", "guidance", "score")
+HEAD_OUTPUTS = ("logits", "tokens_out", "score_out", "cache_out")
+HEAD_STATE = ("cache", "tokens", "score")          # fed back: output NAME_out is next step's NAME
+VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
+
+
+def make_session(path, device="auto"):
+    """An ORT session on CUDA when asked for (or "auto") and it really loads, else CPU.
+
+    Returns (session, on_cuda). ORT's own logging is silenced (severity 4): a missing CUDA library
+    otherwise prints a wall of text; callers report it in one line instead.
+    """
+    ort.set_default_logger_severity(4)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(path, options, providers=providers)
+    # get_providers(), not get_available_providers(): the latter lists CUDA even without its libraries
+    return session, "CUDAExecutionProvider" in session.get_providers()
+
+
+def mask_schedule(seq_len, num_iter):
+    """Twin of tokenbridge.mask_schedule, digit for digit (a test compares them)."""
+    left, remaining = [], seq_len
+    for s in range(num_iter):
+        n = math.floor(seq_len * math.cos(math.pi / 2 * (s + 1) / num_iter))
+        remaining = 0 if s == num_iter - 1 else max(1, min(remaining - 1, n))
+        left.append(remaining)
+    return left
+
+
+class OnnxSampler:
+    """The exported graphs + tokenbridge.json, and the torch-free mirror of TokenBridge.sample_tokens."""
+
+    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None):
+        meta_path = os.path.join(onnx_dir, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
+        with open(meta_path) as f:
+            self.meta = meta = json.load(f)
+        files = [BACKBONE_FILE, HEAD_FILE] + ([meta["vae"]["file"]] if meta["vae"] else [])
+        missing = [name for name in files if not os.path.isfile(os.path.join(onnx_dir, name))]
+        if missing:
+            raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; re-run export.py")
+        if checkpoint is not None:
+            self._check_checkpoint(checkpoint)
+        sessions = [make_session(os.path.join(onnx_dir, name), device) for name in files]
+        for name, (session, _) in zip(files, sessions):
+            got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
+            if got != meta["fingerprint"]:
+                raise ValueError(f"{name} was exported from other weights (fingerprint {str(got)[:12]}, "
+                                 f"{META_FILE} says {meta['fingerprint'][:12]}); re-run export.py")
+        self.backbone, self.head = sessions[0][0], sessions[1][0]
+        self.vae = sessions[2][0] if meta["vae"] else None
+        self.on_cuda = all(on_cuda for _, on_cuda in sessions)
+        self.iobinding = self.on_cuda if iobinding is None else iobinding
+        if self.iobinding and not self.on_cuda and device == "cuda":
+            self.iobinding = False  # nothing to keep on a device we do not have
+        self.device = "cuda" if self.on_cuda else "cpu"
+
+        cfg = self.cfg = meta["config"]
+        self.N, self.C, self.K = (cfg["image_size"] // cfg["vae_stride"]) ** 2, cfg["channels"], cfg["levels"]
+        self.dtype = np.dtype(meta["dtype"])
+        q = meta["quantizer"]
+        self.centers, self.mean, self.std = (np.asarray(q[k], np.float32) for k in ("centers", "mean", "std"))
+        self.order = np.asarray(q["order"], np.int64)
+        h = meta["head"]
+        self.cache_shape = (h["depth"], 2, None, None, h["heads"], self.C, h["head_dim"])
+        # step indices live on the device once, so the channel loop never uploads them
+        self.steps = [np.array(t, np.int64) for t in range(self.C)]
+        self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, 0) for t in self.steps]
+
+    def _check_checkpoint(self, checkpoint):
+        """The run's checkpoint must be the one the graphs came from (file hash: no torch here)."""
+        import hashlib
+        h = hashlib.sha256()
+        with open(checkpoint, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != self.meta["checkpoint_sha256"]:
+            raise ValueError(f"the ONNX graphs were exported from another checkpoint than {checkpoint} "
+                             f"(sha256 {h.hexdigest()[:12]} != {self.meta['checkpoint_sha256'][:12]}); re-run export.py")
+
+    # --- the pieces of TokenBridge the loop needs, in numpy ------------------------------------
+
+    def dequantize(self, tokens):
+        """Twin of GaussianQuantizer.dequantize: (..., C) int -> (..., C) float32."""
+        return self.centers[tokens] * self.std + self.mean
+
+    def unpatchify(self, tokens):
+        """Twin of TokenBridge.unpatchify: (B, N, C) -> (B, C, H, W)."""
+        g = int(round(math.sqrt(self.N)))
+        return tokens.transpose(0, 2, 1).reshape(len(tokens), self.C, g, g)
+
+    def condition(self, values, mask, labels):
+        """Twin of TokenBridge.condition: backbone.onnx."""
+        feeds = dict(zip(BACKBONE_INPUTS, (values.astype(self.dtype), mask, labels)))
+        return self.backbone.run(None, feeds)[0]                                       # (B, N, D)
+
+    def decode(self, latents):
+        """Twin of export.VAEDecoderGraph: scaled latents (B, C, H, W) -> image in [-1, 1]."""
+        return self.vae.run(None, {VAE_INPUTS[0]: latents.astype(self.dtype)})[0].astype(np.float32)
+
+    def sample_channels(self, cond, uniforms, temperature, guidance=1.0):
+        """Twin of TokenBridge._sample_channels. cond (G, M, D) with G = 2 halves (cond, uncond)
+        for logit-level guidance; uniforms (M, C). Returns tokens (M, C) in VAE channel order and
+        the summed log-probability of each position's tokens."""
+        G, M, _ = cond.shape
+        shape = list(self.cache_shape)
+        shape[2:4] = G, M
+        feeds = {"cond": cond.astype(self.dtype), "cache": np.zeros(shape, self.dtype),   # empty_cache
+                 "tokens": np.zeros((M, self.C), np.int64), "uniforms": uniforms,
+                 "temperature": np.array(temperature, np.float32), "guidance": np.array(guidance, np.float32),
+                 "score": np.zeros(M, np.float32)}
+        if self.iobinding:
+            generated, score = self._channel_loop_bound(feeds)
+        else:
+            for t in range(self.C):  # head.step + logit guidance + sample_from_logits, in one graph
+                feeds["step"] = self.steps[t]
+                _, feeds["tokens"], feeds["score"], feeds["cache"] = self.head.run(HEAD_OUTPUTS, feeds)
+            generated, score = feeds["tokens"], feeds["score"]
+        tokens = np.empty_like(generated)
+        tokens[:, self.order] = generated                                               # (M, C)
+        return tokens, score
+
+    def _channel_loop_bound(self, feeds):
+        """The same loop with IOBinding: inputs bound once, state ping-pongs between two device
+        buffers, only the final tokens and scores come back to the host."""
+        put = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+        empty = lambda a: ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, self.device, 0)
+        binding = self.head.io_binding()
+        for name in ("cond", "uniforms", "temperature", "guidance"):
+            binding.bind_ortvalue_input(name, put(feeds[name]))
+        state = [{n: put(feeds[n]) for n in HEAD_STATE}, {n: empty(feeds[n]) for n in HEAD_STATE}]
+        M = feeds["tokens"].shape[0]
+        binding.bind_ortvalue_output("logits", empty(np.empty((M, self.K), self.dtype)))
+        for t in range(self.C):
+            src, dst = state[t % 2], state[1 - t % 2]
+            binding.bind_ortvalue_input("step", self.step_values[t])
+            for n in HEAD_STATE:
+                binding.bind_ortvalue_input(n, src[n])
+                binding.bind_ortvalue_output(n + "_out", dst[n])
+            self.head.run_with_iobinding(binding)
+        final = state[self.C % 2]
+        return final["tokens"].numpy(), final["score"].numpy()
+
+    # --- the sampler: twin of TokenBridge.sample_tokens, line by line -------------------------
+
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
+                      cfg_mode="features", position_order="random", confidence_noise=1.0):
+        labels = np.asarray(labels, np.int64)
+        k = self.cfg["num_classes"]
+        check_labels(labels, k)
+        B, N, C = len(labels), self.N, self.C
+        if not 1 <= num_iter <= N:
+            raise ValueError(f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if cfg_mode not in ("features", "logits") or position_order not in ("random", "confidence"):
+            raise ValueError(f"cfg_mode must be features|logits and order random|confidence, "
+                             f"got {cfg_mode!r}, {position_order!r}")
+        rng = np.random.default_rng(seed)
+        if position_order == "random":
+            rank = np.stack([rng.permutation(N) for _ in range(B)]).argsort(-1)          # rank[b, n]
+        guided = cfg != 1.0
+        all_labels = np.concatenate([labels, np.full_like(labels, k)]) if guided else labels
+        tokens = np.zeros((B, N, C), np.int64)
+        mask = np.ones((B, N), bool)
+        for s, left in enumerate(mask_schedule(N, num_iter)):
+            uniforms = rng.random((B, N, C)).astype(np.float32)
+            values = self.dequantize(tokens)
+            reps = 2 if guided else 1
+            cond = self.condition(np.tile(values, (reps, 1, 1)), np.tile(mask, (reps, 1)), all_labels)
+            w = 1.0 + (cfg - 1.0) * (N - left) / N                     # linear CFG schedule
+            if guided and cfg_mode == "features":                     # guidance on proj(z)
+                cond_c, cond_u = np.split(cond, 2)
+                cond = cond_u + w * (cond_c - cond_u)
+            if position_order == "random":
+                chosen = mask & (rank >= left)
+                candidates = chosen
+            else:
+                candidates = mask
+            halves = cond.reshape(-1, B, N, cond.shape[-1])[:, candidates]             # (G, M, D) = cond[rows]
+            new, score = self.sample_channels(halves, uniforms[candidates], temperature,
+                                              w if guided and cfg_mode == "logits" else 1.0)
+            if position_order == "confidence":
+                gumbel = -np.log(-np.log(rng.random((B, N)).astype(np.float32)))
+                scores = np.full((B, N), -np.inf, np.float32)
+                scores[candidates] = score
+                scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
+                keep = np.argsort(-scores, axis=-1, kind="stable")[:, :int(mask[0].sum()) - left]  # topk
+                chosen = np.zeros_like(mask)
+                np.put_along_axis(chosen, keep, True, axis=1)
+                new = new[chosen[candidates]]
+            tokens[chosen] = new
+            mask = mask & ~chosen
+        return tokens
+
+
+# --- shared by both runtimes -----------------------------------------------------------------
+
+def check_labels(labels, num_classes):
+    """Twin of TokenBridge._check_labels (the message too)."""
+    if labels.ndim != 1 or not ((labels >= 0) & (labels < num_classes)).all():
+        raise ValueError(f"labels must lie in [0, {num_classes}) for this model's {num_classes} classes, "
+                         f"got {labels.tolist()[:8]}")
+
+
+def to_uint8(images):
+    """Decoder output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as ADM's npz wants."""
+    return np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def latent_preview(latents, stride):
+    """Without a VAE: the first three latent channels as colours, each image scaled on its own."""
+    x = latents[:, :3].astype(np.float32)                                              # (B, 3, h, w)
+    lo, hi = x.min((1, 2, 3), keepdims=True), x.max((1, 2, 3), keepdims=True)
+    x = (x - lo) / np.maximum(hi - lo, 1e-8) * 2 - 1
+    return to_uint8(x.repeat(stride, axis=2).repeat(stride, axis=3))
+
+
+def save_grid(images, path):
+    from PIL import Image
+    B, H, W, _ = images.shape
+    cols = math.ceil(math.sqrt(B))
+    rows = math.ceil(B / cols)
+    grid = np.zeros((rows * H, cols * W, 3), np.uint8)
+    for i, image in enumerate(images):
+        grid[(i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = image
+    Image.fromarray(grid).save(path)
+
+
+def sample_onnx(args, labels_for):
+    sampler = OnnxSampler(args.onnx, args.device,
+                          checkpoint=os.path.join(args.run, "checkpoint.pt") if args.run else None)
+    if args.device == "cuda" and not sampler.on_cuda:
+        print("CUDA requested but onnxruntime's CUDAExecutionProvider did not load; using CPU", file=sys.stderr)
+    labels = labels_for(sampler.cfg["num_classes"])
+    tokens = sampler.sample_tokens(labels, args.num_iter or min(64, sampler.N), args.cfg, args.temperature,
+                                   args.seed, args.cfg_mode, args.order)
+    latents = sampler.unpatchify(sampler.dequantize(tokens))
+    images = to_uint8(sampler.decode(latents)) if sampler.vae else None
+    return labels, tokens, latents, images, sampler.cfg["vae_stride"]
+
+
+def sample_torch(args, labels_for):
+    import torch
+    from export import VAEDecoderGraph, load_run, load_vae
+    device = "cpu" if args.device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and device == "cpu":
+        print("CUDA requested but torch.cuda.is_available() is False; using CPU", file=sys.stderr)
+    model, _ = load_run(args.run, device)
+    labels = labels_for(model.cfg.num_classes)
+    with torch.no_grad():
+        tokens = model.sample_tokens(labels, args.num_iter or min(64, model.cfg.seq_len), args.cfg,
+                                     args.temperature, args.seed, cfg_mode=args.cfg_mode, position_order=args.order)
+        latents = model.unpatchify(model.quantizer.dequantize(tokens))
+        vae = load_vae(args.run, device)
+        images = to_uint8(VAEDecoderGraph(vae)(latents).float().cpu().numpy()) if vae is not None else None
+    return labels, tokens.cpu().numpy(), latents.cpu().numpy(), images, model.cfg.vae_stride
+
+
+# --- benchmark (issue 2 + issue 4) -----------------------------------------------------------
+
+def _median_seconds(fn, repeats):
+    fn()  # warm-up: allocator, thread pools, ORT's first-run graph work
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def benchmark(args):
+    """One JSON line: KV-cached vs recomputed head per position, torch vs ONNX Runtime images/s."""
+    import tempfile
+    import torch
+    import tokenbridge as tb
+    from export import export
+    torch.manual_seed(args.seed)
+    load_before = os.getloadavg()[0]
+    cfg = tb.TokenBridgeConfig.preset(args.preset)
+    model = tb.TokenBridge(cfg).eval()
+    head, C = model.head, cfg.channels
+    images, steps = 16, 16
+    rows = images * cfg.seq_len // steps  # positions decoded per step, on average, in the run below
+    cond = torch.randn(rows, cfg.head_width)
+
+    @torch.no_grad()
+    def cached():  # the step path _sample_channels uses: one slot through the blocks per channel
+        cache, token = head.empty_cache(rows), torch.zeros(rows, dtype=torch.long)
+        for t in range(C):
+            logits, cache = head.step(cond, token, torch.tensor(t), cache)
+            token = logits.argmax(-1)
+
+    @torch.no_grad()
+    def recompute():  # the official code: the whole prefix again for every channel
+        tokens = torch.zeros(rows, 0, dtype=torch.long)
+        for t in range(C):
+            logits = head(cond, tokens)[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+
+    cached_s, recompute_s = _median_seconds(cached, 5), _median_seconds(recompute, 5)
+    labels = np.arange(images) % cfg.num_classes
+    kwargs = dict(num_iter=steps, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
+                  cfg_mode=args.cfg_mode, position_order=args.order)
+    result = {}
+    torch_s = _median_seconds(lambda: result.__setitem__("torch", model.sample_tokens(labels, **kwargs)), 3)
+    with tempfile.TemporaryDirectory() as run:
+        torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, os.path.join(run, "checkpoint.pt"))
+        export(run, verbose=False)
+        sampler = OnnxSampler(os.path.join(run, "onnx"), args.device)
+        onnx_s = _median_seconds(lambda: result.__setitem__("onnx", sampler.sample_tokens(labels, **kwargs)), 3)
+    print(json.dumps({
+        "preset": args.preset, "images": images, "num_iter": steps, "cfg": args.cfg, "order": args.order,
+        "head_rows": rows,
+        "head_cached_ms_per_position": round(cached_s * 1e3 / rows, 4),
+        "head_recompute_ms_per_position": round(recompute_s * 1e3 / rows, 4),
+        "head_speedup": round(recompute_s / cached_s, 2),
+        "torch_images_per_s": round(images / torch_s, 2),
+        "onnx_images_per_s": round(images / onnx_s, 2),
+        "onnx_speedup": round(torch_s / onnx_s, 2),
+        "onnx_provider": "cuda" if sampler.on_cuda else "cpu",
+        "tokens_equal": bool((result["torch"].numpy() == result["onnx"]).all()),
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }))
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def main(args):
+    if args.benchmark:
+        return benchmark(args)
+    if args.runtime == "onnx" and not args.onnx:
+        raise ValueError("--runtime onnx needs --onnx DIR (the folder export.py wrote, e.g. RUN/onnx)")
+    if args.runtime == "torch" and not args.run:
+        raise ValueError("--runtime torch needs --run RUN (a folder with checkpoint.pt)")
+
+    def labels_for(num_classes):
+        if args.labels:
+            labels = np.array([int(x) for x in args.labels.split(",")], np.int64)
+        else:
+            labels = np.arange(args.num_images, dtype=np.int64) % num_classes
+        check_labels(labels, num_classes)
+        return labels
+
+    run = sample_onnx if args.runtime == "onnx" else sample_torch
+    labels, tokens, latents, images, stride = run(args, labels_for)
+    if images is None:
+        print("no VAE in this run: the grid shows the first three latent channels")
+        images = latent_preview(latents, stride)
+    if args.out:
+        save_grid(images, args.out)
+        print(f"wrote {args.out} ({len(labels)} images, {args.runtime})")
+    if args.save_tokens:
+        np.save(args.save_tokens, tokens)
+    if args.npz:
+        np.savez(args.npz, arr_0=images, labels=labels)
+    return tokens
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", help="run folder with checkpoint.pt (and vae/): the torch runtime's model")
+    p.add_argument("--onnx", help="folder written by export.py: the onnx runtime's graphs")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="which runtime samples")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when it really works, else CPU; cuda: say so when it does not")
+    p.add_argument("--seed", type=int, default=0, help="seed of numpy.random.default_rng: orders and uniforms")
+    p.add_argument("--num-images", type=int, default=8, help="images when --labels is not given")
+    p.add_argument("--labels", help="comma-separated class labels (default: 0, 1, 2, ... cycling)")
+    p.add_argument("--num-iter", type=int, default=None, help="decoding steps (default: 64, or N if fewer)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg-mode", choices=["features", "logits"], default="features",
+                   help="guide the backbone features (paper) or the head's logits")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--order", choices=["random", "confidence"], default="random",
+                   help="which positions each step keeps: a random order, or the most confident")
+    p.add_argument("--out", default="samples.png", help="PNG grid path ('' for none)")
+    p.add_argument("--save-tokens", help="save the token indices (B, N, C) to this .npy")
+    p.add_argument("--npz", help="ADM-style .npz for FID tools: arr_0 (N, H, W, 3) uint8 and labels")
+    p.add_argument("--benchmark", action="store_true", help="time a random model and print one JSON line")
+    p.add_argument("--preset", default="bench-s", help="model preset for --benchmark")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(get_parser().parse_args())
+    except ValueError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

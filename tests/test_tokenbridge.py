@@ -1,0 +1,318 @@
+"""Tests of the core (tokenbridge.py), each against an independent truth: scipy for the
+quantizer tables, numpy's FFT for the spectra, a naive re-computation for the fast paths."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import tokenbridge as tb
+
+DATA = Path(__file__).parent / "data"
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny", **overrides)).eval()
+
+
+def perturb_(module, scale=0.05):
+    """Random weights everywhere, zero-initialised adaLN and biases included, so they matter."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+# --- 1. quantizer ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("levels", [16, 64])
+def test_tables_match_scipy(levels):
+    q = tb.GaussianQuantizer(levels=levels, std_range=3.0)
+    b = np.clip(scipy.stats.norm.ppf(np.arange(levels + 1) / levels), -3, 3)
+    centers = scipy.stats.truncnorm(b[:-1], b[1:]).mean()
+    assert q.boundaries.shape == (levels + 1,) and q.centers.shape == (levels,)
+    np.testing.assert_allclose(q.boundaries.numpy(), b, atol=1e-6)
+    np.testing.assert_allclose(q.centers.numpy(), centers, atol=1e-6)
+
+
+def test_bins_are_equiprobable_after_calibration():
+    levels, n = 64, 100_000
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor([5.0, -2.0, 0.0, 0.3]), torch.tensor([0.1, 3.0, 1.0, 0.02])
+    x = mean + std * torch.randn(n, 4, generator=g)
+    q = tb.GaussianQuantizer(levels, channels=4).calibrate(x)
+    np.testing.assert_allclose(q.mean.numpy(), x.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(q.std.numpy(), x.std(0).numpy(), rtol=1e-4)
+    idx = q.quantize(x)
+    for c in range(4):
+        share = torch.bincount(idx[:, c], minlength=levels).double() / n
+        assert (share - 1 / levels).abs().max() < 0.2 / levels, f"channel {c} bins are not equiprobable"
+
+
+def test_quantize_is_the_bin_lookup():
+    q = tb.GaussianQuantizer(16, channels=3).calibrate(torch.randn(1000, 3) * 2 + 1)
+    x = torch.randn(5000, 3) * 3 + 1
+    u = ((x - q.mean) / q.std).clamp(-3, 3)
+    naive = (u.unsqueeze(-1) >= q.boundaries[1:-1]).sum(-1)          # b_k <= u counts bins passed
+    assert torch.equal(q.quantize(x), naive)
+    unit = tb.GaussianQuantizer(16, channels=1)                      # mean 0, std 1: u = x exactly
+    assert torch.equal(unit.quantize(unit.boundaries[1:-1, None])[:, 0], torch.arange(1, 16))  # b_k is in bin k
+
+
+def test_dequantize_inverts_quantize():
+    q = tb.GaussianQuantizer(64, channels=4).calibrate(torch.randn(500, 4) * torch.tensor([1, 2, 3, 4.0]))
+    i = torch.arange(64).unsqueeze(-1).expand(-1, 4)
+    assert torch.equal(q.quantize(q.dequantize(i)), i)
+    np.testing.assert_allclose(q.dequantize(i)[:, 1].numpy(), (q.centers * q.std[1] + q.mean[1]).numpy())
+
+
+def test_official_range_is_the_fixed_affine_map():
+    q = tb.GaussianQuantizer(64, channels=2, assign="nearest").use_official_range()
+    x = torch.linspace(-6, 6, 999).unsqueeze(-1).expand(-1, 2)
+    u = ((x + 5) / 10 * 6 - 3).clamp(-3, 3)                           # the official formula
+    expected = (u.unsqueeze(-1) - q.centers).abs().argmin(-1)
+    differ = q.quantize(x) != expected
+    midpoints = (q.centers[1:] + q.centers[:-1]) / 2                 # only float near-ties may differ
+    assert differ.sum() <= 4 and ((u[differ].unsqueeze(-1) - midpoints).abs().min(-1).values < 1e-5).all()
+
+
+# --- 2. frequency order ------------------------------------------------------------------------
+
+def test_low_frequency_share_matches_numpy():
+    x = torch.randn(7, 3, 8, 6)
+    x_np = x.numpy().astype(np.float64)
+    x_np = x_np - x_np.mean(axis=(-2, -1), keepdims=True)
+    power = (np.abs(np.fft.fft2(x_np)) ** 2).sum(0)
+    fy, fx = np.meshgrid(np.fft.fftfreq(8), np.fft.fftfreq(6), indexing="ij")
+    low = np.hypot(fy, fx) <= 0.25
+    expected = (power * low).sum((1, 2)) / power.sum((1, 2))
+    np.testing.assert_allclose(tb.low_frequency_share(x).numpy(), expected, rtol=1e-10)
+
+
+def test_frequency_order_recovers_a_known_ranking():
+    g = torch.Generator().manual_seed(0)
+    n, c, s = 32, 6, 16
+    smoothness = torch.randperm(c, generator=g).double() / (c - 1)    # 1 = all low frequency
+    noise = torch.randn(n, c, s, s, generator=g, dtype=torch.float64)
+    kernel = torch.ones(1, 1, 5, 5, dtype=torch.float64) / 25       # blur: a low-pass field
+    smooth = torch.nn.functional.conv2d(noise.view(-1, 1, s, s), kernel, padding=2).view(n, c, s, s)
+    smooth = smooth / smooth.std()
+    x = smoothness.view(1, c, 1, 1) * smooth + (1 - smoothness.view(1, c, 1, 1)) * noise.roll(1, 0)
+    assert torch.equal(tb.frequency_order(x), torch.argsort(smoothness, descending=True))
+
+
+def test_calibrate_sets_frequency_or_default_order():
+    lat = torch.randn(16, 16, 8, 8)
+    lat[:, 3] = torch.linspace(-1, 1, 8).view(1, 8, 1)               # channel 3 is a smooth ramp
+    assert tiny().calibrate(lat).quantizer.order[0] == 3
+    assert torch.equal(tiny(order="default").calibrate(lat).quantizer.order, torch.arange(16))
+
+
+# --- 3. configuration --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, official", [("large", "tokenbridge_large"), ("huge", "tokenbridge_huge"),
+                                              ("bench-s", "tokenbridge_small_bench")])
+def test_preset_parameter_counts_match_the_official_models(preset, official):
+    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())[official]["shapes"]
+    buffers = {"channel_mask", "reconstruction_values", "boundaries"}
+    expected = sum(math.prod(s) for k, s in shapes.items() if k not in buffers)
+    with torch.device("meta"):
+        model = tb.TokenBridge(tb.TokenBridgeConfig.preset(preset))
+    assert model.num_params() == expected
+    if preset == "large":
+        assert round(expected / 1e6, 1) == 486.9
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = tb.TokenBridgeConfig.preset("bench-s", head="parallel")
+    assert tb.TokenBridgeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# --- 4-5. backbone -----------------------------------------------------------------------------
+
+def test_drop_path_equals_mask_path():
+    model = perturb_(tiny())
+    values = torch.randn(3, 64, 16)
+    mask = torch.rand(3, 64).argsort(-1) < 40                        # 40 masked in every image
+    labels = torch.tensor([1, 10, 4])                                # 10 = the null class
+    dropped = model.backbone(values, mask, labels, drop_masked=True)
+    masked = model.backbone(values, mask, labels, drop_masked=False)
+    torch.testing.assert_close(dropped, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_positions_carry_no_information():
+    model = perturb_(tiny())
+    values, mask = torch.randn(2, 64, 16), torch.rand(2, 64) < 0.5
+    other = torch.where(mask.unsqueeze(-1), torch.randn(2, 64, 16), values)
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(model.backbone(values, mask, labels), model.backbone(other, mask, labels))
+
+
+# --- 6. AR head --------------------------------------------------------------------------------
+
+def stepwise_logits(head, cond, tokens):
+    cache, prev, out = head.empty_cache(len(cond)), torch.zeros(len(cond), dtype=torch.long), []
+    for t in range(head.channels):
+        logits, cache = head.step(cond, prev, torch.tensor(t), cache)
+        out.append(logits)
+        prev = tokens[:, t]
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("head", ["ar", "parallel"])
+def test_cached_head_equals_teacher_forced(head):
+    model = perturb_(tiny(head=head))
+    cond, tokens = torch.randn(10, 64), torch.randint(0, 64, (10, 16))
+    forced = model.head(cond, tokens[:, :-1])                        # (10, 16, 64)
+    torch.testing.assert_close(stepwise_logits(model.head, cond, tokens), forced, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.head(cond, tokens[:, :5]), forced[:, :6], atol=1e-5, rtol=1e-5)
+
+
+def test_ar_head_uses_previous_channels_and_parallel_head_ignores_them():
+    cond, a, b = torch.randn(4, 64), torch.randint(0, 64, (4, 15)), torch.randint(0, 64, (4, 15))
+    ar, parallel = perturb_(tiny()), perturb_(tiny(head="parallel"))
+    assert not torch.allclose(ar.head(cond, a)[:, 1:], ar.head(cond, b)[:, 1:])
+    torch.testing.assert_close(parallel.head(cond, a), parallel.head(cond, b))
+
+
+def test_greedy_channel_sampling_follows_the_teacher_forced_argmax():
+    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+    model.quantizer.order.copy_(torch.randperm(16))
+    cond = torch.randn(6, 64)
+    tokens, _ = model._sample_channels(cond, torch.rand(6, 16), temperature=0)
+    in_generation_order = tokens[:, model.quantizer.order]
+    assert torch.equal(model.head(cond, in_generation_order[:, :-1]).argmax(-1), in_generation_order)
+
+
+def test_inverse_cdf_sampling_matches_numpy():
+    logits, u = torch.randn(500, 64) * 3, torch.rand(500)
+    token, logp = tb.sample_from_logits(logits, u, temperature=0.7)
+    p = scipy.special.softmax(logits.double().numpy() / 0.7, axis=-1)
+    expected = np.array([np.searchsorted(np.cumsum(row), x, side="right") for row, x in zip(p, u.double().numpy())])
+    assert (token.numpy() != expected).sum() <= 1                   # a float near-tie may flip one
+    np.testing.assert_allclose(logp.numpy(), np.log(p[np.arange(500), token.numpy()]), rtol=1e-4, atol=1e-6)
+
+
+# --- 7. training and sampling ------------------------------------------------------------------
+
+def test_loss_falls_on_a_tiny_fixed_dataset():
+    torch.manual_seed(0)
+    model = tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny"))
+    latents, labels = torch.randn(4, 16, 8, 8), torch.arange(4)
+    model.calibrate(latents)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(latents, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert math.isfinite(losses[0]) and abs(losses[0] / 16 - math.log(64)) < 1.0  # starts near uniform
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_mask_schedule_is_the_cosine_schedule():
+    for n, steps in [(64, 1), (64, 16), (64, 64), (256, 64)]:
+        left = tb.mask_schedule(n, steps)
+        assert left[-1] == 0 and len(left) == steps
+        before = [n] + left[:-1]
+        assert all(a > b for a, b in zip(before, left))             # at least one position per step
+        for s in range(steps - 1):
+            assert left[s] == max(1, min(before[s] - 1, int(np.floor(n * np.cos(np.pi / 2 * (s + 1) / steps)))))
+
+
+def test_random_mask_follows_the_truncated_normal_ratio():
+    model = tiny()
+    masks = [model.random_mask(3, "cpu") for _ in range(300)]
+    counts = np.array([int(m[0].sum()) for m in masks])
+    assert all(bool((m.sum(-1) == m[0].sum()).all()) for m in masks)      # one ratio per batch
+    assert counts.min() >= math.ceil(64 * 0.7) and counts.max() <= 64
+    expected = scipy.stats.truncnorm((0.7 - 1) / 0.25, 0, loc=1, scale=0.25).mean()
+    assert 0 <= counts.mean() / 64 - expected <= 1 / 64 + 0.015           # ceil adds < 1/64
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(cfg=3.0), dict(cfg=3.0, cfg_mode="logits"),
+                                dict(position_order="confidence", cfg=2.0)])
+def test_generate_is_deterministic_for_a_seed_and_differs_across_seeds(kw):
+    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+    a = model.generate([1, 2], num_iter=4, seed=0, **kw)
+    assert a.shape == (2, 16, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, model.generate([1, 2], num_iter=4, seed=0, **kw))
+    assert not torch.equal(a, model.generate([1, 2], num_iter=4, seed=1, **kw))
+
+
+def test_guidance_off_makes_cfg_modes_agree():
+    model = perturb_(tiny())
+    feats = model.sample_tokens([3, 4], num_iter=3, cfg=1.0, cfg_mode="features", seed=5)
+    assert torch.equal(feats, model.sample_tokens([3, 4], num_iter=3, cfg=1.0, cfg_mode="logits", seed=5))
+
+
+def test_feature_guidance_commutes_with_the_head_projection():
+    model, w = perturb_(tiny()), 2.7
+    z_c, z_u = torch.randn(5, 64), torch.randn(5, 64)
+    p = model.head.project
+    torch.testing.assert_close(p(z_u + w * (z_c - z_u)), p(z_u) + w * (p(z_c) - p(z_u)), atol=1e-5, rtol=1e-5)
+
+
+def test_confidence_order_without_noise_keeps_the_most_likely_positions():
+    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+    # With one step per position the first step keeps exactly one position: the argmax score.
+    tokens = model.sample_tokens([0], num_iter=64, position_order="confidence", confidence_noise=0.0, seed=3)
+    rng = np.random.default_rng(3)
+    u = torch.from_numpy(rng.random((1, 64, 16))).float()
+    cond = model.condition(torch.zeros(1, 64, 16) + model.quantizer.mean, torch.ones(1, 64, dtype=torch.bool),
+                           torch.tensor([0]))
+    first, score = model._sample_channels(cond[0], u[0], 1.0)
+    best = int(score.argmax())
+    assert torch.equal(tokens[0, best], first[best])
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("latents, labels, message", [
+    (torch.randn(2, 8, 8, 8), torch.tensor([0, 1]), "expected latents"),
+    (torch.randn(2, 16, 4, 4), torch.tensor([0, 1]), "expected latents"),
+    (torch.full((2, 16, 8, 8), float("nan")), torch.tensor([0, 1]), "NaN"),
+    (torch.randn(2, 16, 8, 8), torch.tensor([0, 10]), r"labels must lie in \[0, 10\)"),
+    (torch.randn(2, 16, 8, 8), torch.tensor([-1, 0]), "labels must lie"),
+    (torch.randn(2, 16, 8, 8), torch.tensor([0.0, 1.0]), "integer"),
+    (torch.randn(2, 16, 8, 8), torch.tensor([0, 1, 2]), "3 labels for a batch of 2"),
+])
+def test_bad_training_input_is_refused_clearly(latents, labels, message):
+    with pytest.raises(ValueError, match=message):
+        tiny()(latents, labels)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_iter=0), r"num_iter must be in \[1, 64\]"), (dict(num_iter=65), "num_iter"),
+    (dict(labels=[11]), "labels must lie"), (dict(temperature=-1), "temperature"),
+    (dict(cfg_mode="both"), "cfg_mode"), (dict(position_order="raster"), "position_order"),
+])
+def test_bad_sampling_input_is_refused_clearly(kw, message):
+    args = dict(labels=[0], num_iter=2) | kw
+    with pytest.raises(ValueError, match=message):
+        tiny().sample_tokens(**args)
+
+
+def test_bad_quantizer_input_is_refused_clearly():
+    with pytest.raises(ValueError, match="levels must be >= 2"):
+        tb.GaussianQuantizer(levels=1)
+    with pytest.raises(ValueError, match="levels must be >= 2"):
+        tb.TokenBridgeConfig.preset("tiny", levels=1)
+    q = tb.GaussianQuantizer(16, channels=4)
+    with pytest.raises(ValueError, match=r"expected channel-last tokens \(\.\.\., 4\)"):
+        q.quantize(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        q.calibrate(torch.tensor([[1.0, 2, 3, float("inf")]] * 3))
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\)"):
+        q.dequantize(torch.full((2, 4), 16))
+    with pytest.raises(ValueError, match="divisible"):
+        tb.TokenBridgeConfig(image_size=30, vae_stride=4)
+    with pytest.raises(ValueError, match="unknown preset"):
+        tb.TokenBridgeConfig.preset("giant")

