@@ -1,0 +1,201 @@
+"""Interop with the released weights: official TokenBridge checkpoints and MAR's kl16 VAE.
+
+    model = load_official_tokenbridge("checkpoint-last.pth", preset="large")   # -> TokenBridge
+    vae = load_ldm_vae("kl16.ckpt")                                            # -> AutoencoderKL
+
+Both converters are plain key maps checked both ways: every source key lands on exactly one
+target tensor of the same shape and every target tensor is filled, or a ValueError names the
+first key that does not fit. The facts about these files: shared/interop/README.md.
+Kept out of tokenbridge.py, which describes the method; this file only describes other layouts.
+"""
+import argparse
+import re
+
+import torch
+
+import tokenbridge as tb
+
+# AR slot i of the official models generates VAE channel OFFICIAL_ORDER[i] (hard-coded there).
+OFFICIAL_ORDER = [8, 1, 10, 9, 6, 12, 4, 0, 3, 11, 7, 14, 2, 15, 13, 5]
+KL16_SCALING = 0.2325  # MAR's latent scaling for kl16
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True; the official files also pickle an argparse.Namespace."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at {path}") from None
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        raise ValueError(f"could not read {path} as a torch checkpoint ({type(e).__name__}); "
+                         "is the file complete?") from None
+
+
+def convert_state_dict(source, target, mapping, what):
+    """Copy source tensors into target (a state dict, in place) through mapping:
+    source key -> (target key, index into the target tensor or None)."""
+    filled = set()
+    for key, value in source.items():
+        tb._require(key in mapping, f"{what}: unexpected key {key!r}; a checkpoint of another architecture?")
+        name, index = mapping[key]
+        dest = target[name] if index is None else target[name][index]
+        if value.dim() == dest.dim() + 1 and value.shape[0] == 1:  # official (1, C, D) embeddings
+            value = value[0]
+        tb._require(value.shape == dest.shape,
+                    f"{what}: {key!r} has shape {tuple(value.shape)} but the model expects "
+                    f"{tuple(dest.shape)}; another model size (check --preset)?")
+        dest.copy_(value)
+        filled.add(key)
+    missing = [k for k in mapping if k not in filled]
+    if missing:
+        raise ValueError(f"{what}: the checkpoint lacks {missing[0]!r} ({len(missing)} keys missing)")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Official TokenBridge -> our TokenBridge
+# ---------------------------------------------------------------------------------------------
+
+# our name -> official name, applied to the start of each key after our module prefix
+_OFFICIAL_NAMES = [("backbone.encoder_pos_embed", "encoder_pos_embed_learned"),
+                   ("backbone.decoder_pos_embed", "decoder_pos_embed_learned"),
+                   ("backbone.", ""),
+                   ("head.slot_pos", "channel_embed"),
+                   ("head.slot_cond", "timesteps_embeddings"),
+                   ("head.blocks.", "channel_blocks."),
+                   ("head.norm.", "channel_norm."),
+                   ("head.final.", "channel_final."),
+                   ("head.", "")]
+# Derived tables the official state dict carries; we check them instead of loading them.
+_DERIVED = ("channel_mask", "reconstruction_values", "boundaries")
+
+
+def official_key_mapping(cfg):
+    """Official key -> (our key, index) for a model of config cfg (no tensor is allocated)."""
+    with torch.device("meta"):
+        ours = tb.TokenBridge(cfg).state_dict()
+    mapping = {}
+    for key in ours:
+        if key.startswith("quantizer.") or key in ("head.token_embed", "head.out_weight", "head.out_bias"):
+            continue
+        prefix, official = next((p, o) for p, o in _OFFICIAL_NAMES if key.startswith(p))
+        mapping[official + key[len(prefix):]] = (key, None)
+    for c in range(cfg.channels - 1):  # one embedding table per input slot, stacked here
+        mapping[f"token_embeddings.{c}.weight"] = ("head.token_embed", c)
+    for c in range(cfg.channels):      # one classifier per channel, stacked here
+        mapping[f"channel_heads.{c}.weight"] = ("head.out_weight", c)
+        mapping[f"channel_heads.{c}.bias"] = ("head.out_bias", c)
+    return mapping
+
+
+def official_config(preset, **overrides):
+    """Our config for an official model: the preset, plus the official quirks as options."""
+    return tb.TokenBridgeConfig.preset(preset, official_compat=True, **overrides)
+
+
+def from_official_state_dict(state_dict, cfg):
+    """Build our TokenBridge (eval mode) from an official state dict."""
+    tb._require(cfg.official_compat, "official weights need official_compat=True in the config")
+    model = tb.TokenBridge(cfg).eval()
+    learned = {k: v for k, v in state_dict.items() if k not in _DERIVED}
+    target = model.state_dict()
+    convert_state_dict(learned, target, official_key_mapping(cfg), "official TokenBridge checkpoint")
+    model.load_state_dict(target)
+    q = model.quantizer
+    for key, ours in (("boundaries", q.boundaries), ("reconstruction_values", q.centers)):
+        if key in state_dict:
+            tb._require(torch.allclose(state_dict[key].float(), ours, atol=1e-4),
+                        f"the checkpoint's {key} differ from {cfg.levels}-level Gaussian bins; wrong --levels?")
+    q.use_official_range()
+    q.order.copy_(torch.tensor(OFFICIAL_ORDER[:cfg.channels]))
+    return model
+
+
+def load_official_tokenbridge(path, preset, **overrides):
+    """checkpoint-last.pth of the official code -> our TokenBridge, EMA weights when present."""
+    ckpt = load_checkpoint(path)
+    tb._require(isinstance(ckpt, dict) and ("model_ema" in ckpt or "model" in ckpt),
+                f"{path} has neither 'model_ema' nor 'model': not an official TokenBridge checkpoint")
+    return from_official_state_dict(ckpt.get("model_ema", ckpt.get("model")), official_config(preset, **overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# LDM / MAR VAE (kl16.ckpt) -> diffusers.AutoencoderKL
+# ---------------------------------------------------------------------------------------------
+
+def ldm_vae_config(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, embed_dim=16, resolution=256,
+                   attn_levels=(4,), scaling_factor=KL16_SCALING):
+    """diffusers AutoencoderKL arguments for an LDM VAE (defaults: MAR's kl16). attn_levels are
+    the encoder levels with attention blocks (kl16: the 16x16 level); the decoder has none."""
+    n = len(ch_mult)
+    return dict(in_channels=3, out_channels=3, latent_channels=embed_dim, layers_per_block=num_res_blocks,
+                block_out_channels=tuple(ch * m for m in ch_mult), sample_size=resolution,
+                down_block_types=tuple("AttnDownEncoderBlock2D" if i in attn_levels else "DownEncoderBlock2D"
+                                       for i in range(n)),
+                up_block_types=("UpDecoderBlock2D",) * n, scaling_factor=scaling_factor)
+
+
+def _ldm_attention(src, dst):
+    return {f"{src}.norm": f"{dst}.group_norm", f"{src}.q": f"{dst}.to_q", f"{src}.k": f"{dst}.to_k",
+            f"{src}.v": f"{dst}.to_v", f"{src}.proj_out": f"{dst}.to_out.0"}
+
+
+def _ldm_resnet(src, dst):
+    return {f"{src}.{n}": f"{dst}.{n}" for n in ("norm1", "conv1", "norm2", "conv2")} | \
+           {f"{src}.nin_shortcut": f"{dst}.conv_shortcut"}
+
+
+def ldm_module_renames(levels, num_res_blocks):
+    """LDM module path -> diffusers module path (the parameter suffix .weight/.bias is kept)."""
+    r = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for side in ("encoder", "decoder"):
+        r |= {f"{side}.conv_in": f"{side}.conv_in", f"{side}.norm_out": f"{side}.conv_norm_out",
+              f"{side}.conv_out": f"{side}.conv_out"}
+        r |= _ldm_resnet(f"{side}.mid.block_1", f"{side}.mid_block.resnets.0")
+        r |= _ldm_resnet(f"{side}.mid.block_2", f"{side}.mid_block.resnets.1")
+        r |= _ldm_attention(f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0")
+    for i in range(levels):
+        down, up = f"encoder.down_blocks.{i}", f"decoder.up_blocks.{levels - 1 - i}"  # LDM up is reversed
+        for j in range(num_res_blocks):
+            r |= _ldm_resnet(f"encoder.down.{i}.block.{j}", f"{down}.resnets.{j}")
+            r |= _ldm_attention(f"encoder.down.{i}.attn.{j}", f"{down}.attentions.{j}")
+        for j in range(num_res_blocks + 1):
+            r |= _ldm_resnet(f"decoder.up.{i}.block.{j}", f"{up}.resnets.{j}")
+        r[f"encoder.down.{i}.downsample.conv"] = f"{down}.downsamplers.0.conv"
+        r[f"decoder.up.{i}.upsample.conv"] = f"{up}.upsamplers.0.conv"
+    return r
+
+
+def from_ldm_state_dict(state_dict, **config):
+    """LDM-layout VAE state dict -> diffusers AutoencoderKL (eval mode)."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(**ldm_vae_config(**config)).eval()
+    levels, blocks = len(vae.config.block_out_channels), vae.config.layers_per_block
+    renames = ldm_module_renames(levels, blocks)
+    target = vae.state_dict()
+    mapping = {}
+    for key in state_dict:
+        module, _, param = key.rpartition(".")
+        tb._require(module in renames, f"LDM VAE checkpoint: unexpected key {key!r}; another architecture?")
+        mapping[key] = (f"{renames[module]}.{param}", None)
+    tb._require(set(v for v, _ in mapping.values()) == set(target),
+                "LDM VAE checkpoint: the model has tensors the checkpoint does not fill: "
+                f"{sorted(set(target) - set(v for v, _ in mapping.values()))[:1]}")
+    # LDM attention projections are 1x1 convolutions; diffusers uses linear layers.
+    source = {k: v.flatten(1) if v.dim() == 4 and target[mapping[k][0]].dim() == 2 else v
+              for k, v in state_dict.items()}
+    vae.load_state_dict(convert_state_dict(source, target, mapping, "LDM VAE checkpoint"))
+    return vae
+
+
+def load_ldm_vae(path, latent_channels=None, **config):
+    """MAR's kl16.ckpt (torch.load(path)["model"], LDM layout) -> diffusers AutoencoderKL."""
+    ckpt = load_checkpoint(path)
+    state_dict = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    tb._require(isinstance(state_dict, dict) and "encoder.conv_in.weight" in state_dict,
+                f"{path} is not an LDM/MAR VAE checkpoint (no encoder.conv_in.weight under 'model')")
+    embed_dim = state_dict["post_quant_conv.weight"].shape[0]
+    tb._require(latent_channels is None or embed_dim == latent_channels,
+                f"{path} has {embed_dim} latent channels but the model expects {latent_channels}")
+    return from_ldm_state_dict(state_dict, embed_dim=embed_dim, **config)

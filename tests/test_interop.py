@@ -1,0 +1,146 @@
+"""Interop with the released weights, against numbers produced by the official code itself
+(tests/data/*_reference.pt, copied from shared/interop) and its state-dict key lists."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import interop
+import tokenbridge as tb
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def official():
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
+    return interop.from_official_state_dict(ref["state_dict"], interop.official_config("tiny")), ref["reference"]
+
+
+def test_official_model_reproduces_features_and_logits(official):
+    model, ref = official
+    mask = ref["mask"].bool()
+    z = model.backbone(ref["official_dequantized"], mask, ref["labels"])
+    z_uncond = model.backbone(ref["official_dequantized"], mask, torch.full_like(ref["labels"], 10))
+    torch.testing.assert_close(z, ref["z"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z_uncond, ref["z_uncond"], atol=1e-4, rtol=1e-4)
+    targets = ref["official_indices"][mask][:, ref["channel_order"]]
+    logits = model.head(model.head.project(z[mask]), targets[:, :-1])
+    torch.testing.assert_close(logits, ref["teacher_forced_logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_official_model_reproduces_greedy_tokens_with_the_slot0_quirk(official):
+    model, ref = official
+    cond = model.head.project(ref["z"][ref["mask"].bool()])
+    tokens, _ = model._sample_channels(cond, torch.rand(len(cond), 16), temperature=0)
+    assert torch.equal(tokens[:, model.quantizer.order], ref["greedy_tokens_generation_order"])
+    model.head.slot0_quirk = False   # without the quirk the official weights give other tokens
+    try:
+        plain, _ = model._sample_channels(cond, torch.rand(len(cond), 16), temperature=0)
+    finally:
+        model.head.slot0_quirk = True
+    assert not torch.equal(plain, tokens)
+
+
+def test_official_quantizer_mode(official):
+    model, ref = official
+    tokens = model.patchify(ref["latents"])
+    assert torch.equal(model.quantizer.quantize(tokens), ref["official_indices"])   # nearest centre
+    torch.testing.assert_close(model.quantizer.dequantize(ref["official_indices"]), ref["official_dequantized"],
+                               atol=1e-4, rtol=1e-5)
+    bins = tb.GaussianQuantizer(64, assign="bins").use_official_range().quantize(tokens)
+    differ = (bins != ref["official_indices"]).float().mean().item()
+    assert differ < 0.02                  # bin lookup and nearest centre disagree rarely
+    assert torch.equal(model.quantizer.order, ref["channel_order"])
+
+
+@pytest.mark.parametrize("name, preset", [("tokenbridge_large", "large"), ("tokenbridge_huge", "huge"),
+                                          ("tokenbridge_small_bench", "bench-s")])
+def test_official_keys_map_one_to_one(name, preset):
+    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())[name]["shapes"]
+    cfg = interop.official_config(preset)
+    mapping = interop.official_key_mapping(cfg)
+    assert set(mapping) == set(shapes) - set(interop._DERIVED)
+    with torch.device("meta"):
+        ours = tb.TokenBridge(cfg).state_dict()
+    assert {k for k, _ in mapping.values()} == {k for k in ours if not k.startswith("quantizer.")}
+    for key, (target, index) in mapping.items():
+        expected = ours[target].shape if index is None else ours[target].shape[1:]
+        assert math.prod(shapes[key]) == math.prod(expected) and list(expected) == shapes[key][-len(expected):], key
+
+
+def test_kl16_keys_map_one_to_one():
+    from diffusers import AutoencoderKL
+    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())["mar_kl16_vae"]["shapes"]
+    with torch.device("meta"):
+        ours = AutoencoderKL(**interop.ldm_vae_config()).state_dict()
+    renames = interop.ldm_module_renames(5, 2)
+    mapped = {}
+    for key, shape in shapes.items():
+        module, _, param = key.rpartition(".")
+        mapped[f"{renames[module]}.{param}"] = shape
+    assert set(mapped) == set(ours)
+    for key, shape in mapped.items():
+        assert math.prod(shape) == ours[key].numel() and list(ours[key].shape) == shape[:ours[key].dim()], key
+
+
+def test_ldm_vae_converter_reproduces_the_reference():
+    ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
+    c = ref["reference"]["ldm_config"]
+    vae = interop.from_ldm_state_dict(ref["model"], ch=c["ch"], ch_mult=c["ch_mult"], embed_dim=c["embed_dim"],
+                                      num_res_blocks=c["num_res_blocks"], resolution=c["resolution"], attn_levels=(1,))
+    with torch.no_grad():
+        posterior = vae.encode(ref["reference"]["images"]).latent_dist
+        decoded = vae.decode(ref["reference"]["latent_mean"]).sample
+    torch.testing.assert_close(posterior.mean, ref["reference"]["latent_mean"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(posterior.logvar, ref["reference"]["latent_logvar"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decoded, ref["reference"]["decoded_from_mean"], atol=1e-4, rtol=1e-4)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_checkpoint_of_another_size_names_the_key_and_shapes():
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
+    with pytest.raises(ValueError, match=r"'fake_latent' has shape \(1, 64\) but the model expects \(1, 256\)"):
+        interop.from_official_state_dict(ref["state_dict"], interop.official_config("bench-s", buffer_size=4))
+
+
+def test_checkpoint_of_another_architecture_is_refused():
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
+    state = dict(ref["state_dict"], **{"diffloss.net.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected key 'diffloss.net.weight'"):
+        interop.from_official_state_dict(state, interop.official_config("tiny"))
+    del state["diffloss.net.weight"], state["channel_heads.3.bias"]
+    with pytest.raises(ValueError, match="lacks 'channel_heads.3.bias'"):
+        interop.from_official_state_dict(state, interop.official_config("tiny"))
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    path.write_bytes((DATA / "official_tiny_reference.pt").read_bytes()[:10_000])
+    with pytest.raises(ValueError, match="could not read .* is the file complete"):
+        interop.load_official_tokenbridge(path, "tiny")
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        interop.load_official_tokenbridge(tmp_path / "missing.pth", "tiny")
+
+
+def test_official_checkpoint_file_with_namespace_and_ema(tmp_path):
+    import argparse
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
+    ema = {k: v + 1 if k == "mask_token" else v for k, v in ref["state_dict"].items()}
+    torch.save({"model": ref["state_dict"], "model_ema": ema, "args": argparse.Namespace(model="x"), "epoch": 3},
+               tmp_path / "checkpoint-last.pth")
+    model = interop.load_official_tokenbridge(tmp_path / "checkpoint-last.pth", "tiny")
+    torch.testing.assert_close(model.backbone.mask_token, ema["mask_token"])   # EMA weights preferred
+
+
+def test_vae_with_other_latent_channels_is_refused(tmp_path):
+    ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
+    torch.save({"model": ref["model"]}, tmp_path / "kl.ckpt")
+    with pytest.raises(ValueError, match="has 16 latent channels but the model expects 4"):
+        interop.load_ldm_vae(tmp_path / "kl.ckpt", latent_channels=4)
+    torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="not an LDM/MAR VAE checkpoint"):
+        interop.load_ldm_vae(tmp_path / "bad.ckpt")
