@@ -157,8 +157,10 @@ class OnnxSampler:
 
     def _channel_loop_bound(self, feeds):
         """The same loop with IOBinding: inputs bound once, state ping-pongs between two device
-        buffers, only the final tokens and scores come back to the host."""
-        put = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)
+        buffers, only the final tokens and scores come back to the host. On CPU an OrtValue shares
+        its numpy array's memory, so every array put here is one that `feeds` keeps alive (no
+        temporaries: a freed array would be read as garbage)."""
+        put = lambda a: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
         empty = lambda a: ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, self.device, 0)
         binding = self.head.io_binding()
         for name in ("cond", "uniforms", "temperature", "guidance"):
@@ -173,8 +175,8 @@ class OnnxSampler:
                 binding.bind_ortvalue_input(n, src[n])
                 binding.bind_ortvalue_output(n + "_out", dst[n])
             self.head.run_with_iobinding(binding)
-        final = state[self.C % 2]
-        return final["tokens"].numpy(), final["score"].numpy()
+        final = state[self.C % 2]  # .numpy() may view memory freed with `state`/`feeds`: copy
+        return final["tokens"].numpy().copy(), final["score"].numpy().copy()
 
     # --- the sampler: twin of TokenBridge.sample_tokens, line by line -------------------------
 
