@@ -147,7 +147,7 @@ def vae_stride(vae):
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def build_small_vae(stride, channels, width=32):
+def build_small_vae(stride, channels, width=16):
     """A small AutoencoderKL for the demo: one resolution level per factor 2 of the stride."""
     from diffusers import AutoencoderKL
     levels = int(math.log2(stride)) + 1
@@ -201,7 +201,7 @@ def load_vae(path, stride, channels):
              "convert it to a diffusers folder, or omit --vae to train the small demo VAE")
     if not (path / "config.json").is_file():
         fail(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json)")
-    vae = AutoencoderKL.from_pretrained(path)
+    vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
     check_vae(vae, stride, channels)
     return vae.eval().requires_grad_(False)
 
@@ -276,7 +276,7 @@ def calibrate(model, train_modes, max_latents=50_000):
 
 def psnr(a, b):
     """PSNR in dB between uint8 image sets, pixels in [0, 1], MSE pooled over the whole set."""
-    mse = (a.float() / 255 - b.float() / 255).square().mean().item()
+    mse = (a.double() / 255 - b.double() / 255).square().mean().item()
     return 10 * math.log10(1.0 / max(mse, 1e-12)), mse
 
 
@@ -340,11 +340,12 @@ def save_grid(images, path):
 # ---------------------------------------------------------------------------------------------
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
-    """AdamW; no weight decay on norms, biases, embeddings and position embeddings (MAR)."""
+    """AdamW; weight decay only on linear weights, not on norms, biases, embeddings, position
+    embeddings (MAR). The head's per-channel classifiers are stacked linear weights."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        embedding = any(k in name for k in ("emb", "pos", "slot_", "mask_token", "fake_latent"))
-        (no_decay if p.ndim < 2 or embedding else decay).append(p)
+        (decay if id(p) in linear or name.endswith("out_weight") else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
 
@@ -400,19 +401,51 @@ def get_batch(cache, train_idx, seed, step, batch, rank=0, world=1):
     return cache["mean"][flip, idx] + cache["std"][flip, idx] * noise, cache["labels"][idx]
 
 
-def train_step(model, opt, latents, labels, lr, clip, device):
-    """One optimizer step; returns the loss as a float (NaN/inf is checked by the caller)."""
+class TrainingLoss(torch.nn.Module):
+    """TokenBridge's loss, optionally with the head run on `positions` masked positions per image.
+
+    The backbone still sees the whole batch with MAR's mask; the head, which costs C slots per
+    position and dominates the step (~90% on CPU at the tiny preset), is trained on an unbiased
+    random subset of the masked positions (the mirror of MAR's diffusion_batch_mul). positions 0
+    is TokenBridge.forward itself. A module, so DDP wraps it and its forward syncs gradients.
+    """
+
+    def __init__(self, model, positions=0):
+        super().__init__()
+        self.model, self.positions = model, positions
+
+    def forward(self, latents, labels):
+        m = self.model
+        if not self.positions or self.positions >= m.cfg.seq_len:
+            return m(latents, labels)
+        # Below mirrors TokenBridge.forward/token_logits line for line; it belongs there as an argument.
+        mask = m.random_mask(latents.shape[0], latents.device)                      # (B, N)
+        if m.training:
+            drop = torch.rand(labels.shape, device=labels.device) < m.cfg.label_drop_prob
+            labels = torch.where(drop, m.cfg.num_classes, labels)
+        indices = m.quantizer.quantize(m.patchify(latents))                         # (B, N, C)
+        z = m.backbone(m.quantizer.dequantize(indices), mask, labels, drop_masked=True)  # (B, N, D)
+        score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
+        keep = torch.zeros_like(mask).scatter_(1, score.topk(self.positions, dim=-1).indices, True) & mask
+        targets = indices[keep][:, m.quantizer.order]                               # (M, C)
+        logits = m.head(m.head.project(z[keep]), targets[:, :-1])                   # (M, C, levels)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / len(targets)
+
+
+def train_step(loss_fn, opt, latents, labels, lr, clip, device):
+    """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped); returns the loss as a
+    float, and skips the update when it is not finite (the caller stops)."""
     for g in opt.param_groups:
         g["lr"] = lr
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with autocast:
-        loss = model(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        loss = loss_fn(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
     value = loss.item()
     if not math.isfinite(value):
         return value
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), clip)
     opt.step()
     return value
 
@@ -589,24 +622,27 @@ def run_benchmark(args, device):
     opt = make_optimizer(model, 1e-4, 0.02)
     latents = torch.randn(args.batch_bench, cfg.channels, cfg.grid, cfg.grid)
     labels = torch.randint(cfg.num_classes, (args.batch_bench,))
-    times = []
-    for i in range(args.bench_steps + 2):  # two warm-up steps (allocator, kernels)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        train_step(model, opt, latents, labels, 1e-4, 3.0, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    step = float(np.median(times[2:]))
     result = {"benchmark": "train_step", "preset": "bench-s", "batch": args.batch_bench,
-              "device": str(device), "threads": torch.get_num_threads(), "params": model.num_params(),
-              "step_ms": round(step * 1000, 1), "img_per_s": round(args.batch_bench / step, 1)}
+              "device": str(device), "threads": torch.get_num_threads(), "params": model.num_params()}
+    for positions in (0, 16):  # the paper's loss, then the head on 16 positions per image
+        times = []
+        for i in range(args.bench_steps + 2):  # two warm-up steps (allocator, kernels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            train_step(TrainingLoss(model, positions), opt, latents, labels, 1e-4, 3.0, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        step = float(np.median(times[2:]))
+        suffix = "" if positions == 0 else f"_head{positions}"
+        result[f"step_ms{suffix}"] = round(step * 1000, 1)
+        result[f"img_per_s{suffix}"] = round(args.batch_bench / step, 1)
     print(json.dumps(result), flush=True)
     return result
 
 
-def train_loop(args, model, ddp_model, ema, opt, cache, train_idx, val, vae, classes, run_dir,
+def train_loop(args, model, loss_fn, ema, opt, cache, train_idx, val, vae, classes, run_dir,
                start_step, device, dist_info):
     rank0 = dist_info["rank"] == 0
     end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
@@ -616,7 +652,7 @@ def train_loop(args, model, ddp_model, ema, opt, cache, train_idx, val, vae, cla
     for step in bar:
         latents, labels = get_batch(cache, train_idx, args.seed, step, args.batch,
                                     dist_info["rank"], dist_info["world"])
-        loss = train_step(ddp_model, opt, latents, labels,
+        loss = train_step(loss_fn, opt, latents, labels,
                           lr_at(step, args.lr, args.warmup, args.steps), args.grad_clip, device)
         if not math.isfinite(loss):
             kept = "the last good checkpoint is kept" if (run_dir / "checkpoint.pt").exists() else "no checkpoint was written"
@@ -714,13 +750,13 @@ def pipeline(args, dist_info, device):
         log(f"[resume] from step {start_step} of {args.steps}", dist_info)
     else:
         torch.manual_seed(args.seed + dist_info["rank"])  # mask/label-drop randomness per rank
-    ddp_model = model
+    loss_fn = TrainingLoss(model, args.head_positions)
     if dist_info["world"] > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        loss_fn = torch.nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
     log(f"[train] {args.steps} steps, global batch {args.batch}, lr {args.lr}, "
         f"{dist_info['world']} process(es), {torch.get_num_threads()} threads each, device {device}", dist_info)
-    step = train_loop(args, model, ddp_model, ema, opt, cache, train_idx, (val_modes, val_labels), vae,
+    step = train_loop(args, model, loss_fn, ema, opt, cache, train_idx, (val_modes, val_labels), vae,
                       classes, run_dir, start_step, device, dist_info)
 
     if rank0 and step == args.steps:                                           # 6. evaluation
@@ -751,10 +787,10 @@ def get_parser():
       help="1: no flip, 2: random horizontal flip (default: 2 for --data, 1 for the digits)")
     a("--val-size", type=int, default=500, help="held-out images for validation (at most 10%%)")
     # VAE (demo)
-    a("--vae-steps", type=int, default=1500, help="training steps of the demo VAE")
+    a("--vae-steps", type=int, default=500, help="training steps of the demo VAE")
     a("--vae-batch", type=int, default=64)
     a("--vae-lr", type=float, default=2e-3)
-    a("--vae-kl", type=float, default=1e-3, help="KL weight per latent element (vs per-pixel MSE)")
+    a("--vae-kl", type=float, default=1e-4, help="KL weight per latent element (vs per-pixel MSE)")
     a("--encode-batch", type=int, default=250)
     # training
     a("--steps", type=int, default=2000, help="total optimizer steps")
@@ -764,6 +800,8 @@ def get_parser():
     a("--weight-decay", type=float, default=0.02)
     a("--grad-clip", type=float, default=3.0)
     a("--ema", type=float, default=0.999, help="EMA decay of the weights")
+    a("--head-positions", type=int, default=16,
+      help="train the AR head on this many random masked positions per image (0: all, the paper's loss)")
     a("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
     a("--seed", type=int, default=0)
     a("--device", default=None, help="default: cuda if available, else cpu")

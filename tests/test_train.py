@@ -1,0 +1,341 @@
+"""Tests of train.py: data, VAE checks, the data order, calibration report, exact resume,
+DDP on CPU (gloo, 2 processes), checkpoints and every bad-input error.
+
+Tiny everything: a 40-image fake folder (two classes of coloured shapes), a small VAE trained
+for a few steps once per session, the `tiny` preset shrunk further. Run: pytest tests/test_train.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tokenbridge as tb  # noqa: E402
+import train  # noqa: E402
+
+# A model small enough that a training step takes milliseconds (16px images -> 4x4 x 4 channels).
+SMALL_CFG = dict(image_size=16, vae_stride=4, channels=4, levels=16, num_classes=2, buffer_size=2,
+                 encoder_width=32, encoder_depth=1, encoder_heads=2, decoder_width=32, decoder_depth=1,
+                 decoder_heads=2, head_width=32, head_depth=1, head_heads=2)
+
+
+@pytest.fixture(scope="session")
+def fake_data(tmp_path_factory):
+    """40 images in 2 class folders (20 each): red squares and blue discs, varied in size and
+    position, plus one corrupt file and one text file that must be skipped."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(["disc", "square"]):
+        (root / name).mkdir()
+        for i in range(20):
+            img = np.zeros((24, 20, 3), np.uint8)
+            c, r = rng.integers(6, 14, size=2), rng.integers(3, 6)
+            yy, xx = np.mgrid[:24, :20]
+            shape = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= r * r) if k == 0 else \
+                (abs(yy - c[0]) <= r) & (abs(xx - c[1]) <= r)
+            img[shape] = (40, 80, 230) if k == 0 else (230, 50, 40)
+            Image.fromarray(img).save(root / name / f"{i:02d}.png")
+    (root / "disc" / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "square" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    return tb.TokenBridgeConfig(**SMALL_CFG)
+
+
+@pytest.fixture(scope="session")
+def vae_dir(fake_data, tmp_path_factory, small_cfg):
+    """A small AutoencoderKL trained for a few steps on the fake data, saved as a diffusers folder."""
+    images, _, _ = train.load_folder(fake_data, small_cfg.image_size)
+    torch.manual_seed(0)
+    vae = train.build_small_vae(small_cfg.vae_stride, small_cfg.channels, width=8)
+    vae = train.train_vae(vae, images, steps=5, batch=8, lr=1e-3, kl_weight=1e-3, seed=0,
+                          device=torch.device("cpu"))
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def run_args(run_dir, data, vae, *extra):
+    """Fast run-level flags; the small model itself comes from the small_model fixture."""
+    return train.get_parser().parse_args(
+        ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
+         "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "6",
+         "--warmup", "2", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
+         *extra])
+
+
+@pytest.fixture
+def small_model(monkeypatch, small_cfg):
+    """Make train.py build SMALL_CFG (plus the ablation flags) instead of a named preset."""
+    def build_config(args):
+        over = {k: v for k, v in {"levels": args.levels, "head": args.head, "order": args.order}.items() if v}
+        return tb.TokenBridgeConfig(**{**SMALL_CFG, **over})
+    monkeypatch.setattr(train, "build_config", build_config)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def test_digits_are_the_real_mnist_file():
+    images, labels, classes = train.load_digits(32)
+    assert images.shape == (5000, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [500] * 10 and classes == [str(k) for k in range(10)]
+    # the 2-pixel padding is empty and the digits are where MNIST puts them (centre of mass)
+    assert images[:, :, :2].max() == 0 and images[:, :, :, -2:].max() == 0
+    ys = torch.arange(32).float()
+    mass = images[:, 0].float()
+    cy = (mass.sum(2) * ys).sum(1) / mass.sum((1, 2))
+    assert abs(cy.mean().item() - 15.5) < 1.5
+
+
+def test_folder_skips_unreadable_files_and_warns_once(fake_data, capsys):
+    images, labels, classes = train.load_folder(fake_data, 16)
+    assert images.shape == (40, 3, 16, 16) and classes == ["disc", "square"]
+    assert torch.bincount(labels).tolist() == [20, 20]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "skipped 2" in err
+
+
+def test_center_crop_matches_adm_on_a_known_image():
+    # 40x20 image, left half black / right half white; short side 20 -> 16: scale 0.8 -> 32x16,
+    # crop the middle 16 columns: columns 8..23 of 32, i.e. half black, half white.
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, 20:] = 255
+    out = train.center_crop(Image.fromarray(arr), 16)
+    assert out.shape == (16, 16, 3)
+    assert out[:, :7].max() == 0 and out[:, 9:].min() == 255
+
+
+def test_empty_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(SystemExit, match="no images found"):
+        train.load_folder(tmp_path, 16)
+
+
+def test_data_order_is_an_epoch_permutation_and_a_function_of_seed_and_step():
+    n, b = 10, 4
+    seen = torch.cat([train.batch_indices(0, s, n, b) for s in range(5)])    # 20 = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    train.epoch_permutation.cache_clear()  # no hidden state: same answer from a cold cache
+    assert torch.equal(train.batch_indices(0, 3, n, b), seen[12:16])
+    assert not torch.equal(train.batch_indices(1, 0, n, b), seen[:4])
+
+
+def test_ranks_split_the_global_batch():
+    cache = {"mean": torch.arange(2 * 6 * 1.0).view(2, 6, 1, 1, 1), "std": torch.zeros(2, 6, 1, 1, 1),
+             "labels": torch.arange(6)}
+    idx = torch.arange(6)
+    whole, lab = train.get_batch(cache, idx, 0, 5, 4)
+    parts = [train.get_batch(cache, idx, 0, 5, 4, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat([parts[0][0], parts[1][0]]).flatten().sort().values, whole.flatten().sort().values)
+    # std 0: latents are the means, mean[f, i] = 6 f + i, so each latent names its image and flip
+    assert torch.equal(whole.flatten().long() % 6, lab)
+
+
+# --- optimizer, schedule, EMA -------------------------------------------------------------------
+
+def test_weight_decay_only_on_matrices_of_linear_layers(small_cfg):
+    model = tb.TokenBridge(small_cfg)
+    opt = train.make_optimizer(model, 1e-3, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.02 and opt.param_groups[1]["weight_decay"] == 0
+    assert {"backbone.encoder_blocks.0.attn.qkv.weight", "backbone.decoder_embed.weight", "head.out_weight",
+            "head.blocks.0.adaLN_modulation.1.weight"} <= decayed
+    for n in decayed:
+        assert not any(k in n for k in ("norm", "bias", "pos_embed", "class_emb", "token_embed", "mask_token"))
+    assert len(decayed) + len(opt.param_groups[1]["params"]) == len(names)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [train.lr_at(s, 1.0, 4, 20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and abs(train.lr_at(12, 1.0, 4, 20) - 0.5) < 1e-12     # half way: 0.5
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+# --- evaluation truths --------------------------------------------------------------------------
+
+def test_validation_bits_of_a_uniform_model_is_log2_levels(small_cfg, monkeypatch):
+    model = tb.TokenBridge(small_cfg)
+    lat = torch.randn(6, small_cfg.channels, small_cfg.grid, small_cfg.grid)
+    model.calibrate(lat)
+
+    def uniform(latents, labels, mask):
+        logits, targets = tb.TokenBridge.token_logits(model, latents, labels, mask)
+        return torch.zeros_like(logits), targets
+    monkeypatch.setattr(model, "token_logits", uniform)
+    assert abs(train.validation_bits(model, lat, torch.zeros(6, dtype=torch.long)) - 4.0) < 1e-6  # 16 levels
+    state = torch.get_rng_state()
+    train.validation_bits(model, lat, torch.zeros(6, dtype=torch.long))
+    assert torch.equal(state, torch.get_rng_state())  # evaluating never moves the training RNG
+
+
+def test_psnr_against_hand_computed_value():
+    a = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    b = torch.full_like(a, 51)                    # 0.2 everywhere: MSE 0.04 -> 10 log10(25) dB
+    p, mse = train.psnr(a, b)
+    assert abs(mse - 0.04) < 1e-9 and abs(p - 10 * math.log10(25)) < 1e-9
+
+
+def test_subsampled_loss_equals_full_loss_when_all_positions_kept(small_cfg):
+    torch.manual_seed(0)
+    model = tb.TokenBridge(small_cfg)
+    lat, lab = torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 0, 1])
+    model.calibrate(lat)
+    torch.manual_seed(1)
+    full = model(lat, lab)
+    torch.manual_seed(1)
+    assert torch.equal(train.TrainingLoss(model, small_cfg.seq_len)(lat, lab), full)  # >= N: forward itself
+    # With the head on every masked position the subset path gives the same loss as forward: it
+    # draws the same mask and label drop first, then only a ranking of the masked positions.
+    seed = next(s for s in range(100) if torch.manual_seed(s) is not None
+                and model.random_mask(4, lat.device)[0].sum() < small_cfg.seq_len)
+    torch.manual_seed(seed)
+    full = model(lat, lab)
+    torch.manual_seed(seed)
+    mask_count = int(model.random_mask(4, lat.device)[0].sum())
+    torch.manual_seed(seed)
+    sub = train.TrainingLoss(model, mask_count)(lat, lab)
+    assert torch.allclose(sub, full, rtol=1e-5, atol=1e-5)
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_model):
+    out = train.main(run_args(tmp_path / "run", fake_data, vae_dir, "--sample-every", "4"))
+    run = tmp_path / "run"
+    assert out["step"] == 6
+    for name in ("latents.pt", "reconstruction.json", "reconstruction.png", "checkpoint.pt",
+                 "samples.png", "metrics.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "reconstruction.json").read_text())
+    assert set(report) == {"images", "continuous", "levels_16", "levels_64"}
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert {"config", "model", "ema", "optimizer", "step", "quantizer", "rng"} <= set(ck)
+    assert ck["step"] == 6 and tb.TokenBridgeConfig.from_dict(ck["config"]).channels == 4
+    cache = torch.load(run / "latents.pt", weights_only=True)
+    assert cache["mean"].shape == (2, 40, 4, 4, 4)                          # both flips
+    # the cached flipped latents are the encodings of the flipped images
+    vae = train.load_vae(vae_dir, 4, 4)
+    images, _, _ = train.load_folder(fake_data, 16)
+    m, _ = train.encode_moments(vae, images[:3].flip(-1), 3, False, vae.config.scaling_factor, torch.device("cpu"))
+    assert torch.allclose(cache["mean"][1, :3], m, atol=1e-5)
+    grid = Image.open(run / "samples.png")
+    assert grid.size == (10 * 16, 2 * 16)                                   # 2 classes x 10 samples
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["val_bits_per_token"] < 8
+
+
+def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
+    train.main(run_args(tmp_path / "straight", fake_data, vae_dir))
+    train.main(run_args(tmp_path / "halves", fake_data, vae_dir, "--stop-after", "3"))
+    half = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
+    assert half["step"] == 3
+    train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "halves"), "--threads", "1"]))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
+    assert b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert not torch.equal(a["model"]["head.out_bias"], half["model"]["head.out_bias"])  # it moved
+
+
+def test_ablation_switches_reach_the_model(tmp_path, fake_data, vae_dir, small_model):
+    train.main(run_args(tmp_path / "r", fake_data, vae_dir, "--head", "parallel", "--order", "default",
+                        "--levels", "8", "--steps", "2"))
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["head"] == "parallel" and ck["config"]["levels"] == 8
+    assert ck["quantizer"]["order"].tolist() == list(range(4))
+    report = json.loads((tmp_path / "r" / "reconstruction.json").read_text())
+    assert "levels_8" in report
+
+
+# --- errors: one line, nothing lost -------------------------------------------------------------
+
+def test_resume_without_or_with_corrupt_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint.pt"):
+        train.main(train.get_parser().parse_args(["--resume", str(tmp_path)]))
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match="corrupt"):
+        train.main(train.get_parser().parse_args(["--resume", str(tmp_path)]))
+
+
+def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
+    with pytest.raises(SystemExit, match="latent channels"):
+        train.load_vae(vae_dir, 4, 16)
+    with pytest.raises(SystemExit, match="downsamples by 4"):
+        train.load_vae(vae_dir, 8, 4)
+    with pytest.raises(SystemExit, match="not yet supported"):
+        train.load_vae(tmp_path / "kl16.ckpt", 16, 16)
+    with pytest.raises(SystemExit, match="divisible by vae_stride"):
+        train.main(train.get_parser().parse_args(["--image-size", "30", "--out", str(tmp_path / "x")]))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
+    calls = {"n": 0}
+    real = train.TrainingLoss.forward
+
+    def poisoned(self, latents, labels):
+        calls["n"] += 1
+        loss = real(self, latents, labels)
+        return loss * float("nan") if calls["n"] == 5 else loss
+    monkeypatch.setattr(train.TrainingLoss, "forward", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 5.*last good checkpoint"):
+        train.main(run_args(tmp_path / "r", fake_data, vae_dir))
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_disk_full_while_saving_keeps_the_old_checkpoint(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
+    train.main(run_args(tmp_path / "r", fake_data, vae_dir, "--steps", "2"))
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", full)
+    with pytest.raises(SystemExit, match="No space left.*intact"):
+        train.atomic_save({"x": 1}, tmp_path / "r" / "checkpoint.pt")
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
+    assert not (tmp_path / "r" / "checkpoint.pt.tmp").exists()
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+# --- several processes --------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import tokenbridge as tb, train
+train.build_config = lambda args: tb.TokenBridgeConfig(**{cfg!r})
+train.main(train.get_parser().parse_args({argv!r}))
+"""
+
+
+def test_ddp_two_processes_gloo_matches_one_process(tmp_path, fake_data, vae_dir):
+    """torchrun with 2 CPU processes: trains, rank 0 alone writes, both RNG streams are saved."""
+    def argv(run):
+        return ["--data", str(fake_data), "--vae", str(vae_dir), "--out", str(run), "--image-size", "16",
+                "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "2",
+                "--save-every", "2", "--num-iter", "2", "--threads", "1", "--head-positions", "0"]
+    script = tmp_path / "ddp_main.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), cfg=SMALL_CFG, argv=argv(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29531", str(script)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])    # each rank its own masks
