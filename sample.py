@@ -33,16 +33,18 @@ HEAD_STATE = ("cache", "tokens", "score")          # fed back: output NAME_out i
 VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
 
 
-def make_session(path, device="auto"):
+def make_session(path, device="auto", threads=0):
     """An ORT session on CUDA when asked for (or "auto") and it really loads, else CPU.
 
-    Returns (session, on_cuda). ORT's own logging is silenced (severity 4): a missing CUDA library
+    threads: ORT's intra-op threads (0 = one per physical core). Returns (session, on_cuda).
+    ORT's own logging is silenced (severity 4): a missing CUDA library
     otherwise prints a wall of text; callers report it in one line instead.
     """
     ort.set_default_logger_severity(4)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -64,7 +66,7 @@ def mask_schedule(seq_len, num_iter):
 class OnnxSampler:
     """The exported graphs + tokenbridge.json, and the torch-free mirror of TokenBridge.sample_tokens."""
 
-    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None):
+    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0):
         meta_path = os.path.join(onnx_dir, META_FILE)
         if not os.path.isfile(meta_path):
             raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
@@ -76,7 +78,7 @@ class OnnxSampler:
             raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; re-run export.py")
         if checkpoint is not None:
             self._check_checkpoint(checkpoint)
-        sessions = [make_session(os.path.join(onnx_dir, name), device) for name in files]
+        sessions = [make_session(os.path.join(onnx_dir, name), device, threads) for name in files]
         for name, (session, _) in zip(files, sessions):
             got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
             if got != meta["fingerprint"]:
@@ -265,7 +267,7 @@ def save_grid(images, path):
 
 
 def sample_onnx(args, labels_for):
-    sampler = OnnxSampler(args.onnx, args.device,
+    sampler = OnnxSampler(args.onnx, args.device, threads=args.threads,
                           checkpoint=os.path.join(args.run, "checkpoint.pt") if args.run else None)
     if args.device == "cuda" and not sampler.on_cuda:
         print("CUDA requested but onnxruntime's CUDAExecutionProvider did not load; using CPU", file=sys.stderr)
@@ -280,6 +282,8 @@ def sample_onnx(args, labels_for):
 def sample_torch(args, labels_for):
     import torch
     from export import VAEDecoderGraph, load_run, load_vae
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cpu" if args.device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and device == "cpu":
         print("CUDA requested but torch.cuda.is_available() is False; using CPU", file=sys.stderr)
@@ -402,6 +406,7 @@ def get_parser():
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="which runtime samples")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when it really works, else CPU; cuda: say so when it does not")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for either runtime (0 = its default)")
     p.add_argument("--seed", type=int, default=0, help="seed of numpy.random.default_rng: orders and uniforms")
     p.add_argument("--num-images", type=int, default=8, help="images when --labels is not given")
     p.add_argument("--labels", help="comma-separated class labels (default: 0, 1, 2, ... cycling)")
