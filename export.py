@@ -21,7 +21,6 @@ whose shapes never depend on data. The tracer with `dynamic_axes` gives the same
 seconds, and the graphs are validated against PyTorch either way.
 """
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -173,13 +172,38 @@ def head_inputs(model, guidance_halves, rows, step, dtype, gen):
 
 # --- export + check ---------------------------------------------------------------------------
 
-def _export(module, example, path, inputs, outputs, dynamic_axes, meta):
+def _toposort(model):
+    """The fp16 converter appends its input casts after their users; the checker wants order."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        blocked = []
+        for node in pending:
+            (ordered if all(x in ready for x in node.input) else blocked).append(node)
+            if ordered and ordered[-1] is node:
+                ready.update(node.output)
+        if len(blocked) == len(pending):
+            raise ValueError("fp16 conversion produced a graph with a cycle")
+        pending = blocked
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
+
+
+def _export(module, example, path, inputs, outputs, dynamic_axes, meta, fp16):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes: the checks below decide
         torch.onnx.export(module, example, path, input_names=list(inputs), output_names=list(outputs),
                           dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     graph = onnx.load(path)
+    if fp16:
+        # Tracing a half model on CPU leaves fp32/fp16 mixes (LayerNorm upcasts) that the checker
+        # rejects; ORT's own converter rewrites the fp32 graph instead. keep_io_types: inputs and
+        # outputs stay fp32 (cast at the edges), so the loop and the sampler's uniforms do not change.
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        graph = _toposort(convert_float_to_float16(graph, keep_io_types=True))
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, path)
@@ -187,12 +211,12 @@ def _export(module, example, path, inputs, outputs, dynamic_axes, meta):
 
 
 def _max_diff(module, examples, path, inputs, outputs, fp16):
-    """Largest |torch - onnxruntime| over the float outputs of all example sets, and how many
-    integer outputs (sampled tokens) differ. fp16 graphs are compared with the fp32 model on the
-    same rounded inputs, relative to each output's scale."""
-    reference = copy.deepcopy(module).float()
+    """Largest |torch - onnxruntime| over the float outputs of all example sets, and the share of
+    integer outputs (sampled tokens) that differ. fp16 graphs are compared with the fp32 model,
+    relative to each output's scale."""
+    reference = module
     session = make_session(path, "cpu")[0]
-    worst, mismatched = 0.0, 0
+    worst, mismatched, total = 0.0, 0, 0
     for example in examples:
         with torch.no_grad():
             want = reference(*(x.float() if x.is_floating_point() else x for x in example))
@@ -204,7 +228,8 @@ def _max_diff(module, examples, path, inputs, outputs, fp16):
                 worst = max(worst, diff / (1.0 + float(w.abs().max())) if fp16 else diff)
             else:
                 mismatched += int((w.numpy() != g).sum())
-    return worst, mismatched
+                total += g.size
+    return worst, mismatched / max(total, 1)
 
 
 def export(run, out=None, fp16=False, tolerance=None, verbose=True):
@@ -214,7 +239,7 @@ def export(run, out=None, fp16=False, tolerance=None, verbose=True):
     model, ckpt = load_run(run)
     vae = load_vae(run)
     cfg = model.cfg
-    dtype = torch.float16 if fp16 else torch.float32
+    dtype = torch.float32  # --fp16 converts the traced fp32 graphs (see _export)
     tolerance = tolerance or (5e-2 if fp16 else 1e-4)
     say = print if verbose else (lambda *a: None)
     fp = fingerprint(model)
@@ -225,15 +250,16 @@ def export(run, out=None, fp16=False, tolerance=None, verbose=True):
     def run_export(name, module, examples, inputs, outputs, axes):
         path = os.path.join(out, name)
         tmp = path + ".tmp"  # a graph that failed its check never sits under the real name
-        _export(module, examples[0], tmp, inputs, outputs, axes, meta)
+        _export(module, examples[0], tmp, inputs, outputs, axes, meta, fp16)
         diff, wrong = _max_diff(module, examples, tmp, inputs, outputs, fp16)
         say(f"{name}: onnx.checker ok, max |torch - onnxruntime| = {diff:.2e}"
-            + (f" (relative)" if fp16 else "") + (f", {wrong} sampled tokens differ" if wrong else ""))
-        # a sampled token may flip at a near-tie of the CDF and a uniform; more than that is a bug
-        if diff > tolerance or wrong > (4 if fp16 else 1):
+            + (f" (relative)" if fp16 else "") + (f", {wrong:.1%} of sampled tokens differ" if wrong else ""))
+        # a sampled token may flip at a near-tie of the CDF and a uniform (more often in fp16);
+        # more than that is a bug
+        if diff > tolerance or wrong > (0.1 if fp16 else 0.01):
             os.remove(tmp)
             raise ValueError(f"{name} differs from PyTorch by {diff:.2e} (tolerance {tolerance:.0e}, "
-                             f"{wrong} tokens differ); not exported")
+                             f"{wrong:.1%} of tokens differ); not exported")
         os.replace(tmp, path)
         report[name] = diff
 
@@ -267,7 +293,8 @@ def export(run, out=None, fp16=False, tolerance=None, verbose=True):
         "fingerprint": fp,
         "checkpoint_sha256": file_sha256(os.path.join(run, "checkpoint.pt")),
         "config": cfg.to_dict(),
-        "dtype": "float16" if fp16 else "float32",
+        "dtype": "float32",   # of the graphs' inputs and outputs
+        "compute": "float16" if fp16 else "float32",
         "weights": "ema" if ckpt.get("ema") is not None else "model",
         "quantizer": {"centers": q.centers.tolist(), "mean": q.mean.tolist(), "std": q.std.tolist(),
                       "order": q.order.tolist()},
