@@ -108,7 +108,6 @@ class HeadStepGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.head = model.head
-        self.levels = model.cfg.levels
 
     def forward(self, cond, step, cache, tokens, uniforms, temperature, guidance, score):
         G, M, D = cond.shape
@@ -121,16 +120,8 @@ class HeadStepGraph(nn.Module):
         # and this is logits + w * 0, exactly the unguided logits.
         halves = logits.view(G, M, -1)
         logits = halves[-1] + guidance * (halves[0] - halves[-1])                         # (M, K)
-        # twin of tb.sample_from_logits, with the greedy branch as a `where` (temperature is an
-        # input here, not a Python number the tracer would freeze)
-        greedy = temperature == 0
-        logp = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, temperature), dim=-1)
-        cdf = logp.exp().cumsum(-1)
         u = torch.where(slots == step, uniforms, 0).sum(1)                                # (M,) = uniforms[:, t]
-        token = (cdf < u.unsqueeze(-1)).sum(-1).clamp(max=self.levels - 1)
-        token_logp = logp.gather(-1, token.unsqueeze(-1))[:, 0]
-        token = torch.where(greedy, logits.argmax(-1), token)
-        token_logp = torch.where(greedy, 0.0, token_logp)
+        token, token_logp = tb.sample_from_logits(logits, u, temperature)
         tokens = torch.where(slots == step, token.unsqueeze(1), tokens)                   # (M, C)
         return logits, tokens, score + token_logp, rows.view(cache.shape)
 

@@ -506,15 +506,15 @@ def sample_from_logits(logits, uniforms, temperature):
     """Pick a token per row by inverse CDF with supplied uniforms (M,), so both runtimes agree.
 
     Returns the tokens (M,) and their log-probabilities under the sampling distribution.
-    temperature 0 is greedy (argmax).
+    temperature 0 is greedy (argmax); it may be a tensor, so the ONNX head graph takes it as input.
     """
-    if temperature == 0:
-        token = logits.argmax(-1)
-        return token, torch.zeros_like(logits[:, 0])
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    greedy = temperature == 0
+    logp = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, temperature), dim=-1)
     cdf = logp.exp().cumsum(-1)
     token = (cdf < uniforms.unsqueeze(-1)).sum(-1).clamp(max=logits.shape[-1] - 1)
-    return token, logp.gather(-1, token.unsqueeze(-1))[:, 0]
+    token_logp = logp.gather(-1, token.unsqueeze(-1))[:, 0]
+    return torch.where(greedy, logits.argmax(-1), token), torch.where(greedy, 0.0, token_logp)
 
 
 class TokenBridge(nn.Module):
