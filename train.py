@@ -16,6 +16,10 @@ The pipeline, one stage per section below (TokenBridge, arXiv 2503.16430):
 Everything is written to the run directory (--out): vae/, latents.pt, reconstruction.json/.png,
 checkpoint.pt (atomic, loadable with weights_only=True), samples.png, metrics.json.
 
+Speed: the AR head costs C slots per masked position and dominates a CPU step, so by default
+(--head-positions 8) it is trained on 8 random masked positions per image, an unbiased estimate of
+the paper's loss; --head-positions 0 is the paper's loss exactly (use it for full-scale runs).
+
 Exact resume: every random draw of the data path (which images, which flip, the posterior
 noise) comes from a generator seeded by (seed, step), and the checkpoint holds the model's RNG
 states, so a run stopped and resumed ends with the same weights as one run straight through.
@@ -800,17 +804,17 @@ def get_parser():
     a("--val-size", type=int, default=500, help="held-out images for validation (at most 10%%)")
     # VAE (demo)
     a("--vae-steps", type=int, default=500, help="training steps of the demo VAE")
-    a("--vae-batch", type=int, default=64)
-    a("--vae-lr", type=float, default=2e-3)
+    a("--vae-batch", type=int, default=64, help="batch size of the demo VAE")
+    a("--vae-lr", type=float, default=2e-3, help="peak learning rate of the demo VAE (warmup + cosine)")
     a("--vae-kl", type=float, default=1e-4, help="KL weight per latent element (vs per-pixel MSE)")
-    a("--encode-batch", type=int, default=250)
+    a("--encode-batch", type=int, default=250, help="images per VAE call when filling the latent cache")
     # training
     a("--steps", type=int, default=1200, help="total optimizer steps")
     a("--batch", type=int, default=64, help="global batch size (all processes together)")
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
     a("--warmup", type=int, default=100, help="linear warm-up steps")
-    a("--weight-decay", type=float, default=0.02)
-    a("--grad-clip", type=float, default=3.0)
+    a("--weight-decay", type=float, default=0.02, help="on linear weights only")
+    a("--grad-clip", type=float, default=3.0, help="max gradient norm")
     a("--ema", type=float, default=0.999, help="EMA decay of the weights")
     a("--head-positions", type=int, default=8,
       help="train the AR head on this many random masked positions per image (0: all, the paper's loss)")
@@ -827,7 +831,7 @@ def get_parser():
     a("--temperature", type=float, default=0.6, help="sampling temperature for the sample grid")
     # benchmark
     a("--benchmark", action="store_true", help="print the training step time at the bench-s preset and exit")
-    a("--batch-bench", type=int, default=64)
+    a("--batch-bench", type=int, default=64, help="batch size of --benchmark")
     a("--bench-steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
     return p
 
