@@ -305,12 +305,21 @@ def export(run, out=None, fp16=False, tolerance=None, verbose=True):
 
 
 def main(args):
+    if args.official:
+        import interop
+        args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
+    if not args.run:
+        raise ValueError("give --run RUN (a folder with checkpoint.pt) or --official CHECKPOINT.pth")
     export(args.run, args.out, fp16=args.fp16)
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="run folder holding checkpoint.pt (and vae/, a diffusers AutoencoderKL)")
+    p.add_argument("--run", help="run folder holding checkpoint.pt (and vae/, a diffusers AutoencoderKL)")
+    p.add_argument("--official", help="official TokenBridge checkpoint-last.pth: converted into --run "
+                                      "(default runs/official-PRESET), then exported")
+    p.add_argument("--preset", choices=sorted(tb.PRESETS), default="large", help="size of the --official checkpoint")
+    p.add_argument("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")
     p.add_argument("--out", default=None, help="output folder (default RUN/onnx)")
     p.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPU; checked against fp32 PyTorch)")
     return p

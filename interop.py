@@ -2,6 +2,7 @@
 
     model = load_official_tokenbridge("checkpoint-last.pth", preset="large")   # -> TokenBridge
     vae = load_ldm_vae("kl16.ckpt")                                            # -> AutoencoderKL
+    python interop.py --official checkpoint-last.pth --preset large --vae kl16.ckpt --out runs/large
 
 Both converters are plain key maps checked both ways: every source key lands on exactly one
 target tensor of the same shape and every target tensor is filled, or a ValueError names the
@@ -9,7 +10,9 @@ first key that does not fit. The facts about these files: shared/interop/README.
 Kept out of tokenbridge.py, which describes the method; this file only describes other layouts.
 """
 import argparse
+import os
 import re
+import sys
 
 import torch
 
@@ -18,6 +21,9 @@ import tokenbridge as tb
 # AR slot i of the official models generates VAE channel OFFICIAL_ORDER[i] (hard-coded there).
 OFFICIAL_ORDER = [8, 1, 10, 9, 6, 12, 4, 0, 3, 11, 7, 14, 2, 15, 13, 5]
 KL16_SCALING = 0.2325  # MAR's latent scaling for kl16
+# Sampling settings of the released models (official README): cfg, temperature, steps.
+RELEASED_SAMPLING = {"large": dict(cfg=3.1, temperature=0.96, num_iter=256),
+                     "huge": dict(cfg=3.45, temperature=0.91, num_iter=256)}
 
 
 def load_checkpoint(path):
@@ -189,13 +195,66 @@ def from_ldm_state_dict(state_dict, **config):
     return vae
 
 
-def load_ldm_vae(path, latent_channels=None, **config):
+def ldm_config_from_state_dict(state_dict):
+    """Read ch, ch_mult, res blocks, attention levels and latent size off an LDM VAE's keys."""
+    ch = state_dict["encoder.conv_in.weight"].shape[0]
+    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
+    blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
+    return dict(ch=ch, num_res_blocks=blocks, embed_dim=state_dict["post_quant_conv.weight"].shape[0],
+                ch_mult=tuple(state_dict[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch
+                              for i in range(levels)),
+                attn_levels=tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state_dict))
+
+
+def load_ldm_vae(path, latent_channels=None):
     """MAR's kl16.ckpt (torch.load(path)["model"], LDM layout) -> diffusers AutoencoderKL."""
     ckpt = load_checkpoint(path)
     state_dict = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    tb._require(isinstance(state_dict, dict) and "encoder.conv_in.weight" in state_dict,
+    tb._require(isinstance(state_dict, dict) and "encoder.conv_in.weight" in state_dict
+                and "post_quant_conv.weight" in state_dict,
                 f"{path} is not an LDM/MAR VAE checkpoint (no encoder.conv_in.weight under 'model')")
-    embed_dim = state_dict["post_quant_conv.weight"].shape[0]
-    tb._require(latent_channels is None or embed_dim == latent_channels,
-                f"{path} has {embed_dim} latent channels but the model expects {latent_channels}")
-    return from_ldm_state_dict(state_dict, embed_dim=embed_dim, **config)
+    config = ldm_config_from_state_dict(state_dict)
+    tb._require(latent_channels is None or config["embed_dim"] == latent_channels,
+                f"{path} has {config['embed_dim']} latent channels but the model expects {latent_channels}")
+    return from_ldm_state_dict(state_dict, **config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Released weights -> a run directory of this project (what sample.py and export.py read)
+# ---------------------------------------------------------------------------------------------
+
+def import_official(checkpoint, preset, vae=None, out=None):
+    """Convert an official checkpoint (and MAR's kl16 VAE) into RUN/checkpoint.pt (+ RUN/vae).
+    Returns the run directory; an existing conversion of the same file is reused."""
+    from train import atomic_save
+    out = out or os.path.join("runs", f"official-{preset}")
+    path = os.path.join(out, "checkpoint.pt")
+    if os.path.isfile(path) and load_checkpoint(path).get("source") == os.path.abspath(checkpoint):
+        print(f"reusing the conversion in {out}")
+    else:
+        model = load_official_tokenbridge(checkpoint, preset)
+        os.makedirs(out, exist_ok=True)
+        atomic_save({"config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0,
+                     "source": os.path.abspath(checkpoint)}, path)
+        print(f"converted {checkpoint} -> {path} ({model.num_params() / 1e6:.1f}M parameters)")
+    if vae is not None:
+        channels = tb.TokenBridgeConfig.preset(preset).channels
+        load_ldm_vae(vae, latent_channels=channels).save_pretrained(os.path.join(out, "vae"))
+        print(f"converted {vae} -> {os.path.join(out, 'vae')}")
+    return out
+
+
+def main(args):
+    import_official(args.official, args.preset, args.vae, args.out)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Convert released TokenBridge weights (and kl16) into a run folder.")
+    p.add_argument("--official", required=True, help="official checkpoint-last.pth")
+    p.add_argument("--preset", choices=sorted(RELEASED_SAMPLING), default="large", help="its model size")
+    p.add_argument("--vae", help="MAR's kl16.ckpt (LDM layout), converted to a diffusers AutoencoderKL")
+    p.add_argument("--out", help="run folder to write (default runs/official-PRESET)")
+    try:
+        main(p.parse_args())
+    except ValueError as e:
+        sys.exit(f"error: {e}")

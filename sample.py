@@ -372,8 +372,23 @@ def benchmark(args):
 
 # --- command line ----------------------------------------------------------------------------
 
+def use_official(args):
+    """--official: convert the released weights into a run folder; released sampling defaults."""
+    import interop
+    args.preset = args.preset or "large"
+    args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
+    for key, value in interop.RELEASED_SAMPLING.get(args.preset, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def main(args):
+    if args.official:
+        use_official(args)
+    args.cfg = 1.0 if args.cfg is None else args.cfg
+    args.temperature = 1.0 if args.temperature is None else args.temperature
     if args.benchmark:
+        args.preset = args.preset or "bench-s"
         return benchmark(args)
     if args.runtime == "onnx" and not args.onnx:
         raise ValueError("--runtime onnx needs --onnx DIR (the folder export.py wrote, e.g. RUN/onnx)")
@@ -415,17 +430,23 @@ def get_parser():
     p.add_argument("--num-images", type=int, default=8, help="images when --labels is not given")
     p.add_argument("--labels", help="comma-separated class labels (default: 0, 1, 2, ... cycling)")
     p.add_argument("--num-iter", type=int, default=None, help="decoding steps (default: 64, or N if fewer)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default 1 = off; with --official the released one)")
     p.add_argument("--cfg-mode", choices=["features", "logits"], default="features",
                    help="guide the backbone features (paper) or the head's logits")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, 0 = greedy (default 1; with --official the released one)")
     p.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="which positions each step keeps: a random order, or the most confident")
     p.add_argument("--out", default="samples.png", help="PNG grid path ('' for none)")
     p.add_argument("--save-tokens", help="save the token indices (B, N, C) to this .npy")
     p.add_argument("--npz", help="ADM-style .npz for FID tools: arr_0 (N, H, W, 3) uint8 and labels")
     p.add_argument("--benchmark", action="store_true", help="time a random model and print one JSON line")
-    p.add_argument("--preset", default="bench-s", help="model preset for --benchmark")
+    p.add_argument("--preset", default=None,
+                   help="model preset: for --benchmark (default bench-s), or the size of --official (default large)")
+    p.add_argument("--official", help="official TokenBridge checkpoint-last.pth: converted into --run "
+                                      "(default runs/official-PRESET), then sampled with the released settings")
+    p.add_argument("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")
     return p
 
 

@@ -144,3 +144,34 @@ def test_vae_with_other_latent_channels_is_refused(tmp_path):
     torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="not an LDM/MAR VAE checkpoint"):
         interop.load_ldm_vae(tmp_path / "bad.ckpt")
+
+
+def test_ldm_config_is_read_off_the_keys():
+    ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
+    assert interop.ldm_config_from_state_dict(ref["model"]) == dict(ch=32, num_res_blocks=2, embed_dim=16,
+                                                                   ch_mult=(1, 2), attn_levels=(1,))
+    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())["mar_kl16_vae"]["shapes"]
+    kl16 = interop.ldm_config_from_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    assert kl16 == dict(ch=128, num_res_blocks=2, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,))
+
+
+def test_released_weights_sample_and_export_from_the_command_line(tmp_path):
+    """sample.py / export.py --official CKPT --vae kl.ckpt: convert into a run folder, then use it."""
+    import argparse
+    import export
+    import sample
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
+    torch.save({"model_ema": ref["state_dict"], "args": argparse.Namespace(model="tiny")}, tmp_path / "ckpt.pth")
+    vae = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
+    torch.save({"model": vae["model"]}, tmp_path / "kl.ckpt")
+    run = tmp_path / "run"
+    args = sample.get_parser().parse_args(
+        ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--vae", str(tmp_path / "kl.ckpt"),
+         "--run", str(run), "--num-images", "2", "--num-iter", "2", "--out", str(tmp_path / "grid.png")])
+    tokens = sample.main(args)
+    assert tokens.shape == (2, 64, 16) and (tmp_path / "grid.png").is_file()
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["config"]["official_compat"] and (run / "vae" / "config.json").is_file()
+    export.main(export.get_parser().parse_args(
+        ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--run", str(run)]))
+    assert (run / "onnx" / "head_step.onnx").is_file() and (run / "onnx" / "vae_decoder.onnx").is_file()
