@@ -809,7 +809,7 @@ def get_parser():
     a("--vae-kl", type=float, default=1e-4, help="KL weight per latent element (vs per-pixel MSE)")
     a("--encode-batch", type=int, default=250, help="images per VAE call when filling the latent cache")
     # training
-    a("--steps", type=int, default=1200, help="total optimizer steps")
+    a("--steps", type=int, default=1800, help="total optimizer steps")
     a("--batch", type=int, default=64, help="global batch size (all processes together)")
     a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
     a("--warmup", type=int, default=100, help="linear warm-up steps")
