@@ -597,16 +597,24 @@ class TokenBridge(nn.Module):
         rank = torch.rand(batch, N, device=device).argsort(-1).argsort(-1)       # random order
         return rank < num_masked
 
-    def token_logits(self, latents, labels, mask):
+    def token_logits(self, latents, labels, mask, head_positions=0):
         """Backbone + teacher-forced head. Returns logits (M, C, levels) and targets (M, C) for the
-        M masked positions, channels in generation order."""
+        M masked positions, channels in generation order.
+
+        head_positions > 0 runs the head on that many random masked positions per image only: an
+        unbiased estimate of the same loss (as MAR's diffusion_batch_mul, in reverse), for when the
+        head, C slots per position, dominates the step. 0 = all masked positions (the paper).
+        """
         tokens = self.patchify(latents)
         indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
         z = self.backbone(self.quantizer.dequantize(indices), mask, labels, drop_masked=True)
+        if 0 < head_positions < self.cfg.seq_len:
+            score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
+            mask = mask & torch.zeros_like(mask).scatter_(1, score.topk(head_positions, dim=-1).indices, True)
         targets = indices[mask][:, self.quantizer.order]                              # (M, C)
         return self.head(self.head.project(z[mask]), targets[:, :-1]), targets
 
-    def forward(self, latents, labels):
+    def forward(self, latents, labels, head_positions=0):
         """Training loss: cross-entropy summed over channels, averaged over masked positions."""
         self._check_latents(latents)
         self._check_labels(labels, latents.shape[0])
@@ -614,7 +622,7 @@ class TokenBridge(nn.Module):
         if self.training:  # drop labels to the null class, for classifier-free guidance
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_drop_prob
             labels = torch.where(drop, self.cfg.num_classes, labels)
-        logits, targets = self.token_logits(latents, labels, mask)
+        logits, targets = self.token_logits(latents, labels, mask, head_positions)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / len(targets)
 
     # --- sampling ------------------------------------------------------------------------------

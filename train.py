@@ -412,34 +412,15 @@ def get_batch(cache, train_idx, seed, step, batch, rank=0, world=1):
 
 
 class TrainingLoss(torch.nn.Module):
-    """TokenBridge's loss, optionally with the head run on `positions` masked positions per image.
-
-    The backbone still sees the whole batch with MAR's mask; the head, which costs C slots per
-    position and dominates the step (~90% on CPU at the tiny preset), is trained on an unbiased
-    random subset of the masked positions (the mirror of MAR's diffusion_batch_mul). positions 0
-    is TokenBridge.forward itself. A module, so DDP wraps it and its forward syncs gradients.
-    """
+    """model(latents, labels, head_positions) as a module of its own, so DDP wraps the call that
+    carries --head-positions (TokenBridge.token_logits says what it does)."""
 
     def __init__(self, model, positions=0):
         super().__init__()
         self.model, self.positions = model, positions
 
     def forward(self, latents, labels):
-        m = self.model
-        if not self.positions or self.positions >= m.cfg.seq_len:
-            return m(latents, labels)
-        # Below mirrors TokenBridge.forward/token_logits line for line; it belongs there as an argument.
-        mask = m.random_mask(latents.shape[0], latents.device)                      # (B, N)
-        if m.training:
-            drop = torch.rand(labels.shape, device=labels.device) < m.cfg.label_drop_prob
-            labels = torch.where(drop, m.cfg.num_classes, labels)
-        indices = m.quantizer.quantize(m.patchify(latents))                         # (B, N, C)
-        z = m.backbone(m.quantizer.dequantize(indices), mask, labels, drop_masked=True)  # (B, N, D)
-        score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
-        keep = torch.zeros_like(mask).scatter_(1, score.topk(self.positions, dim=-1).indices, True) & mask
-        targets = indices[keep][:, m.quantizer.order]                               # (M, C)
-        logits = m.head(m.head.project(z[keep]), targets[:, :-1])                   # (M, C, levels)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / len(targets)
+        return self.model(latents, labels, head_positions=self.positions)
 
 
 def train_step(loss_fn, opt, latents, labels, lr, clip, device):
