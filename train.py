@@ -202,15 +202,20 @@ def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
 
 
 def load_vae(path, stride, channels):
-    """--vae DIR (diffusers folder) or kl16.ckpt (not yet); checks stride and channels."""
+    """--vae DIR (diffusers folder) or an LDM checkpoint such as MAR's kl16.ckpt (converted by
+    interop.py); checks stride and channels."""
     from diffusers import AutoencoderKL
     path = Path(path)
     if path.suffix == ".ckpt":
-        fail(f"--vae {path}: loading MAR's kl16 .ckpt is not yet supported (see the interop issue); "
-             "convert it to a diffusers folder, or omit --vae to train the small demo VAE")
-    if not (path / "config.json").is_file():
-        fail(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json)")
-    vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
+        import interop
+        try:
+            vae = interop.load_ldm_vae(path, latent_channels=channels)
+        except ValueError as e:
+            fail(f"--vae {path}: {e}")
+    elif not (path / "config.json").is_file():
+        fail(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json) nor an LDM .ckpt")
+    else:
+        vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
     check_vae(vae, stride, channels)
     return vae.eval().requires_grad_(False)
 
@@ -582,7 +587,10 @@ def prepare_vae(args, cfg, images, run_dir, device, dist_info):
     """--vae, else the run's own vae/, else train one on this data (rank 0) and save it."""
     if args.vae:
         args.vae_dir = str(args.vae)
-        return load_vae(args.vae, cfg.vae_stride, cfg.channels).to(device)
+        vae = load_vae(args.vae, cfg.vae_stride, cfg.channels)
+        if dist_info["rank"] == 0 and not (run_dir / "vae" / "config.json").is_file():
+            vae.save_pretrained(run_dir / "vae")  # sample.py and export.py read the run's RUN/vae
+        return vae.to(device)
     args.vae_dir = str(run_dir / "vae")
     if not (run_dir / "vae" / "config.json").is_file() and dist_info["rank"] == 0:
         log(f"[vae] training a small AutoencoderKL for {args.vae_steps} steps on {len(images)} images")
@@ -771,7 +779,7 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data", default=None, help="ImageNet-style folder (one sub-folder per class); default: the MNIST demo")
-    a("--vae", default=None, help="diffusers AutoencoderKL folder (kl16.ckpt: not yet); default: train a small one")
+    a("--vae", default=None, help="diffusers AutoencoderKL folder, or an LDM checkpoint such as MAR's kl16.ckpt; default: train a small one")
     a("--out", default="runs/demo", help="run directory")
     a("--resume", default=None, help="continue the run in this directory from its checkpoint.pt")
     a("--preset", default="tiny", choices=sorted(tb.PRESETS), help="model configuration")

@@ -277,8 +277,14 @@ def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
         train.load_vae(vae_dir, 4, 16)
     with pytest.raises(SystemExit, match="downsamples by 4"):
         train.load_vae(vae_dir, 8, 4)
-    with pytest.raises(SystemExit, match="not yet supported"):
-        train.load_vae(tmp_path / "kl16.ckpt", 16, 16)
+    ldm = torch.load(Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt", weights_only=True)
+    torch.save({"model": ldm["model"]}, tmp_path / "kl16.ckpt")        # an LDM checkpoint, stride 2
+    assert train.load_vae(tmp_path / "kl16.ckpt", 2, 16).config.latent_channels == 16
+    with pytest.raises(SystemExit, match="has 16 latent channels but the model expects 4"):
+        train.load_vae(tmp_path / "kl16.ckpt", 2, 4)
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="could not read"):
+        train.load_vae(tmp_path / "broken.ckpt", 2, 4)
     with pytest.raises(SystemExit, match="divisible by vae_stride"):
         train.main(train.get_parser().parse_args(["--image-size", "30", "--out", str(tmp_path / "x")]))
 
