@@ -1,0 +1,299 @@
+"""Reproduce the paper's main claims at small scale on the built-in digits (issue 6).
+
+Given finished run folders (train.py), writes figures and one JSON of numbers into docs/:
+
+  (a) post-training quantization: PSNR/MSE of decoded held-out digits, continuous vs 8..128
+      levels, a rate-distortion plot, and the per-channel token entropy vs log2(levels);
+  (b) dimension-wise AR head vs parallel head: validation NLL (bits/token) and sample grids;
+  (c) frequency vs default channel order: validation NLL in bits/image and grids;
+      16 vs 64 levels: reconstructions and sample grids (their NLLs do not compare);
+  (d) sampling controls for one model and one seed: cfg x temperature, random vs confidence order.
+
+    python train.py --out runs/final2
+    python train.py --vae runs/final2/vae --head parallel --out runs/parallel
+    python train.py --vae runs/final2/vae --order default --out runs/default-order
+    python train.py --vae runs/final2/vae --levels 16 --out runs/levels16
+    python reproduce.py --ar runs/final2 --parallel runs/parallel \\
+        --default-order runs/default-order --levels16 runs/levels16 --out docs
+
+A missing run folder skips the comparison that needs it. Everything runs on CPU in minutes.
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import train
+from export import load_run, load_vae
+
+SWEEP_LEVELS = (8, 16, 32, 64, 128)
+CONTROLS_CFG, CONTROLS_TEMPERATURE = (1.0, 2.0, 4.0), (0.7, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the held-out digits and their cached latents, exactly as train.py split them
+# ---------------------------------------------------------------------------------------------
+
+def held_out(run, val_size=500):
+    """(uint8 images, posterior modes, labels) of train.py's validation split, from RUN/latents.pt.
+
+    The split depends only on the number of images (fixed seed), so every run on the digits
+    holds out the same 500 images; the cache saves re-encoding them.
+    """
+    images, labels, _ = train.load_digits()
+    _, val_idx = train.split_validation(len(images), val_size)
+    cache = torch.load(Path(run) / "latents.pt", weights_only=True)
+    return images[val_idx], cache["mean"][0, val_idx], cache["labels"][val_idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) Post-training quantization sweep
+# ---------------------------------------------------------------------------------------------
+
+def token_entropy(tokens, levels):
+    """Per-channel entropy (bits) of the token histogram; tokens (..., C) long."""
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    counts = torch.stack([torch.bincount(flat[:, c], minlength=levels) for c in range(flat.shape[1])])
+    p = counts.double() / counts.sum(1, keepdim=True)
+    return -(p * torch.log2(p.clamp_min(1e-300))).sum(1)   # 0 * log 0 = 0
+
+
+def quantization_sweep(model, vae, images, modes, levels_list=SWEEP_LEVELS):
+    """PSNR/MSE for continuous and each level count, and the token entropy per channel.
+
+    Reuses train.quantized_copy: the same calibrated per-channel mean/std, only the bin count
+    changes, so this is exactly post-training quantization of one frozen VAE.
+    """
+    psnr, mse = train.psnr(images, train.decode(vae, modes))
+    rows = [{"levels": "continuous", "psnr": psnr, "mse": mse}]
+    tokens_in = modes.flatten(2).transpose(1, 2)                            # (B, N, C)
+    for levels in levels_list:
+        psnr, mse = train.psnr(images, train.decode(vae, train.quantized_copy(modes, model.quantizer, levels)))
+        q = train.tb.GaussianQuantizer(levels, model.quantizer.std_range, model.quantizer.channels)
+        q.mean.copy_(model.quantizer.mean)
+        q.std.copy_(model.quantizer.std)
+        h = token_entropy(q.quantize(tokens_in), levels)
+        rows.append({"levels": levels, "bits_per_channel": math.log2(levels), "psnr": psnr, "mse": mse,
+                     "entropy_mean": h.mean().item(), "entropy_min": h.min().item(),
+                     "entropy_max": h.max().item(), "entropy_per_channel": [round(x, 4) for x in h.tolist()]})
+    return rows
+
+
+def clipped_share(model, modes):
+    """Share of latent values beyond +-std_range sigma: they all land in the two end bins."""
+    u = (modes.flatten(2).transpose(1, 2) - model.quantizer.mean) / model.quantizer.std
+    return (u.abs() > model.quantizer.std_range).double().mean().item()
+
+
+def rate_distortion_plot(rows, path):
+    """PSNR vs bits per channel, with the continuous PSNR as a dashed line (matplotlib, Agg:
+    it comes with mlxtend, which the demo already needs)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    quant = [r for r in rows if r["levels"] != "continuous"]
+    fig, ax = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=90)
+    ax[0].plot([r["bits_per_channel"] for r in quant], [r["psnr"] for r in quant], "o-", label="quantized")
+    ax[0].axhline(rows[0]["psnr"], ls="--", c="gray", label="continuous")
+    ax[0].set(xlabel="bits per channel = log2(levels)", ylabel="PSNR (dB)", title="reconstruction")
+    ax[0].legend(fontsize=8)
+    bits = [r["bits_per_channel"] for r in quant]
+    ax[1].plot(bits, bits, "--", c="gray", label="log2(levels)")
+    ax[1].errorbar(bits, [r["entropy_mean"] for r in quant],
+                   yerr=[[r["entropy_mean"] - r["entropy_min"] for r in quant],
+                         [r["entropy_max"] - r["entropy_mean"] for r in quant]], fmt="o-", capsize=3,
+                   label="token entropy (mean, min-max over channels)")
+    ax[1].set(xlabel="bits per channel = log2(levels)", ylabel="bits", title="token histogram entropy")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: sample panels with titles, side by side (Pillow only)
+# ---------------------------------------------------------------------------------------------
+
+def sample_panel(model, vae, per_class=5, seed=0, **sampling):
+    """Rows of classes 0..9, per_class samples each, as one (H, W, 3) uint8 array."""
+    classes = train.grid_classes(model.cfg.num_classes)
+    latents = model.generate(classes.repeat_interleave(per_class), seed=seed, **sampling)
+    images = train.decode(vae, latents)                                      # (R*K, 3, H, W)
+    R, (_, H, W) = len(classes), images.shape[1:]
+    return images.view(R, per_class, 3, H, W).permute(0, 3, 1, 4, 2).reshape(R * H, per_class * W, 3).numpy()
+
+
+def titled_row(panels, titles, path, gap=6, title_h=14):
+    """Panels (H, W, 3) left to right on white, a title over each (Pillow's default font)."""
+    H = max(p.shape[0] for p in panels)
+    W = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (W, H + title_h), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for panel, title in zip(panels, titles):
+        canvas.paste(Image.fromarray(panel), (x, title_h))
+        draw.text((x + 1, 1), title, fill="black")
+        x += panel.shape[1] + gap
+    canvas.save(path, optimize=True)
+
+
+def stack_rows(paths, path, gap=6):
+    """Stack row images (already titled) vertically into one PNG, then delete the parts."""
+    parts = [Image.open(p) for p in paths]
+    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts) + gap * (len(parts) - 1)), "white")
+    y = 0
+    for p in parts:
+        canvas.paste(p, (0, y))
+        y += p.height + gap
+    canvas.save(path, optimize=True)
+    for p in paths:
+        Path(p).unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# (b), (c) Ablations: validation NLL and grids
+# ---------------------------------------------------------------------------------------------
+
+def load(run):
+    model, ckpt = load_run(str(run))
+    return model, load_vae(str(run)), ckpt
+
+
+def nll(model, run):
+    """train.validation_bits on the run's own held-out latents; also bits per image (N * C tokens)."""
+    _, modes, labels = held_out(run)
+    bits = train.validation_bits(model, modes, labels)
+    return {"bits_per_token": bits, "bits_per_image": bits * model.cfg.seq_len * model.cfg.channels,
+            "levels": model.cfg.levels, "head": model.cfg.head, "order": model.cfg.order,
+            "uniform_bits_per_token": math.log2(model.cfg.levels)}
+
+
+def reconstruction_panel(run, models, n=10):
+    """Rows: original, continuous, and one row per (name, model) quantizer; n held-out digits."""
+    images, modes, _ = held_out(run)
+    vae = load_vae(str(run))
+    pick = torch.linspace(0, len(images) - 1, n).long()                    # spread over classes
+    rows = [images[pick], train.decode(vae, modes[pick])]
+    rows += [train.decode(vae, train.quantized_copy(modes[pick], m.quantizer, m.cfg.levels)) for m in models]
+    grid = torch.stack(rows)                                                 # (R, n, 3, H, W)
+    R, K, _, H, W = grid.shape
+    return grid.permute(0, 3, 1, 4, 2).reshape(R * H, K * W, 3).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def part_quantization(args, out, results):
+    model, vae, _ = load(args.ar)
+    images, modes, _ = held_out(args.ar)
+    rows = quantization_sweep(model, vae, images, modes)
+    results["quantization"] = {"run": str(args.ar), "images": len(images), "rows": rows,
+                               "clipped_share": clipped_share(model, modes),
+                               "latent_std_range": model.quantizer.std_range}
+    rate_distortion_plot(rows, out / "rd_quantization.png")
+    for r in rows:
+        print(f"[quant] {r['levels']!s:>10}: PSNR {r['psnr']:.2f} dB, MSE {r['mse']:.5f}"
+              + (f", entropy {r['entropy_mean']:.3f}/{r['bits_per_channel']:.0f} bits" if "entropy_mean" in r else ""))
+
+
+def part_ablations(args, out, results, sampling):
+    """NLL of every run present, and side-by-side grids for each comparison."""
+    runs = {"ar_frequency_64": args.ar, "parallel": args.parallel,
+            "default_order": args.default_order, "levels16": args.levels16}
+    runs = {k: Path(v) for k, v in runs.items() if v and (Path(v) / "checkpoint.pt").is_file()}
+    models, panels = {}, {}
+    for name, run in runs.items():
+        model, vae, ckpt = load(run)
+        models[name] = model
+        results.setdefault("nll", {})[name] = {"run": str(run), "step": ckpt["step"], **nll(model, run)}
+        panels[name] = sample_panel(model, vae, per_class=args.per_class, seed=args.seed, **sampling)
+        print(f"[nll] {name}: {results['nll'][name]['bits_per_token']:.4f} bits/token, "
+              f"{results['nll'][name]['bits_per_image']:.1f} bits/image (step {ckpt['step']})")
+    label = {"ar_frequency_64": "AR head, freq. order, 64", "parallel": "parallel head",
+             "default_order": "default order", "levels16": "16 levels"}
+    for pair, path in ((("ar_frequency_64", "parallel"), "ablation_head.png"),
+                       (("ar_frequency_64", "default_order"), "ablation_order.png"),
+                       (("ar_frequency_64", "levels16"), "ablation_levels_samples.png")):
+        if all(p in panels for p in pair):
+            titled_row([panels[p] for p in pair], [label[p] for p in pair], out / path)
+    if "levels16" in models:
+        recon = reconstruction_panel(args.ar, [models["ar_frequency_64"], models["levels16"]])
+        titled_row([recon], ["rows: original / continuous / 64 levels / 16 levels"],
+                   out / "ablation_levels_reconstruction.png")
+    return models
+
+
+def part_controls(args, out, results, model, vae):
+    """cfg x temperature for one model and one seed, then random vs confidence order."""
+    rows = []
+    for t in CONTROLS_TEMPERATURE:
+        panels = [sample_panel(model, vae, per_class=args.per_class, seed=args.seed, num_iter=args.num_iter,
+                               cfg=c, temperature=t) for c in CONTROLS_CFG]
+        rows.append(out / f"_controls_t{t}.png")
+        titled_row(panels, [f"cfg {c:g}, temp {t:g}" for c in CONTROLS_CFG], rows[-1])
+    stack_rows(rows, out / "controls_cfg_temperature.png")
+    base = dict(num_iter=args.num_iter, cfg=args.order_cfg, temperature=args.order_temperature)
+    panels = [sample_panel(model, vae, per_class=args.per_class, seed=args.seed, position_order=o, **base)
+              for o in ("random", "confidence")]
+    titled_row(panels, [f"{o} order (cfg {args.order_cfg:g}, temp {args.order_temperature:g})"
+                        for o in ("random", "confidence")], out / "controls_order.png")
+    results["controls"] = {"run": str(args.ar), "seed": args.seed, "num_iter": args.num_iter,
+                           "cfg": list(CONTROLS_CFG), "temperature": list(CONTROLS_TEMPERATURE),
+                           "order_cfg": args.order_cfg, "order_temperature": args.order_temperature}
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, started = {"seed": args.seed}, time.time()
+    parts = set(args.parts.split(","))
+    sampling = dict(num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature)
+    results["sampling"] = sampling
+    if "quant" in parts:
+        part_quantization(args, out, results)
+    if "ablations" in parts:
+        part_ablations(args, out, results, sampling)
+    if "controls" in parts:
+        model, vae, _ = load(args.ar)
+        part_controls(args, out, results, model, vae)
+    results["wall_s"] = round(time.time() - started, 1)
+    path = out / args.json
+    if path.is_file():  # keep the parts this call did not redo
+        old = json.loads(path.read_text())
+        results = {**old, **results}
+    train.write_json(results, path)
+    print(f"wrote {path} and figures in {out} ({results['wall_s']} s)")
+    return results
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ar", default="runs/final2", help="the default run: AR head, frequency order, 64 levels")
+    p.add_argument("--parallel", default="runs/parallel", help="same, --head parallel")
+    p.add_argument("--default-order", default="runs/default-order", help="same, --order default")
+    p.add_argument("--levels16", default="runs/levels16", help="same, --levels 16")
+    p.add_argument("--out", default="docs", help="folder for the PNGs and the JSON")
+    p.add_argument("--json", default="results.json", help="file name of the numbers, inside --out")
+    p.add_argument("--parts", default="quant,ablations,controls", help="comma-separated subset to run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=int, default=5, help="samples per class in each grid")
+    p.add_argument("--num-iter", type=int, default=16, help="decoding steps (as train.py's grid)")
+    p.add_argument("--cfg", type=float, default=6.0, help="cfg of the ablation grids (as train.py's grid)")
+    p.add_argument("--temperature", type=float, default=0.6, help="temperature of the ablation grids")
+    p.add_argument("--order-cfg", type=float, default=2.0, help="cfg of the random vs confidence panels")
+    p.add_argument("--order-temperature", type=float, default=1.0, help="temperature of those panels")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
