@@ -128,6 +128,12 @@ def sample_panel(model, vae, per_class=5, seed=0, **sampling):
     return images.view(R, per_class, 3, H, W).permute(0, 3, 1, 4, 2).reshape(R * H, per_class * W, 3).numpy()
 
 
+def save_small(image, path):
+    """Digits are grey (the VAE's three output channels differ by a level or two): one channel
+    and PNG optimisation keep docs/ small."""
+    image.convert("L").save(path, optimize=True)
+
+
 def titled_row(panels, titles, path, gap=6, title_h=14):
     """Panels (H, W, 3) left to right on white, a title over each (Pillow's default font)."""
     H = max(p.shape[0] for p in panels)
@@ -138,18 +144,18 @@ def titled_row(panels, titles, path, gap=6, title_h=14):
         canvas.paste(Image.fromarray(panel), (x, title_h))
         draw.text((x + 1, 1), title, fill="black")
         x += panel.shape[1] + gap
-    canvas.save(path, optimize=True)
+    save_small(canvas, path)
 
 
 def stack_rows(paths, path, gap=6):
     """Stack row images (already titled) vertically into one PNG, then delete the parts."""
-    parts = [Image.open(p) for p in paths]
+    parts = [Image.open(p).convert("RGB") for p in paths]
     canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts) + gap * (len(parts) - 1)), "white")
     y = 0
     for p in parts:
         canvas.paste(p, (0, y))
         y += p.height + gap
-    canvas.save(path, optimize=True)
+    save_small(canvas, path)
     for p in paths:
         Path(p).unlink()
 
@@ -232,16 +238,15 @@ def part_controls(args, out, results, model, vae):
     """cfg x temperature for one model and one seed, then random vs confidence order."""
     rows = []
     for t in CONTROLS_TEMPERATURE:
-        panels = [sample_panel(model, vae, per_class=args.per_class, seed=args.seed, num_iter=args.num_iter,
+        panels = [sample_panel(model, vae, per_class=args.controls_per_class, seed=args.seed, num_iter=args.num_iter,
                                cfg=c, temperature=t) for c in CONTROLS_CFG]
         rows.append(out / f"_controls_t{t}.png")
         titled_row(panels, [f"cfg {c:g}, temp {t:g}" for c in CONTROLS_CFG], rows[-1])
     stack_rows(rows, out / "controls_cfg_temperature.png")
     base = dict(num_iter=args.num_iter, cfg=args.order_cfg, temperature=args.order_temperature)
-    panels = [sample_panel(model, vae, per_class=args.per_class, seed=args.seed, position_order=o, **base)
+    panels = [sample_panel(model, vae, per_class=args.controls_per_class, seed=args.seed, position_order=o, **base)
               for o in ("random", "confidence")]
-    titled_row(panels, [f"{o} order (cfg {args.order_cfg:g}, temp {args.order_temperature:g})"
-                        for o in ("random", "confidence")], out / "controls_order.png")
+    titled_row(panels, [f"{o} order" for o in ("random", "confidence")], out / "controls_order.png")
     results["controls"] = {"run": str(args.ar), "seed": args.seed, "num_iter": args.num_iter,
                            "cfg": list(CONTROLS_CFG), "temperature": list(CONTROLS_TEMPERATURE),
                            "order_cfg": args.order_cfg, "order_temperature": args.order_temperature}
@@ -286,6 +291,7 @@ def get_parser():
     p.add_argument("--parts", default="quant,ablations,controls", help="comma-separated subset to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=5, help="samples per class in each grid")
+    p.add_argument("--controls-per-class", type=int, default=4, help="samples per class in the controls grids")
     p.add_argument("--num-iter", type=int, default=16, help="decoding steps (as train.py's grid)")
     p.add_argument("--cfg", type=float, default=6.0, help="cfg of the ablation grids (as train.py's grid)")
     p.add_argument("--temperature", type=float, default=0.6, help="temperature of the ablation grids")
