@@ -90,6 +90,18 @@ def clipped_share(model, modes):
     return (u.abs() > model.quantizer.std_range).double().mean().item()
 
 
+def gaussianity(model, modes):
+    """Why the token entropy falls short of log2(levels): per-channel skewness, and the most
+    frequent 64-level bin's share in units of the Gaussian 1/64 (the black-background spike)."""
+    tokens = modes.flatten(2).transpose(1, 2)
+    u = ((tokens - model.quantizer.mean) / model.quantizer.std).reshape(-1, tokens.shape[-1])
+    q = model.quantizer
+    counts = torch.stack([torch.bincount(c, minlength=q.levels) for c in q.quantize(tokens).reshape(-1, q.channels).T])
+    top = counts.max(1).values.double() / counts.sum(1) * q.levels
+    return {"skewness": [round(x, 3) for x in (u ** 3).mean(0).tolist()],
+            "top_bin_share_x_levels": [round(x, 2) for x in top.tolist()], "levels": q.levels}
+
+
 def rate_distortion_plot(rows, path):
     """PSNR vs bits per channel, with the continuous PSNR as a dashed line (matplotlib, Agg:
     it comes with mlxtend, which the demo already needs)."""
@@ -200,6 +212,7 @@ def part_quantization(args, out, results):
     rows = quantization_sweep(model, vae, images, modes)
     results["quantization"] = {"run": str(args.ar), "images": len(images), "rows": rows,
                                "clipped_share": clipped_share(model, modes),
+                               "gaussianity": gaussianity(model, modes),
                                "latent_std_range": model.quantizer.std_range}
     rate_distortion_plot(rows, out / "rd_quantization.png")
     for r in rows:
