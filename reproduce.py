@@ -98,7 +98,8 @@ def gaussianity(model, modes):
     q = model.quantizer
     counts = torch.stack([torch.bincount(c, minlength=q.levels) for c in q.quantize(tokens).reshape(-1, q.channels).T])
     top = counts.max(1).values.double() / counts.sum(1) * q.levels
-    return {"skewness": [round(x, 3) for x in (u ** 3).mean(0).tolist()],
+    ends = (counts[:, 0] + counts[:, -1]).sum().item() / counts.sum().item()   # Gaussian: 2 / levels
+    return {"skewness": [round(x, 3) for x in (u ** 3).mean(0).tolist()], "end_bins_share": ends,
             "top_bin_share_x_levels": [round(x, 2) for x in top.tolist()], "levels": q.levels}
 
 
