@@ -214,6 +214,9 @@ def part_quantization(args, out, results):
     results["quantization"] = {"run": str(args.ar), "images": len(images), "rows": rows,
                                "clipped_share": clipped_share(model, modes),
                                "gaussianity": gaussianity(model, modes),
+                               # what the frequency order ranks (held-out latents; calibration uses the training ones)
+                               "low_frequency_share": [round(x, 3) for x in train.tb.low_frequency_share(modes).tolist()],
+                               "frequency_order": model.quantizer.order.tolist(),
                                "latent_std_range": model.quantizer.std_range}
     rate_distortion_plot(rows, out / "rd_quantization.png")
     for r in rows:
