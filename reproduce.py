@@ -13,6 +13,7 @@ Given finished run folders (train.py), writes figures and one JSON of numbers in
     python train.py --vae runs/final2/vae --head parallel --out runs/parallel
     python train.py --vae runs/final2/vae --order default --out runs/default-order
     python train.py --vae runs/final2/vae --levels 16 --out runs/levels16
+    python train.py --vae runs/final2/vae --seed 1 --out runs/seed1     # NLL noise between runs
     python reproduce.py --ar runs/final2 --parallel runs/parallel \\
         --default-order runs/default-order --levels16 runs/levels16 --out docs
 
@@ -178,6 +179,7 @@ def stack_rows(paths, path, gap=6):
 # ---------------------------------------------------------------------------------------------
 
 def load(run):
+    """(EMA model in eval mode, its VAE, the checkpoint dict) of a run folder, via export.py."""
     model, ckpt = load_run(str(run))
     return model, load_vae(str(run)), ckpt
 
@@ -227,14 +229,15 @@ def part_quantization(args, out, results):
 def part_ablations(args, out, results, sampling):
     """NLL of every run present, and side-by-side grids for each comparison."""
     runs = {"ar_frequency_64": args.ar, "parallel": args.parallel,
-            "default_order": args.default_order, "levels16": args.levels16}
+            "default_order": args.default_order, "levels16": args.levels16, "ar_seed1": args.seed_run}
     runs = {k: Path(v) for k, v in runs.items() if v and (Path(v) / "checkpoint.pt").is_file()}
     models, panels = {}, {}
     for name, run in runs.items():
         model, vae, ckpt = load(run)
         models[name] = model
         results.setdefault("nll", {})[name] = {"run": str(run), "step": ckpt["step"], **nll(model, run)}
-        panels[name] = sample_panel(model, vae, per_class=args.per_class, seed=args.seed, **sampling)
+        if name != "ar_seed1":  # the seed run only measures run-to-run NLL noise: no grid
+            panels[name] = sample_panel(model, vae, per_class=args.per_class, seed=args.seed, **sampling)
         print(f"[nll] {name}: {results['nll'][name]['bits_per_token']:.4f} bits/token, "
               f"{results['nll'][name]['bits_per_image']:.1f} bits/image (step {ckpt['step']})")
     label = {"ar_frequency_64": "AR head, freq. order, 64", "parallel": "parallel head",
@@ -303,6 +306,8 @@ def get_parser():
     p.add_argument("--parallel", default="runs/parallel", help="same, --head parallel")
     p.add_argument("--default-order", default="runs/default-order", help="same, --order default")
     p.add_argument("--levels16", default="runs/levels16", help="same, --levels 16")
+    p.add_argument("--seed-run", default="runs/seed1",
+                   help="the default run again with --seed 1: run-to-run noise of the NLL")
     p.add_argument("--out", default="docs", help="folder for the PNGs and the JSON")
     p.add_argument("--json", default="results.json", help="file name of the numbers, inside --out")
     p.add_argument("--parts", default="quant,ablations,controls", help="comma-separated subset to run")
