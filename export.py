@@ -33,7 +33,7 @@ import torch.nn as nn
 
 import tokenbridge as tb
 from sample import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, HEAD_FILE, HEAD_INPUTS,
-                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, make_session)
+                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session)
 
 OPSET = 17
 
@@ -72,14 +72,6 @@ def load_vae(run, device="cpu"):
         return None
     from diffusers import AutoencoderKL
     return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).to(device).eval()
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- export wrappers: thin shells around tokenbridge.py, in the order the loop calls them -----

@@ -14,6 +14,7 @@ step names its twin. On GPU, the channel loop keeps the KV cache, tokens, unifor
 the device with IOBinding, so nothing crosses to the host between channel steps.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,15 @@ def make_session(path, device="auto", threads=0):
     session = ort.InferenceSession(path, options, providers=providers)
     # get_providers(), not get_available_providers(): the latter lists CUDA even without its libraries
     return session, "CUDAExecutionProvider" in session.get_providers()
+
+
+def file_sha256(path):
+    """The checkpoint file's identity, computable without torch (export.py records it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def mask_schedule(seq_len, num_iter):
@@ -106,14 +116,10 @@ class OnnxSampler:
 
     def _check_checkpoint(self, checkpoint):
         """The run's checkpoint must be the one the graphs came from (file hash: no torch here)."""
-        import hashlib
-        h = hashlib.sha256()
-        with open(checkpoint, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != self.meta["checkpoint_sha256"]:
+        digest = file_sha256(checkpoint)
+        if digest != self.meta["checkpoint_sha256"]:
             raise ValueError(f"the ONNX graphs were exported from another checkpoint than {checkpoint} "
-                             f"(sha256 {h.hexdigest()[:12]} != {self.meta['checkpoint_sha256'][:12]}); re-run export.py")
+                             f"(sha256 {digest[:12]} != {self.meta['checkpoint_sha256'][:12]}); re-run export.py")
 
     # --- the pieces of TokenBridge the loop needs, in numpy ------------------------------------
 
