@@ -14,7 +14,10 @@ step names its twin. On GPU, the channel loop keeps the KV cache, tokens, unifor
 the device with IOBinding, so nothing crosses to the host between channel steps.
 """
 import argparse
+import contextlib
+import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -48,10 +51,22 @@ def make_session(path, device="auto", threads=0):
     options.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        _preload_cuda_libraries()
+        # ORT's CUDA provider uses TF32 by default (fp32 matmuls at 10 mantissa bits); PyTorch does
+        # not, and that much rounding changes sampled tokens, so the fp32 graphs run in fp32
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
     session = ort.InferenceSession(path, options, providers=providers)
     # get_providers(), not get_available_providers(): the latter lists CUDA even without its libraries
     return session, "CUDAExecutionProvider" in session.get_providers()
+
+
+@functools.cache
+def _preload_cuda_libraries():
+    """Load CUDA/cuDNN from the nvidia-* pip packages (as installed beside torch), which the CUDA
+    provider does not search itself. Silent: when they are missing, the caller's one line says so."""
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            ort.preload_dlls()
 
 
 def file_sha256(path):
@@ -306,14 +321,17 @@ def sample_torch(args, labels_for):
 
 # --- benchmark (issue 2 + issue 4) -----------------------------------------------------------
 
-def _best_seconds(fn, repeats):
+def _best_seconds(fn, repeats, sync=lambda: None):
     """Best of `repeats` after a warm-up (allocator, thread pools, ORT's first run): other jobs on
-    a shared machine only ever add time, so the minimum is the least disturbed figure."""
+    a shared machine only ever add time, so the minimum is the least disturbed figure. sync waits
+    for queued GPU work, so a timing ends when the work does, not when it was launched."""
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -328,35 +346,39 @@ def benchmark(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cfg = tb.TokenBridgeConfig.preset(args.preset)
     model = tb.TokenBridge(cfg).eval()
+    state = model.state_dict()
+    model.to(device)
     head, C = model.head, cfg.channels
     images, steps = 16, 16
     rows = images * cfg.seq_len // steps  # positions decoded per step, on average, in the run below
-    cond = torch.randn(rows, cfg.head_width)
+    cond = torch.randn(rows, cfg.head_width, device=device)
 
     @torch.no_grad()
     def cached():  # the step path _sample_channels uses: one slot through the blocks per channel
-        cache, token = head.empty_cache(rows), torch.zeros(rows, dtype=torch.long)
+        cache, token = head.empty_cache(rows, device), torch.zeros(rows, dtype=torch.long, device=device)
         for t in range(C):
-            logits, cache = head.step(cond, token, torch.tensor(t), cache)
+            logits, cache = head.step(cond, token, torch.tensor(t, device=device), cache)
             token = logits.argmax(-1)
 
     @torch.no_grad()
     def recompute():  # the official code: the whole prefix again for every channel
-        tokens = torch.zeros(rows, 0, dtype=torch.long)
+        tokens = torch.zeros(rows, 0, dtype=torch.long, device=device)
         for t in range(C):
             logits = head(cond, tokens)[:, -1]
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
 
-    cached_s, recompute_s = _best_seconds(cached, 5), _best_seconds(recompute, 5)
+    cached_s, recompute_s = _best_seconds(cached, 5, sync), _best_seconds(recompute, 5, sync)
     labels = np.arange(images) % cfg.num_classes
     kwargs = dict(num_iter=steps, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
                   cfg_mode=args.cfg_mode, position_order=args.order)
     result = {}
-    torch_s = _best_seconds(lambda: result.__setitem__("torch", model.sample_tokens(labels, **kwargs)), 3)
+    torch_s = _best_seconds(lambda: result.__setitem__("torch", model.sample_tokens(labels, **kwargs).cpu()), 3)
     with tempfile.TemporaryDirectory() as run:
-        torch.save({"config": cfg.to_dict(), "model": model.state_dict()}, os.path.join(run, "checkpoint.pt"))
+        torch.save({"config": cfg.to_dict(), "model": state}, os.path.join(run, "checkpoint.pt"))
         export(run, verbose=False)
         sampler = OnnxSampler(os.path.join(run, "onnx"), args.device, threads=args.threads)
         onnx_s = _best_seconds(lambda: result.__setitem__("onnx", sampler.sample_tokens(labels, **kwargs)), 3)
@@ -369,7 +391,7 @@ def benchmark(args):
         "torch_images_per_s": round(images / torch_s, 2),
         "onnx_images_per_s": round(images / onnx_s, 2),
         "onnx_speedup": round(torch_s / onnx_s, 2),
-        "onnx_provider": "cuda" if sampler.on_cuda else "cpu",
+        "torch_device": device, "onnx_provider": "cuda" if sampler.on_cuda else "cpu",
         "tokens_equal": bool((result["torch"].numpy() == result["onnx"]).all()),
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],

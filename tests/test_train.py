@@ -72,7 +72,7 @@ def run_args(run_dir, data, vae, *extra):
         ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
          "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "6",
          "--warmup", "2", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
-         *extra])
+         "--device", "cpu", *extra])
 
 
 @pytest.fixture
@@ -242,7 +242,8 @@ def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
     train.main(run_args(tmp_path / "halves", fake_data, vae_dir, "--stop-after", "3"))
     half = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
     assert half["step"] == 3
-    train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "halves"), "--threads", "1"]))
+    train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "halves"), "--threads", "1",
+                                                   "--device", "cpu"]))
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
     assert b["step"] == 6
@@ -334,7 +335,8 @@ def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
     def argv(run):
         return ["--data", str(fake_data), "--vae", str(vae_dir), "--out", str(run), "--image-size", "16",
                 "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "2",
-                "--save-every", "2", "--num-iter", "2", "--threads", "1", "--head-positions", "4"]
+                "--save-every", "2", "--num-iter", "2", "--threads", "1", "--head-positions", "4",
+                "--device", "cpu"]
     script = tmp_path / "ddp_main.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), cfg=SMALL_CFG, argv=argv(tmp_path / "ddp")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
