@@ -5,7 +5,8 @@
 
 Writes three graphs and one JSON (DESIGN.md §3, issue 4):
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
-                     = TokenBridge.condition: the masked, fixed-shape backbone path + head.project
+                     = TokenBridge.condition: backbone + head.project; fixed-shape inputs, the
+                     known positions gathered inside (every image has as many masked: NonZero)
   head_step.onnx     one channel of the AR head with its fixed-size KV cache, the logit-level CFG
                      mix and the inverse-CDF sampler inside (head.step + sample_from_logits), so a
                      whole channel loop can stay on the device
@@ -134,8 +135,8 @@ class VAEDecoderGraph(nn.Module):
 def backbone_inputs(cfg, batch, dtype, gen):
     N, C = cfg.seq_len, cfg.channels
     values = torch.randn(batch, N, C, generator=gen).to(dtype)
-    mask = torch.rand(batch, N, generator=gen) < 0.6
-    mask[:, 0] = True
+    masked = int(torch.randint(1, N, (), generator=gen))     # as in sampling: as many in every image
+    mask = torch.rand(batch, N, generator=gen).argsort(-1) < masked
     labels = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)   # incl. the null class
     labels[-1] = cfg.num_classes
     return values, mask, labels

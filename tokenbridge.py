@@ -297,8 +297,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, mlp_ratio, dropout)
 
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -344,9 +344,10 @@ class FinalLayer(nn.Module):
 class Backbone(nn.Module):
     """Known positions (dequantized tokens) + class -> a feature z for every position.
 
-    Two equivalent ways to hide the unknown positions from the encoder: `drop_masked=True`
-    gathers only the visible ones (fast, training), `drop_masked=False` keeps the fixed sequence
-    and gives masked keys no attention (no data-dependent shapes: sampling and ONNX).
+    As in MAR, in training and in sampling alike, the encoder sees only the class buffer and the
+    known positions; the decoder sees every position, unknown ones as the mask token. Every image
+    of a batch must have as many unknown positions (MAR's masks and the sampler's do), so the
+    known ones gather into a (B, V, D) batch; ONNX keeps that gather (NonZero) in the graph.
     """
 
     def __init__(self, cfg):
@@ -375,32 +376,28 @@ class Backbone(nn.Module):
         known = self.class_emb(labels.clamp(max=self.num_classes - 1))
         return torch.where((labels == self.num_classes).unsqueeze(-1), self.fake_latent, known)
 
-    def _run(self, blocks, x, mask):
+    def _run(self, blocks, x):
         for block in blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, mask)
+                x = block(x)
         return x
 
-    def forward(self, values, mask, labels, drop_masked=False):
+    def forward(self, values, mask, labels):
         """values (B, N, C) dequantized tokens, mask (B, N) bool True = unknown, labels (B,)."""
-        B = values.shape[0]
+        B, L = values.shape[0], self.buffer_size + mask.shape[1]
+        if not torch.jit.is_tracing() and (mask.sum(1) != mask[0].sum()).any():
+            raise ValueError("every image needs the same number of masked positions "
+                             f"(got {mask.sum(1).tolist()}); draw masks as TokenBridge.random_mask does")
         x = self.z_proj(values)                                                        # (B, N, De)
         buffer = self.class_embedding(labels).unsqueeze(1).expand(-1, self.buffer_size, -1)
         x = self.z_proj_ln(torch.cat([buffer, x], dim=1) + self.encoder_pos_embed)     # (B, S+N, De)
-        visible = F.pad(~mask, (self.buffer_size, 0), value=True)                      # (B, S+N)
-        if drop_masked:  # every image has the same number of masked positions
-            x = self._run(self.encoder_blocks, x[visible].view(B, -1, x.shape[-1]), None)  # (B, V, De)
-        else:            # buffer slots are never masked, so no attention row is empty
-            x = self._run(self.encoder_blocks, x, visible[:, None, None, :])          # (B, S+N, De)
-        x = self.decoder_embed(self.encoder_norm(x))
-        mask_tokens = self.mask_token.to(x.dtype).expand(B, visible.shape[1], -1)
-        if drop_masked:
-            x = mask_tokens.masked_scatter(visible.unsqueeze(-1), x)                   # (B, S+N, Dd)
-        else:
-            x = torch.where(visible.unsqueeze(-1), x, mask_tokens)
-        x = self._run(self.decoder_blocks, x + self.decoder_pos_embed, None)
+        keep = F.pad(~mask, (self.buffer_size, 0), value=True).nonzero(as_tuple=True)  # B*V (image, slot)
+        x = self._run(self.encoder_blocks, x[keep].view(B, -1, x.shape[-1]))           # (B, V, De)
+        x = self.decoder_embed(self.encoder_norm(x)).flatten(0, 1)                     # (B*V, Dd)
+        x = self.mask_token.to(x.dtype).repeat(B, L, 1).index_put(keep, x)             # (B, S+N, Dd)
+        x = self._run(self.decoder_blocks, x + self.decoder_pos_embed)
         x = self.decoder_norm(x)[:, self.buffer_size:]
         return x + self.output_pos_embed                                               # (B, N, Dd)
 
@@ -607,7 +604,7 @@ class TokenBridge(nn.Module):
         """
         tokens = self.patchify(latents)
         indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
-        z = self.backbone(self.quantizer.dequantize(indices), mask, labels, drop_masked=True)
+        z = self.backbone(self.quantizer.dequantize(indices), mask, labels)
         if 0 < head_positions < self.cfg.seq_len:
             score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
             mask = mask & torch.zeros_like(mask).scatter_(1, score.topk(head_positions, dim=-1).indices, True)

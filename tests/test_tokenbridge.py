@@ -135,19 +135,45 @@ def test_config_round_trips_through_a_plain_dict():
 
 # --- 4-5. backbone -----------------------------------------------------------------------------
 
-def test_drop_path_equals_mask_path():
+def naive_backbone(backbone, values, mask, labels):
+    """Image by image, with plain boolean indexing: the reference for the batched gather/scatter."""
+    S, out = backbone.buffer_size, []
+    for v, m, label in zip(values, mask, labels):
+        buffer = backbone.class_embedding(label[None]).expand(S, -1)
+        x = backbone.z_proj_ln(torch.cat([buffer, backbone.z_proj(v)]) + backbone.encoder_pos_embed[0])
+        visible = torch.cat([torch.ones(S, dtype=torch.bool), ~m])
+        h = x[visible][None]
+        for block in backbone.encoder_blocks:
+            h = block(h)
+        d = backbone.mask_token[0].repeat(len(visible), 1)
+        d[visible] = backbone.decoder_embed(backbone.encoder_norm(h))[0]
+        d = d[None] + backbone.decoder_pos_embed
+        for block in backbone.decoder_blocks:
+            d = block(d)
+        out.append(backbone.decoder_norm(d)[0, S:] + backbone.output_pos_embed[0])
+    return torch.stack(out)
+
+
+def test_backbone_batched_gather_equals_image_by_image():
     model = perturb_(tiny())
     values = torch.randn(3, 64, 16)
     mask = torch.rand(3, 64).argsort(-1) < 40                        # 40 masked in every image
     labels = torch.tensor([1, 10, 4])                                # 10 = the null class
-    dropped = model.backbone(values, mask, labels, drop_masked=True)
-    masked = model.backbone(values, mask, labels, drop_masked=False)
-    torch.testing.assert_close(dropped, masked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.backbone(values, mask, labels),
+                               naive_backbone(model.backbone, values, mask, labels), atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_refuses_unequal_mask_counts():
+    model = tiny()
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, :5] = True
+    with pytest.raises(ValueError, match="same number of masked positions"):
+        model.backbone(torch.randn(2, 64, 16), mask, torch.tensor([0, 1]))
 
 
 def test_masked_positions_carry_no_information():
     model = perturb_(tiny())
-    values, mask = torch.randn(2, 64, 16), torch.rand(2, 64) < 0.5
+    values, mask = torch.randn(2, 64, 16), torch.rand(2, 64).argsort(-1) < 32
     other = torch.where(mask.unsqueeze(-1), torch.randn(2, 64, 16), values)
     labels = torch.tensor([0, 1])
     torch.testing.assert_close(model.backbone(values, mask, labels), model.backbone(other, mask, labels))
