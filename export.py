@@ -2,6 +2,7 @@
 
     python export.py --run runs/demo                 # -> runs/demo/onnx/
     python export.py --run runs/demo --fp16          # half-precision graphs, for GPU
+    python export.py --run runs/demo --int8          # int8 matmuls in backbone and head, for CPU
 
 Writes three graphs and one JSON (DESIGN.md §3, issue 4):
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
@@ -22,8 +23,11 @@ whose shapes never depend on data. The tracer with `dynamic_axes` gives the same
 seconds, and the graphs are validated against PyTorch either way.
 """
 import argparse
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import warnings
 
@@ -175,14 +179,39 @@ def _toposort(model):
     return model
 
 
-def _export(module, example, path, inputs, outputs, dynamic_axes, meta, fp16):
+# What each --precision does to the traced fp32 graphs, and how close to fp32 PyTorch they must
+# stay: max |difference| (relative to each output's scale unless fp32), share of sampled tokens
+# that may flip at near-ties of the CDF (more than that is a bug, not rounding).
+PRECISIONS = {"fp32": dict(tolerance=1e-4, token_flips=0.01),
+              "fp16": dict(tolerance=5e-2, token_flips=0.1),
+              "int8": dict(tolerance=1e-1, token_flips=0.1)}
+
+
+def _quantize_int8(path):
+    """ORT's dynamic quantization: int8 weights (per output channel), activations quantized on the
+    fly, MatMuls only. On CPUs with VNNI these run at several times the fp32 rate; LayerNorm,
+    softmax and the sampler stay fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the tool's advice on pre-processing is for static quantization
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and it prints shape-inference chatter
+            quantize_dynamic(path, path, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"])
+    finally:
+        root.setLevel(level)
+
+
+def _export(module, example, path, inputs, outputs, dynamic_axes, meta, precision):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes: the checks below decide
         torch.onnx.export(module, example, path, input_names=list(inputs), output_names=list(outputs),
                           dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
+    if precision == "int8":
+        _quantize_int8(path)
     graph = onnx.load(path)
-    if fp16:
+    if precision == "fp16":
         # Tracing a half model on CPU leaves fp32/fp16 mixes (LayerNorm upcasts) that the checker
         # rejects; ORT's own converter rewrites the fp32 graph instead. keep_io_types: inputs and
         # outputs stay fp32 (cast at the edges), so the loop and the sampler's uniforms do not change.
@@ -194,55 +223,62 @@ def _export(module, example, path, inputs, outputs, dynamic_axes, meta, fp16):
     onnx.checker.check_model(path, full_check=True)
 
 
-def _max_diff(module, examples, path, inputs, outputs, fp16):
-    """Largest |torch - onnxruntime| over the float outputs of all example sets, and the share of
-    integer outputs (sampled tokens) that differ. fp16 graphs are compared with the fp32 model,
-    relative to each output's scale."""
+def _max_diff(module, examples, path, inputs, outputs, relative):
+    """Largest |torch - onnxruntime| over the float outputs of all example sets (relative: to each
+    output's scale), and the share of integer outputs (sampled tokens) that differ."""
     reference = module
     session = make_session(path, "cpu")[0]
     worst, mismatched, total = 0.0, 0, 0
     for example in examples:
         with torch.no_grad():
             want = reference(*(x.float() if x.is_floating_point() else x for x in example))
-        want = want if isinstance(want, tuple) else (want,)
+        want = [w.numpy() for w in (want if isinstance(want, tuple) else (want,))]
         got = session.run(list(outputs), {name: x.numpy() for name, x in zip(inputs, example)})
-        for w, g in zip(want, got):
-            if w.is_floating_point():
-                diff = float(np.abs(w.numpy() - g.astype(np.float32)).max())
-                worst = max(worst, diff / (1.0 + float(w.abs().max())) if fp16 else diff)
+        kept = True  # rows of the head whose sampled tokens agree
+        if "tokens_out" in outputs:
+            i = outputs.index("tokens_out")
+            kept = (want[i] == got[i]).all(-1)
+        for name, w, g in zip(outputs, want, got):
+            if name == "score_out":  # where a token flipped, this is another token's log-probability
+                w, g = w[kept], g[kept]
+            if np.issubdtype(w.dtype, np.floating):
+                diff = float(np.abs(w - g.astype(np.float32)).max(initial=0.0))
+                worst = max(worst, diff / (1.0 + float(np.abs(w).max(initial=0.0))) if relative else diff)
             else:
-                mismatched += int((w.numpy() != g).sum())
+                mismatched += int((w != g).sum())
                 total += g.size
     return worst, mismatched / max(total, 1)
 
 
-def export(run, out=None, fp16=False, tolerance=None, verbose=True):
-    """Export RUN to OUT (default RUN/onnx). Returns the metadata dict written to the JSON."""
+def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
+    """Export RUN to OUT (default RUN/onnx) at a precision of PRECISIONS (the VAE decoder stays
+    fp32 under int8). Returns the metadata dict written to the JSON."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = out or os.path.join(run, "onnx")
     os.makedirs(out, exist_ok=True)
     model, ckpt = load_run(run)
     vae = load_vae(run)
     cfg = model.cfg
-    dtype = torch.float32  # --fp16 converts the traced fp32 graphs (see _export)
-    tolerance = tolerance or (5e-2 if fp16 else 1e-4)
+    dtype = torch.float32  # --fp16 / --int8 convert the traced fp32 graphs (see _export)
+    limits = {**PRECISIONS[precision], **({"tolerance": tolerance} if tolerance else {})}
     say = print if verbose else (lambda *a: None)
     fp = fingerprint(model)
     meta = {"fingerprint": fp}
     gen = torch.Generator().manual_seed(0)
     report = {}
 
-    def run_export(name, module, examples, inputs, outputs, axes):
+    def run_export(name, module, examples, inputs, outputs, axes, graph_precision=precision):
         path = os.path.join(out, name)
         tmp = path + ".tmp"  # a graph that failed its check never sits under the real name
-        _export(module, examples[0], tmp, inputs, outputs, axes, meta, fp16)
-        diff, wrong = _max_diff(module, examples, tmp, inputs, outputs, fp16)
-        say(f"{name}: onnx.checker ok, max |torch - onnxruntime| = {diff:.2e}"
-            + (f" (relative)" if fp16 else "") + (f", {wrong:.1%} of sampled tokens differ" if wrong else ""))
-        # a sampled token may flip at a near-tie of the CDF and a uniform (more often in fp16);
-        # more than that is a bug
-        if diff > tolerance or wrong > (0.1 if fp16 else 0.01):
+        _export(module, examples[0], tmp, inputs, outputs, axes, meta, graph_precision)
+        relative = graph_precision != "fp32"
+        diff, wrong = _max_diff(module, examples, tmp, inputs, outputs, relative)
+        say(f"{name}: onnx.checker ok, {graph_precision}, max |torch - onnxruntime| = {diff:.2e}"
+            + (" (relative)" if relative else "") + (f", {wrong:.1%} of sampled tokens differ" if wrong else ""))
+        if diff > limits["tolerance"] or wrong > limits["token_flips"]:
             os.remove(tmp)
-            raise ValueError(f"{name} differs from PyTorch by {diff:.2e} (tolerance {tolerance:.0e}, "
+            raise ValueError(f"{name} differs from PyTorch by {diff:.2e} (tolerance {limits['tolerance']:.0e}, "
                              f"{wrong:.1%} of tokens differ); not exported")
         os.replace(tmp, path)
         report[name] = diff
@@ -268,7 +304,8 @@ def export(run, out=None, fp16=False, tolerance=None, verbose=True):
         g = cfg.grid
         examples = [(torch.randn(b, cfg.channels, g, g, generator=gen).to(dtype),) for b in (2, 1)]
         run_export(VAE_FILE, module, examples, VAE_INPUTS, VAE_OUTPUTS,
-                   {"latents": {0: "batch"}, "image": {0: "batch"}})
+                   {"latents": {0: "batch"}, "image": {0: "batch"}},
+                   "fp32" if precision == "int8" else precision)  # convolutions: no int8 gain here
     else:
         say("no VAE in the run (RUN/vae): vae_decoder.onnx not written")
 
@@ -278,7 +315,7 @@ def export(run, out=None, fp16=False, tolerance=None, verbose=True):
         "checkpoint_sha256": file_sha256(os.path.join(run, "checkpoint.pt")),
         "config": cfg.to_dict(),
         "dtype": "float32",   # of the graphs' inputs and outputs
-        "compute": "float16" if fp16 else "float32",
+        "precision": precision,
         "weights": "ema" if ckpt.get("ema") is not None else "model",
         "quantizer": {"centers": q.centers.tolist(), "mean": q.mean.tolist(), "std": q.std.tolist(),
                       "order": q.order.tolist()},
@@ -303,7 +340,7 @@ def main(args):
         args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
     if not args.run:
         raise ValueError("give --run RUN (a folder with checkpoint.pt) or --official CHECKPOINT.pth")
-    export(args.run, args.out, fp16=args.fp16)
+    export(args.run, args.out, precision=args.precision)
 
 
 def get_parser():
@@ -314,7 +351,11 @@ def get_parser():
     p.add_argument("--preset", choices=sorted(tb.PRESETS), default="large", help="size of the --official checkpoint")
     p.add_argument("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")
     p.add_argument("--out", default=None, help="output folder (default RUN/onnx)")
-    p.add_argument("--fp16", action="store_true", help="half-precision graphs (for GPU; checked against fp32 PyTorch)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default="fp32",
+                           help="half-precision graphs (for GPU; checked against fp32 PyTorch)")
+    precision.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                           help="int8 matmuls in the backbone and head (for CPU; checked against fp32 PyTorch)")
     return p
 
 

@@ -321,19 +321,23 @@ def sample_torch(args, labels_for):
 
 # --- benchmark (issue 2 + issue 4) -----------------------------------------------------------
 
-def _best_seconds(fn, repeats, sync=lambda: None):
-    """Best of `repeats` after a warm-up (allocator, thread pools, ORT's first run): other jobs on
-    a shared machine only ever add time, so the minimum is the least disturbed figure. sync waits
-    for queued GPU work, so a timing ends when the work does, not when it was launched."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+def _best_seconds(fns, repeats, sync=lambda: None):
+    """{name: function} -> {name: best seconds of `repeats`}, after a warm-up each (allocator,
+    thread pools, ORT's first run). The rounds interleave the functions, so a burst of load on a
+    shared machine hits them alike; it only ever adds time, so the minimum is the least disturbed
+    figure. sync waits for queued GPU work, so a timing ends when the work does."""
+    best = {}
+    for name, fn in fns.items():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        best[name] = math.inf
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def benchmark(args):
@@ -371,28 +375,34 @@ def benchmark(args):
             logits = head(cond, tokens)[:, -1]
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
 
-    cached_s, recompute_s = _best_seconds(cached, 5, sync), _best_seconds(recompute, 5, sync)
+    head_s = _best_seconds({"cached": cached, "recompute": recompute}, 5, sync)
     labels = np.arange(images) % cfg.num_classes
     kwargs = dict(num_iter=steps, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
                   cfg_mode=args.cfg_mode, position_order=args.order)
     result = {}
-    torch_s = _best_seconds(lambda: result.__setitem__("torch", model.sample_tokens(labels, **kwargs).cpu()), 3)
     with tempfile.TemporaryDirectory() as run:
         torch.save({"config": cfg.to_dict(), "model": state}, os.path.join(run, "checkpoint.pt"))
-        export(run, verbose=False)
-        sampler = OnnxSampler(os.path.join(run, "onnx"), args.device, threads=args.threads)
-        onnx_s = _best_seconds(lambda: result.__setitem__("onnx", sampler.sample_tokens(labels, **kwargs)), 3)
+        runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy()}
+        precisions = ("fp32", "int8") if device == "cpu" else ("fp32",)  # int8 matmuls are CPU kernels
+        for precision in precisions:
+            graphs = os.path.join(run, precision)
+            export(run, graphs, precision=precision, verbose=False)
+            sampler = OnnxSampler(graphs, args.device, threads=args.threads)
+            runtimes["onnx" if precision == "fp32" else "onnx_int8"] = functools.partial(sampler.sample_tokens, labels, **kwargs)
+        seconds = _best_seconds({k: (lambda k=k, fn=fn: result.__setitem__(k, fn())) for k, fn in runtimes.items()}, 3, sync)
+    figures = {f"{k}_images_per_s": round(images / v, 2) for k, v in seconds.items()}
+    figures.update({f"{k}_speedup": round(seconds["torch"] / v, 2) for k, v in seconds.items() if k != "torch"})
     print(json.dumps({
         "preset": args.preset, "images": images, "num_iter": steps, "cfg": args.cfg, "order": args.order,
         "head_rows": rows,
-        "head_cached_ms_per_position": round(cached_s * 1e3 / rows, 4),
-        "head_recompute_ms_per_position": round(recompute_s * 1e3 / rows, 4),
-        "head_speedup": round(recompute_s / cached_s, 2),
-        "torch_images_per_s": round(images / torch_s, 2),
-        "onnx_images_per_s": round(images / onnx_s, 2),
-        "onnx_speedup": round(torch_s / onnx_s, 2),
+        "head_cached_ms_per_position": round(head_s["cached"] * 1e3 / rows, 4),
+        "head_recompute_ms_per_position": round(head_s["recompute"] * 1e3 / rows, 4),
+        "head_speedup": round(head_s["recompute"] / head_s["cached"], 2),
+        **figures,
         "torch_device": device, "onnx_provider": "cuda" if sampler.on_cuda else "cpu",
-        "tokens_equal": bool((result["torch"].numpy() == result["onnx"]).all()),
+        "tokens_equal": bool((result["torch"] == result["onnx"]).all()),
+        **({"int8_tokens_differing": round(float((result["torch"] != result["onnx_int8"]).mean()), 3)}
+           if "onnx_int8" in result else {}),
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }))

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -274,6 +275,22 @@ def test_export_refuses_a_graph_that_differs_from_torch(run, tmp_path):
     with pytest.raises(ValueError, match="backbone.onnx differs from PyTorch"):
         export.export(run.path, str(out), tolerance=1e-12, verbose=False)
     assert not (out / sample.BACKBONE_FILE).exists()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_graphs_are_checked_and_sample(run, tmp_path, precision):
+    """--fp16 / --int8: checked against fp32 PyTorch within their own tolerance, recorded in the
+    JSON, and the loop samples with them. int8 quantizes the backbone's and head's matmuls only."""
+    out = tmp_path / precision
+    info = export.export(run.path, str(out), precision=precision, verbose=False)
+    assert info["precision"] == precision
+    assert 0 < max(info["max_abs_diff"].values()) <= export.PRECISIONS[precision]["tolerance"]
+    int8_ops = {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}
+    for name, quantized in ((sample.BACKBONE_FILE, True), (sample.HEAD_FILE, True), (sample.VAE_FILE, False)):
+        ops = {node.op_type for node in onnx.load(str(out / name)).graph.node}
+        assert bool(ops & int8_ops) == (quantized and precision == "int8"), name
+    tokens = sample.OnnxSampler(str(out), "cpu").sample_tokens(LABELS, num_iter=4, seed=0)
+    assert tokens.shape == (3, 64, 16) and 0 <= tokens.min() and tokens.max() < 64
 
 
 # --- CUDA (skipped without it) ------------------------------------------------------------------
