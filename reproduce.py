@@ -41,15 +41,19 @@ CONTROLS_CFG, CONTROLS_TEMPERATURE = (1.0, 2.0, 4.0), (0.7, 1.0)
 # ---------------------------------------------------------------------------------------------
 
 def held_out(run, val_size=500):
-    """(uint8 images, posterior modes, labels) of train.py's validation split, from RUN/latents.pt.
+    """(uint8 images, posterior modes, labels) of train.py's validation split, from the run's
+    latent cache (RUN/latents.npy, memory-mapped: only these rows are read).
 
     The split depends only on the number of images (fixed seed), so every run on the digits
     holds out the same 500 images; the cache saves re-encoding them.
     """
     images, labels, _ = train.load_digits()
     _, val_idx = train.split_validation(len(images), val_size)
-    cache = torch.load(Path(run) / "latents.pt", weights_only=True)
-    return images[val_idx], cache["mean"][0, val_idx], cache["labels"][val_idx]
+    cache = train.open_cache(run)
+    if cache is None:
+        raise SystemExit(f"reproduce.py: error: {run} has no complete latent cache (latents.npy + "
+                         "latents.meta.pt); run train.py there first")
+    return images[val_idx], cache.read(val_idx, 0, moment=0), cache.labels[val_idx]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,18 +7,26 @@
     python train.py --benchmark                       # training step time, bench-s preset
 
 The pipeline, one stage per section below (TokenBridge, arXiv 2503.16430):
-  1. data         ImageNet-style folder (ADM centre crop, random flip) or the built-in digits
+  1. data         ImageNet-style folder (ADM centre crop, random flip), listed and decoded lazily
+                  by DataLoader workers (--workers), or the built-in digits (in memory)
   2. VAE          diffusers AutoencoderKL, frozen; the demo trains a small KL-regularised one
-  3. latent cache posterior mean and std of every image (both flips), a tensor in RUN/latents.pt
+  3. latent cache posterior mean and std of every image (both flips), streamed to RUN/latents.npy
+                  (N, flips, mean|std, C, h, w) float32 and memory-mapped; RUN/latents.meta.pt,
+                  written last, holds the key (data, VAE, flips) and labels: no header, no cache
   4. calibration  quantizer statistics + frequency order (paper Sec. 3.1-3.2), reconstruction report
   5. training     AdamW, warmup + cosine, grad clip, EMA, bf16 on CUDA, DDP under torchrun
   6. evaluation   validation NLL in bits per token, a sample grid from the EMA weights
-Everything is written to the run directory (--out): vae/, latents.pt, reconstruction.json/.png,
-checkpoint.pt (atomic, loadable with weights_only=True), samples.png, metrics.json.
+Everything is written to the run directory (--out): vae/, latents.npy + latents.meta.pt,
+reconstruction.json/.png, checkpoint.pt (atomic, loadable with weights_only=True), samples.png,
+metrics.json.
 
 Speed: the AR head costs C slots per masked position and dominates a CPU step, so by default
 (--head-positions 8) it is trained on 8 random masked positions per image, an unbiased estimate of
 the paper's loss; --head-positions 0 is the paper's loss exactly (use it for full-scale runs).
+
+Memory stays bounded at ImageNet scale (1.28M images, ~84 GB of moments for kl16, 2 flips): no
+step holds all images or all latents; a training batch, calibration (at most 50,000 latents), the
+validation set (--val-size) and the reconstruction report read only their own rows from the cache.
 
 Exact resume: every random draw of the data path (which images, which flip, the posterior
 noise) comes from a generator seeded by (seed, step), and the checkpoint holds the model's RNG
@@ -33,9 +41,11 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 # OpenMP threads busy-wait by default: with 2 threads on 2 cores and any other process running,
@@ -48,6 +58,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -69,7 +80,7 @@ def log(message, dist_info=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Data: uint8 images (N, 3, H, W) and labels (N,)
+# 1. Data: a dataset of (uint8 image (3, H, W), readable) and labels (N,)
 # ---------------------------------------------------------------------------------------------
 
 def mnist_file():
@@ -110,31 +121,56 @@ def center_crop(image, size):
     return arr[top:top + size, left:left + size]
 
 
+class FolderImages(Dataset):
+    """The images of a folder, decoded only when asked for: item i is (uint8 (3, S, S) after the
+    ADM centre crop, readable). A file that cannot be decoded gives a blank image and
+    readable=False, so one bad file among a million never stops a DataLoader."""
+
+    def __init__(self, files, image_size):
+        self.files, self.image_size = files, image_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                arr = center_crop(im.convert("RGB"), self.image_size)          # (S, S, 3)
+            return torch.from_numpy(np.array(arr.transpose(2, 0, 1))), True    # (3, S, S)
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped, whatever the reason
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), False
+
+
 def load_folder(root, image_size):
-    """ImageNet-style folder, one sub-folder per class. Unreadable files are skipped and counted."""
+    """ImageNet-style folder, one sub-folder per class: (FolderImages, labels, classes, non_images).
+
+    Only lists files: pixels are decoded when the latent cache is filled. Files without an image
+    extension are skipped here, images that fail to decode when the cache is filled; one warning
+    counts both (warn_skipped).
+    """
     root = Path(root)
     if not root.is_dir():
         fail(f"--data {root}: not a directory")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [(p, k) for k, c in enumerate(classes) for p in sorted((root / c).rglob("*")) if p.is_file()]
-    if not files:
-        fail(f"--data {root}: no images found (expected one sub-folder of images per class)")
-    images, labels, skipped = [], [], []
-    for path, k in tqdm(files, desc="read images", unit="img", leave=False):
-        try:
-            with Image.open(path) as im:
-                images.append(center_crop(im.convert("RGB"), image_size))
-            labels.append(k)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, whatever the reason
-            skipped.append((path, e))
-    if skipped:  # one warning for the whole folder, not one per file
-        path, e = skipped[0]
-        print(f"warning: skipped {len(skipped)} unreadable or non-image files in {root} "
-              f"(first: {path}: {type(e).__name__})", file=sys.stderr, flush=True)
+    images = [(p, k) for p, k in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
-        fail(f"--data {root}: none of the {len(files)} files could be read as an image")
-    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
-    return images, torch.tensor(labels), classes
+        fail(f"--data {root}: no images found (expected one sub-folder of images per class)")
+    non_images = [p for p, _ in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    labels = torch.tensor([k for _, k in images])
+    return FolderImages([str(p) for p, _ in images], image_size), labels, classes, non_images
+
+
+def read_images(images, idx):
+    """images[i] for i in idx, stacked: uint8 (b, 3, H, W) and readable (b,) bool."""
+    return default_collate([images[int(i)] for i in idx])
+
+
+def warn_skipped(root, skipped):
+    """One warning for the whole folder, not one per file."""
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable or non-image files in {root} "
+              f"(first: {skipped[0]})", file=sys.stderr, flush=True)
 
 
 def split_validation(num_images, val_size, seed=0):
@@ -172,7 +208,8 @@ def build_small_vae(stride, channels, width=16):
 
 
 def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
-    """KL-regularised autoencoder: per-pixel MSE + kl_weight * KL per latent element.
+    """KL-regularised autoencoder on a dataset of images: per-pixel MSE + kl_weight * KL per
+    latent element. Unreadable files drawn into a batch are left out of it.
 
     Ends by setting scaling_factor = 1 / std of the latents (posterior modes), so the scaled
     latents have unit variance as with the SD/MAR VAEs.
@@ -183,8 +220,8 @@ def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
     bar = tqdm(range(steps), desc="train VAE", unit="step")
     start = time.time()
     for step in bar:
-        idx = torch.randint(len(images), (batch,), generator=gen)
-        x = to_unit(images[idx]).to(device)                                    # (b, 3, H, W)
+        pixels, readable = read_images(images, torch.randint(len(images), (batch,), generator=gen))
+        x = to_unit(pixels[readable]).to(device)                               # (b, 3, H, W)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().sum() / posterior.mean.numel()
@@ -197,7 +234,8 @@ def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1) * batch / (time.time() - start):.0f}")
     vae.eval().requires_grad_(False)
-    modes = encode_moments(vae, images[:1000], batch=250, flip=False, scaling=1.0, device=device)[0]
+    pixels, readable = read_images(images, range(min(1000, len(images))))
+    modes = encode_moments(vae, pixels[readable], batch=250, flip=False, scaling=1.0, device=device)[0]
     vae.register_to_config(scaling_factor=float(1.0 / modes.std()))
     return vae
 
@@ -241,51 +279,127 @@ def decode(vae, latents, batch=256):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Latent cache: posterior mean and std of every image, both flips
+# 3. Latent cache: posterior mean and std of every image, both flips, memory-mapped from disk
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def posterior_moments(vae, images, flip, scaling, device):
+    """uint8 (b, 3, H, W) -> scaled posterior mean and std, each (b, C, h, w) float32 on the CPU."""
+    x = to_unit(images.to(device))  # uint8 crosses to the GPU: a quarter of the bytes
+    if flip:
+        x = x.flip(-1)
+    dist_ = vae.encode(x).latent_dist
+    return (dist_.mean * scaling).float().cpu(), (dist_.std * scaling).float().cpu()
+
+
 def encode_moments(vae, images, batch, flip, scaling, device):
-    """(N, 3, H, W) uint8 -> scaled posterior mean and std, each (N, C, h, w)."""
-    means, stds = [], []
-    bar = tqdm(images.split(batch), desc="encode" + (" (flipped)" if flip else ""), unit="batch", leave=False)
-    for chunk in bar:
-        x = to_unit(chunk).to(device)
-        if flip:
-            x = x.flip(-1)
-        dist_ = vae.encode(x).latent_dist
-        means.append((dist_.mean * scaling).float().cpu())
-        stds.append((dist_.std * scaling).float().cpu())
+    """(N, 3, H, W) uint8 in memory -> scaled posterior mean and std, each (N, C, h, w)."""
+    means, stds = zip(*(posterior_moments(vae, chunk, flip, scaling, device) for chunk in images.split(batch)))
     return torch.cat(means), torch.cat(stds)
 
 
-def build_cache(vae, images, labels, flips, batch, device, path, key):
-    """Encode once, store in the run directory, reuse when the key (data, VAE, flips) matches.
+@dataclass
+class LatentCache:
+    """moments (N, F, 2, C, h, w) float32, memory-mapped: [i, f, 0] is the posterior mean of image
+    i under flip f, [i, f, 1] its std. labels (N,); unreadable: rows of files that did not decode."""
+    moments: np.ndarray
+    labels: torch.Tensor
+    unreadable: torch.Tensor
 
-    The cache is one tensor per moment, (F, N, C, h, w) with F = 1 or 2 flips, so a training
-    batch is a single index op rather than a Python loop over files.
-    """
-    if path.is_file():
-        cache = torch.load(path, weights_only=True)
-        if cache.get("key") == key:
-            return cache
-    moments = [encode_moments(vae, images, batch, f == 1, vae.config.scaling_factor, device)
-               for f in range(flips)]
-    cache = {"key": key, "labels": labels.clone(),
-             "mean": torch.stack([m for m, _ in moments]), "std": torch.stack([s for _, s in moments])}
-    atomic_save(cache, path)
-    return cache
+    @property
+    def flips(self):
+        return self.moments.shape[1]
+
+    def read(self, idx, flip, moment=slice(None)):
+        """Rows (idx[k], flip[k]) as a tensor (b, 2, C, h, w), or (b, C, h, w) for one moment.
+        Read in file order, so a batch costs b small reads and never touches the other rows."""
+        idx = np.asarray(idx, dtype=np.int64)
+        flip = np.broadcast_to(np.asarray(flip, dtype=np.int64), idx.shape)
+        order = np.lexsort((flip, idx))
+        rows = self.moments[idx[order], flip[order], moment]
+        out = np.empty_like(rows)
+        out[order] = rows                                                      # back to the asked order
+        return torch.from_numpy(out)
+
+    def readable(self, idx):
+        """idx without the rows of files that could not be decoded."""
+        return idx[~torch.isin(idx, self.unreadable)]
+
+
+def cache_paths(run_dir):
+    """The moments (an .npy file) and the header that makes them valid, written last."""
+    return Path(run_dir) / "latents.npy", Path(run_dir) / "latents.meta.pt"
+
+
+def open_cache(run_dir, key=None):
+    """The run's LatentCache, memory-mapped (nothing is read yet), or None when it is missing,
+    was interrupted, or was built from other data, VAE or flips than `key` says."""
+    npy, meta_path = cache_paths(run_dir)
+    if not (npy.is_file() and meta_path.is_file()):
+        return None
+    meta = torch.load(meta_path, weights_only=True)
+    if key is not None and meta["key"] != key:
+        return None
+    moments = np.load(npy, mmap_mode="r")
+    if moments.shape != tuple(meta["shape"]):
+        return None
+    return LatentCache(moments, meta["labels"], meta["unreadable"])
+
+
+def write_cache(vae, images, labels, flips, latent_shape, batch, workers, device, run_dir, key):
+    """Encode every image once (all flips of a batch together) and stream the rows to
+    RUN/latents.npy.tmp; rename it when complete, then write the header. The old cache goes
+    first, so from then until the new header exists no cache looks complete: a crash means a rebuild."""
+    npy, meta_path = cache_paths(run_dir)
+    meta_path.unlink(missing_ok=True)
+    npy.unlink(missing_ok=True)  # no longer valid, and the disk may need its space
+    shape = (len(images), flips, 2, *latent_shape)
+    size = 4 * math.prod(shape)
+    if shutil.disk_usage(npy.parent).free < size:  # fail now, not hours into encoding
+        fail(f"the latent cache needs {size / 1e9:.1f} GB and {npy.parent} has "
+             f"{shutil.disk_usage(npy.parent).free / 1e9:.1f} GB free")
+    tmp = npy.with_name(npy.name + ".tmp")
+    loader = DataLoader(images, batch_size=batch, num_workers=workers)
+    scaling, start, unreadable = vae.config.scaling_factor, 0, []
+    try:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.float32).str, "fortran_order": False,
+                                                     "shape": shape})
+            for pixels, readable in tqdm(loader, desc="encode", unit="batch", leave=False):
+                rows = torch.stack([torch.stack(posterior_moments(vae, pixels, flip == 1, scaling, device), 1)
+                                    for flip in range(flips)], 1)              # (b, F, 2, C, h, w)
+                f.write(rows.numpy().tobytes())
+                unreadable += (start + torch.nonzero(~readable).flatten()).tolist()
+                start += len(pixels)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, npy)
+    except OSError as e:
+        fail(f"could not write the latent cache {npy} ({e.strerror or e})")
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_save({"key": key, "shape": list(shape), "labels": labels.clone(),
+                 "unreadable": torch.tensor(unreadable, dtype=torch.long)}, meta_path)
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. Calibration and the reconstruction report
 # ---------------------------------------------------------------------------------------------
 
-def calibrate(model, train_modes, max_latents=50_000):
+def calibration_modes(cache, train_idx, max_latents=50_000):
+    """Posterior modes of the training images under every flip ((F * n, C, h, w), flip-major),
+    or a fixed random subset of max_latents of them: a bounded read however large the data."""
+    idx = train_idx.repeat(cache.flips)
+    flip = torch.arange(cache.flips).repeat_interleave(len(train_idx))
+    if len(idx) > max_latents:
+        pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:max_latents]
+        idx, flip = idx[pick], flip[pick]
+    return cache.read(idx, flip, moment=0)
+
+
+def calibrate(model, cache, train_idx, max_latents=50_000):
     """Quantizer statistics and frequency order from (a fixed subset of) the training latents."""
-    if len(train_modes) > max_latents:
-        train_modes = train_modes[torch.randperm(len(train_modes), generator=torch.Generator().manual_seed(0))[:max_latents]]
-    model.calibrate(train_modes)
+    model.calibrate(calibration_modes(cache, train_idx, max_latents))
     return model
 
 
@@ -408,13 +522,15 @@ def get_batch(cache, train_idx, seed, step, batch, rank=0, world=1):
     """This rank's share of the step's global batch: scaled latents (b, C, h, w), labels (b,).
 
     Latents are drawn from the cached posterior (mean + std * noise) = latent_dist.sample().
+    Only this rank's rows are read from the cache.
     """
     g = step_generator(seed, step)
     idx = train_idx[batch_indices(seed, step, len(train_idx), batch)]
-    flip = torch.randint(cache["mean"].shape[0], (batch,), generator=g)
-    noise = torch.randn((batch,) + cache["mean"].shape[2:], generator=g)
+    flip = torch.randint(cache.flips, (batch,), generator=g)
+    noise = torch.randn((batch,) + cache.moments.shape[3:], generator=g)
     idx, flip, noise = idx[rank::world], flip[rank::world], noise[rank::world]
-    return cache["mean"][flip, idx] + cache["std"][flip, idx] * noise, cache["labels"][idx]
+    moments = cache.read(idx, flip)                                            # (b, 2, C, h, w)
+    return moments[:, 0] + moments[:, 1] * noise, cache.labels[idx]
 
 
 class TrainingLoss(torch.nn.Module):
@@ -585,9 +701,12 @@ def build_config(args):
 
 
 def load_data(args):
+    """(dataset of (image, readable), labels, classes, non-image files skipped): a folder is
+    decoded lazily; the 5,000 digits are small enough to stay in memory."""
     if args.data:
         return load_folder(args.data, args.image_size_resolved)
-    return load_digits(args.image_size_resolved)
+    images, labels, classes = load_digits(args.image_size_resolved)
+    return TensorDataset(images, torch.ones(len(images), dtype=torch.bool)), labels, classes, []
 
 
 def prepare_vae(args, cfg, images, run_dir, device, dist_info):
@@ -610,16 +729,24 @@ def prepare_vae(args, cfg, images, run_dir, device, dist_info):
 
 
 def prepare_latents(args, vae, images, labels, run_dir, device, dist_info):
-    key = {"data": str(args.data or "mnist-5k"), "n": len(images), "image_size": images.shape[-1],
-           "flips": args.flips, "vae": args.vae_dir, "scaling": float(vae.config.scaling_factor)}
-    path = run_dir / "latents.pt"
-    if dist_info["rank"] == 0:
-        t = time.time()
-        cache = build_cache(vae, images, labels, args.flips, args.encode_batch, device, path, key)
-        log(f"[cache] latents {tuple(cache['mean'].shape)} (flips, N, C, h, w) in {path} "
-            f"({time.time() - t:.1f} s)")
+    """Rank 0 encodes unless the run's cache matches this data, VAE and flips; every rank then
+    memory-maps it."""
+    size, stride = args.image_size_resolved, vae_stride(vae)
+    key = {"data": str(args.data or "mnist-5k"), "n": len(images), "image_size": size, "flips": args.flips,
+           "vae": args.vae_dir, "scaling": float(vae.config.scaling_factor),
+           "layout": "(N, flips, mean|std, C, h, w) float32"}
+    t = time.time()
+    if dist_info["rank"] == 0 and open_cache(run_dir, key) is None:
+        write_cache(vae, images, labels, args.flips, (vae.config.latent_channels, size // stride, size // stride),
+                    args.encode_batch, args.workers if args.data else 0, device, run_dir, key)
     barrier(dist_info)
-    return cache if dist_info["rank"] == 0 else torch.load(path, weights_only=True)
+    cache = open_cache(run_dir, key)
+    if cache is None:
+        fail(f"no complete latent cache in {run_dir} after rank 0 wrote it (is --out on a filesystem "
+             "that every node shares?)")
+    log(f"[cache] latents {cache.moments.shape} (N, flips, mean|std, C, h, w), memory-mapped from "
+        f"{cache_paths(run_dir)[0]} ({time.time() - t:.1f} s)", dist_info)
+    return cache
 
 
 def run_benchmark(args, device):
@@ -716,30 +843,35 @@ def pipeline(args, dist_info, device):
     if args.batch % dist_info["world"]:
         fail(f"--batch {args.batch} (global) must be divisible by the {dist_info['world']} processes")
 
-    images, labels, classes = load_data(args)                                 # 1. data
+    images, labels, classes, non_images = load_data(args)                     # 1. data
     if len(classes) > cfg.num_classes:
         fail(f"the data has {len(classes)} classes but the config has num_classes={cfg.num_classes}; "
              "pass --num-classes")
     if args.flips is None:  # digits are not mirror-symmetric; natural images are
         args.flips = 2 if args.data else 1
-    log(f"[data] {len(images)} images, {len(classes)} classes, {tuple(images.shape[1:])}", dist_info)
+    log(f"[data] {len(images)} images, {len(classes)} classes, {(3, cfg.image_size, cfg.image_size)}", dist_info)
     train_idx, val_idx = split_validation(len(images), args.val_size)
-    vae = prepare_vae(args, cfg, images[train_idx], run_dir, device, dist_info)  # 2. VAE
+    vae = prepare_vae(args, cfg, Subset(images, train_idx.tolist()), run_dir, device, dist_info)  # 2. VAE
     log(f"[vae] scaling_factor {vae.config.scaling_factor:.4f}, stride {vae_stride(vae)}", dist_info)
     cache = prepare_latents(args, vae, images, labels, run_dir, device, dist_info)  # 3. cache
+    if len(cache.unreadable) == len(images):
+        fail(f"--data {args.data}: none of the {len(images)} image files could be read as an image")
+    if rank0:
+        warn_skipped(args.data, non_images + [images.files[i] for i in cache.unreadable.tolist()])
+    train_idx, val_idx = cache.readable(train_idx), cache.readable(val_idx)
 
     torch.manual_seed(args.seed)                                               # 4. calibration
     model = tb.TokenBridge(cfg)
-    calibrate(model, cache["mean"][:, train_idx].flatten(0, 1))
+    calibrate(model, cache, train_idx)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     model.to(device)
     log(f"[model] preset {args.preset}: {model.num_params() / 1e6:.2f}M parameters, levels {cfg.levels}, "
         f"head {cfg.head}, order {cfg.order} {model.quantizer.order.tolist()}", dist_info)
-    val_modes, val_labels = cache["mean"][0, val_idx], cache["labels"][val_idx]
+    val_modes, val_labels = cache.read(val_idx, 0, moment=0), cache.labels[val_idx]  # at most --val-size
     if rank0 and not ckpt:
-        report = reconstruction_report(vae, model.quantizer, images[val_idx[:500]], val_modes[:500],
-                                       cfg.levels, run_dir)
+        report = reconstruction_report(vae, model.quantizer, read_images(images, val_idx[:500])[0],
+                                       val_modes[:500], cfg.levels, run_dir)
         log("[calibration] reconstruction PSNR: " + ", ".join(
             f"{k} {v['psnr']:.2f} dB" for k, v in report.items() if k != "images"))
 
@@ -804,6 +936,7 @@ def get_parser():
     a("--vae-lr", type=float, default=2e-3, help="peak learning rate of the demo VAE (warmup + cosine)")
     a("--vae-kl", type=float, default=1e-4, help="KL weight per latent element (vs per-pixel MSE)")
     a("--encode-batch", type=int, default=250, help="images per VAE call when filling the latent cache")
+    a("--workers", type=int, default=4, help="processes decoding --data images while the latent cache is filled")
     # training
     a("--steps", type=int, default=1800, help="total optimizer steps")
     a("--batch", type=int, default=64, help="global batch size (all processes together)")

@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,3 +39,20 @@ def test_gaussian_latents_fill_equiprobable_bins():
     q.calibrate(x)
     h = reproduce.token_entropy(q.quantize(x), 16)
     assert (h > math.log2(16) - 0.02).all() and (h <= 4.0 + 1e-9).all()
+
+
+def test_held_out_reads_the_validation_rows_of_the_latent_cache(tmp_path):
+    """reproduce.held_out takes train.py's split and reads only those rows of the memory-mapped cache."""
+    n = 5000
+    moments = np.zeros((n, 1, 2, 1, 1, 1), np.float32)                  # (N, flips, mean|std, C, h, w)
+    moments[:, 0, 0] = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)  # mean of image i is i
+    npy, meta = reproduce.train.cache_paths(tmp_path)
+    np.save(npy, moments)
+    with pytest.raises(SystemExit, match="no complete latent cache"):     # no header: not valid yet
+        reproduce.held_out(tmp_path)
+    reproduce.train.atomic_save({"key": {}, "shape": list(moments.shape), "labels": torch.arange(n) % 10,
+                                 "unreadable": torch.zeros(0, dtype=torch.long)}, meta)
+    images, modes, labels = reproduce.held_out(tmp_path)
+    _, val_idx = reproduce.train.split_validation(n, 500)
+    assert images.shape == (500, 3, 32, 32) and torch.equal(modes.flatten().long(), val_idx)
+    assert torch.equal(labels, val_idx % 10)

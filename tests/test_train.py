@@ -56,7 +56,7 @@ def small_cfg():
 @pytest.fixture(scope="session")
 def vae_dir(fake_data, tmp_path_factory, small_cfg):
     """A small AutoencoderKL trained for a few steps on the fake data, saved as a diffusers folder."""
-    images, _, _ = train.load_folder(fake_data, small_cfg.image_size)
+    images, _, _, _ = train.load_folder(fake_data, small_cfg.image_size)
     torch.manual_seed(0)
     vae = train.build_small_vae(small_cfg.vae_stride, small_cfg.channels, width=8)
     vae = train.train_vae(vae, images, steps=5, batch=8, lr=1e-3, kl_weight=1e-3, seed=0,
@@ -72,7 +72,7 @@ def run_args(run_dir, data, vae, *extra):
         ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
          "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "6",
          "--warmup", "2", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
-         "--device", "cpu", *extra])
+         "--device", "cpu", "--workers", "1", *extra])
 
 
 @pytest.fixture
@@ -98,12 +98,14 @@ def test_digits_are_the_real_mnist_file():
     assert abs(cy.mean().item() - 15.5) < 1.5
 
 
-def test_folder_skips_unreadable_files_and_warns_once(fake_data, capsys):
-    images, labels, classes = train.load_folder(fake_data, 16)
-    assert images.shape == (40, 3, 16, 16) and classes == ["disc", "square"]
-    assert torch.bincount(labels).tolist() == [20, 20]
-    err = capsys.readouterr().err
-    assert err.count("warning") == 1 and "skipped 2" in err
+def test_folder_is_listed_then_decoded_on_access(fake_data):
+    images, labels, classes, non_images = train.load_folder(fake_data, 16)
+    assert len(images) == 41 and classes == ["disc", "square"] and [p.name for p in non_images] == ["notes.txt"]
+    assert torch.bincount(labels).tolist() == [21, 20]                      # broken.png is only known when read
+    pixels, readable = train.read_images(images, range(len(images)))
+    assert pixels.shape == (41, 3, 16, 16) and pixels.dtype == torch.uint8
+    assert [Path(images.files[i]).name for i in torch.nonzero(~readable).flatten()] == ["broken.png"]
+    assert pixels[~readable].max() == 0 and pixels[readable].amax((1, 2, 3)).min() > 0
 
 
 def test_center_crop_matches_adm_on_a_known_image():
@@ -132,8 +134,9 @@ def test_data_order_is_an_epoch_permutation_and_a_function_of_seed_and_step():
 
 
 def test_ranks_split_the_global_batch():
-    cache = {"mean": torch.arange(2 * 6 * 1.0).view(2, 6, 1, 1, 1), "std": torch.zeros(2, 6, 1, 1, 1),
-             "labels": torch.arange(6)}
+    moments = np.zeros((6, 2, 2, 1, 1, 1), np.float32)                      # (N, flips, mean|std, C, h, w)
+    moments[:, :, 0] = (6 * np.arange(2)[None] + np.arange(6)[:, None]).reshape(6, 2, 1, 1, 1)
+    cache = train.LatentCache(moments, torch.arange(6), torch.zeros(0, dtype=torch.long))
     idx = torch.arange(6)
     whole, lab = train.get_batch(cache, idx, 0, 5, 4)
     parts = [train.get_batch(cache, idx, 0, 5, 4, rank=r, world=2) for r in range(2)]
@@ -212,11 +215,13 @@ def test_subsampled_loss_equals_full_loss_when_all_positions_kept(small_cfg):
 
 # --- the pipeline -------------------------------------------------------------------------------
 
-def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_model):
+def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_model, capsys):
     out = train.main(run_args(tmp_path / "run", fake_data, vae_dir, "--sample-every", "4"))
     run = tmp_path / "run"
     assert out["step"] == 6
-    for name in ("latents.pt", "reconstruction.json", "reconstruction.png", "checkpoint.pt",
+    err = capsys.readouterr().err                                           # broken.png and notes.txt
+    assert err.count("warning") == 1 and "skipped 2" in err
+    for name in ("latents.npy", "latents.meta.pt", "reconstruction.json", "reconstruction.png", "checkpoint.pt",
                  "samples.png", "metrics.json"):
         assert (run / name).is_file(), name
     report = json.loads((run / "reconstruction.json").read_text())
@@ -224,13 +229,15 @@ def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_m
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert {"config", "model", "ema", "optimizer", "step", "quantizer", "rng"} <= set(ck)
     assert ck["step"] == 6 and tb.TokenBridgeConfig.from_dict(ck["config"]).channels == 4
-    cache = torch.load(run / "latents.pt", weights_only=True)
-    assert cache["mean"].shape == (2, 40, 4, 4, 4)                          # both flips
+    cache = train.open_cache(run)
+    assert cache.moments.shape == (41, 2, 2, 4, 4, 4)                       # both flips, mean and std
+    assert cache.unreadable.tolist() == [20] and torch.bincount(cache.labels).tolist() == [21, 20]
     # the cached flipped latents are the encodings of the flipped images
     vae = train.load_vae(vae_dir, 4, 4)
-    images, _, _ = train.load_folder(fake_data, 16)
-    m, _ = train.encode_moments(vae, images[:3].flip(-1), 3, False, vae.config.scaling_factor, torch.device("cpu"))
-    assert torch.allclose(cache["mean"][1, :3], m, atol=1e-5)
+    images, _, _, _ = train.load_folder(fake_data, 16)
+    m, s = train.encode_moments(vae, train.read_images(images, range(3))[0].flip(-1), 3, False,
+                                vae.config.scaling_factor, torch.device("cpu"))
+    assert torch.allclose(cache.read(range(3), 1), torch.stack([m, s], 1), atol=1e-5)
     grid = Image.open(run / "samples.png")
     assert grid.size == (10 * 16, 2 * 16)                                   # 2 classes x 10 samples
     metrics = json.loads((run / "metrics.json").read_text())
@@ -261,6 +268,71 @@ def test_ablation_switches_reach_the_model(tmp_path, fake_data, vae_dir, small_m
     assert ck["quantizer"]["order"].tolist() == list(range(4))
     report = json.loads((tmp_path / "r" / "reconstruction.json").read_text())
     assert "levels_8" in report
+
+
+# --- the latent cache: memory-mapped, never half-built ------------------------------------------
+
+def write_sparse_cache(run_dir, n, row_shape, key):
+    """A cache file of n rows that takes no disk space (a hole reads as zeros), and its header."""
+    npy, meta = train.cache_paths(run_dir)
+    with open(npy, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, *row_shape)})
+        f.truncate(f.tell() + 4 * n * math.prod(row_shape))
+    train.atomic_save({"key": key, "shape": [n, *row_shape], "labels": torch.arange(n) % 10,
+                       "unreadable": torch.zeros(0, dtype=torch.long)}, meta)
+
+
+def test_cache_is_memory_mapped_and_read_row_by_row(tmp_path):
+    """256 MB of moments (kl16's shape, 4,096 images, 2 flips); a training batch, the calibration
+    subset and the validation rows allocate a few MB: nothing reads the file whole."""
+    import tracemalloc
+    n, row_shape = 4096, (2, 2, 16, 16, 16)
+    write_sparse_cache(tmp_path, n, row_shape, {"k": 1})
+    assert train.open_cache(tmp_path, {"k": 2}) is None                      # another key: rebuild
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc, so a whole read would show
+    try:
+        cache = train.open_cache(tmp_path, {"k": 1})
+        train_idx, val_idx = train.split_validation(n, 100)
+        latents, labels = train.get_batch(cache, train_idx, 0, 3, 64)
+        modes = train.calibration_modes(cache, train_idx, max_latents=256)
+        val = cache.read(val_idx, 0, moment=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert isinstance(cache.moments, np.memmap) and cache.moments.shape == (n, *row_shape)
+    assert latents.shape == (64, 16, 16, 16) and modes.shape == (256, 16, 16, 16) and val.shape == (100, 16, 16, 16)
+    assert peak < 16 * 2 ** 20, peak                                         # vs 256 MB for the file
+
+
+def test_an_interrupted_cache_is_rebuilt_not_used(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
+    run, encoder, real_encode, real_save = tmp_path / "r", {"calls": 0}, train.posterior_moments, train.atomic_save
+
+    def counted(*a, **k):
+        encoder["calls"] += 1
+        if encoder["calls"] == encoder.get("crash_at"):
+            raise RuntimeError("killed while encoding")
+        return real_encode(*a, **k)
+
+    def no_header(obj, path):
+        if Path(path).name == "latents.meta.pt":
+            raise RuntimeError("killed before the header")
+        real_save(obj, path)
+    monkeypatch.setattr(train, "posterior_moments", counted)
+    train.main(run_args(run, fake_data, vae_dir, "--steps", "2"))            # a complete cache (2 flips)
+    done = np.array(train.open_cache(run).moments)
+    encoder.update(calls=0, crash_at=3)
+    with pytest.raises(RuntimeError, match="killed"):                        # a rebuild for 1 flip dies
+        train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--flips", "1", "--encode-batch", "8"))
+    assert train.open_cache(run) is None and not (run / "latents.npy.tmp").exists()
+    encoder.update(calls=0, crash_at=None)
+    monkeypatch.setattr(train, "atomic_save", no_header)                     # dies after the rename
+    with pytest.raises(RuntimeError, match="killed"):
+        train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--flips", "1"))
+    assert (run / "latents.npy").is_file() and train.open_cache(run) is None
+    monkeypatch.setattr(train, "atomic_save", real_save)
+    encoder.update(calls=0)
+    train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--stop-after", "0"))
+    assert encoder["calls"] > 0 and np.array_equal(train.open_cache(run).moments, done)  # encoded again
 
 
 # --- errors: one line, nothing lost -------------------------------------------------------------
