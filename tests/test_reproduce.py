@@ -1,4 +1,5 @@
-"""reproduce.py's token entropy against a naive numpy histogram (tiny, no runs needed)."""
+"""reproduce.py against naive truths: token entropy vs a numpy histogram, held_out vs the rows it
+must read from a latent cache (tiny, no runs needed)."""
 import math
 import os
 import sys
