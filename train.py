@@ -221,6 +221,8 @@ def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
     start = time.time()
     for step in bar:
         pixels, readable = read_images(images, torch.randint(len(images), (batch,), generator=gen))
+        if not readable.any():  # a folder of broken files: say so, not a NaN scaling factor
+            fail(f"none of the {batch} images drawn for a VAE training step could be read as an image")
         x = to_unit(pixels[readable]).to(device)                               # (b, 3, H, W)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample

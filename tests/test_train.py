@@ -337,6 +337,17 @@ def test_an_interrupted_cache_is_rebuilt_not_used(tmp_path, fake_data, vae_dir, 
 
 # --- errors: one line, nothing lost -------------------------------------------------------------
 
+def test_a_folder_of_unreadable_images_is_one_clear_error(tmp_path, vae_dir, small_model):
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match="none of the 2 image files could be read"):   # known once encoded
+        train.main(run_args(tmp_path / "r", tmp_path / "data", vae_dir))
+    with pytest.raises(SystemExit, match="none of the 8 images drawn for a VAE training step"):
+        train.train_vae(train.build_small_vae(4, 4, width=8), train.load_folder(tmp_path / "data", 16)[0],
+                        steps=1, batch=8, lr=1e-3, kl_weight=1e-3, seed=0, device=torch.device("cpu"))
+
+
 def test_resume_without_or_with_corrupt_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint.pt"):
         train.main(train.get_parser().parse_args(["--resume", str(tmp_path)]))
