@@ -66,7 +66,7 @@ import tokenbridge as tb  # noqa: E402
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 # Keys that come from the command line even on --resume; everything else comes from the checkpoint.
-RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "benchmark", "bench_steps"}
+RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers", "benchmark", "bench_steps"}
 
 
 def fail(message):
