@@ -8,7 +8,7 @@ Writes three graphs and one JSON (DESIGN.md §3, issue 4):
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
                      = TokenBridge.condition: backbone + head.project; fixed-shape inputs, the
                      known positions gathered inside (every image has as many masked: NonZero)
-  head_step.onnx     one channel of the AR head with its fixed-size KV cache, the logit-level CFG
+  head_step.onnx     one channel of the AR head with its KV cache (t slots in, t+1 out), the logit-level CFG
                      mix and the inverse-CDF sampler inside (head.step + sample_from_logits), so a
                      whole channel loop can stay on the device
   vae_decoder.onnx   scaled latents (B, C, H, W) -> image (B, 3, H', W') in [-1, 1]
@@ -97,8 +97,8 @@ class HeadStepGraph(nn.Module):
 
     cond (G, M, D): G = 1, or 2 for logit-level CFG (cond rows, then uncond rows).
     tokens (M, C): the tokens sampled so far, in generation order; column t is written.
-    cache (depth, 2, G, M, heads, C, head_dim): head.step's cache with the G*M rows split, so
-    every dimension is a plain input dimension (no derived G*M for the exporter to prove).
+    cache (depth, 2, G*M, heads, step, head_dim): head.step's cache, the `step` slots so far (none
+    at step 0; the graph never reshapes it: ONNX Reshape reads a 0 in a shape as "keep this dim").
     uniforms (M, C), score (M,): as in _sample_channels; temperature, guidance: 0-d float.
     """
 
@@ -111,8 +111,7 @@ class HeadStepGraph(nn.Module):
         slots = torch.arange(tokens.shape[1], device=tokens.device)
         # twin of `token` carried between steps in _sample_channels (repeated for both halves)
         prev = torch.where(slots == step - 1, tokens, 0).sum(1).repeat(G)                # (G*M,)
-        rows = cache.flatten(2, 3)                                                       # (depth, 2, G*M, h, C, hd)
-        logits, rows = self.head.step(cond.reshape(G * M, D), prev, step, rows)          # (G*M, K)
+        logits, cache = self.head.step(cond.reshape(G * M, D), prev, step, cache)        # (G*M, K)
         # logit-level CFG: uncond + w (cond - uncond); with G = 1 both halves are the same rows
         # and this is logits + w * 0, exactly the unguided logits.
         halves = logits.view(G, M, -1)
@@ -120,7 +119,7 @@ class HeadStepGraph(nn.Module):
         u = torch.where(slots == step, uniforms, 0).sum(1)                                # (M,) = uniforms[:, t]
         token, token_logp = tb.sample_from_logits(logits, u, temperature)
         tokens = torch.where(slots == step, token.unsqueeze(1), tokens)                   # (M, C)
-        return logits, tokens, score + token_logp, rows.view(cache.shape)
+        return logits, tokens, score + token_logp, cache
 
 
 class VAEDecoderGraph(nn.Module):
@@ -150,8 +149,8 @@ def head_inputs(model, guidance_halves, rows, step, dtype, gen):
     cfg, head = model.cfg, model.head
     C, D = cfg.channels, cfg.head_width
     cond = torch.randn(guidance_halves, rows, D, generator=gen).to(dtype)
-    cache = torch.randn(len(head.blocks), 2, guidance_halves, rows, head.heads, C, head.head_dim,
-                        generator=gen).to(dtype)
+    cache = torch.randn(len(head.blocks), 2, guidance_halves * rows, head.heads, step, head.head_dim,
+                        generator=gen).to(dtype)                    # the `step` slots before it
     tokens = torch.randint(0, cfg.levels, (rows, C), generator=gen)
     uniforms = torch.rand(rows, C, generator=gen)
     return (cond, torch.tensor(step), cache, tokens, uniforms, torch.tensor(0.9),
@@ -293,9 +292,10 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     examples = [head_inputs(model, 2, 5, 3, dtype, gen), head_inputs(model, 1, 7, 0, dtype, gen),
                 head_inputs(model, 2, 3, cfg.channels - 1, dtype, gen)]
     run_export(HEAD_FILE, module, examples, HEAD_INPUTS, HEAD_OUTPUTS,
-               {"cond": {0: "halves", 1: "rows"}, "cache": {2: "halves", 3: "rows"}, "tokens": {0: "rows"},
-                "uniforms": {0: "rows"}, "score": {0: "rows"}, "logits": {0: "rows"},
-                "tokens_out": {0: "rows"}, "score_out": {0: "rows"}, "cache_out": {2: "halves", 3: "rows"}})
+               {"cond": {0: "halves", 1: "rows"}, "cache": {2: "cache_rows", 4: "slots"},
+                "tokens": {0: "rows"}, "uniforms": {0: "rows"}, "score": {0: "rows"}, "logits": {0: "rows"},
+                "tokens_out": {0: "rows"}, "score_out": {0: "rows"},
+                "cache_out": {2: "cache_rows", 4: "slots_out"}})
 
     scaling = None
     if vae is not None:

@@ -124,7 +124,7 @@ class OnnxSampler:
         self.centers, self.mean, self.std = (np.asarray(q[k], np.float32) for k in ("centers", "mean", "std"))
         self.order = np.asarray(q["order"], np.int64)
         h = meta["head"]
-        self.cache_shape = (h["depth"], 2, None, None, h["heads"], self.C, h["head_dim"])
+        self.cache_shape = (h["depth"], 2, None, h["heads"], 0, h["head_dim"])  # G*M rows; no slots yet
         # step indices live on the device once, so the channel loop never uploads them
         self.steps = [np.array(t, np.int64) for t in range(self.C)]
         self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, 0) for t in self.steps]
@@ -162,7 +162,7 @@ class OnnxSampler:
         the summed log-probability of each position's tokens."""
         G, M, _ = cond.shape
         shape = list(self.cache_shape)
-        shape[2:4] = G, M
+        shape[2] = G * M
         feeds = {"cond": cond.astype(self.dtype), "cache": np.zeros(shape, self.dtype),   # empty_cache
                  "tokens": np.zeros((M, self.C), np.int64), "uniforms": uniforms,
                  "temperature": np.array(temperature, np.float32), "guidance": np.array(guidance, np.float32),
@@ -179,27 +179,25 @@ class OnnxSampler:
         return tokens, score
 
     def _channel_loop_bound(self, feeds):
-        """The same loop with IOBinding: inputs bound once, state ping-pongs between two device
-        buffers, only the final tokens and scores come back to the host. On CPU an OrtValue shares
-        its numpy array's memory, so every array put here is one that `feeds` keeps alive (no
-        temporaries: a freed array would be read as garbage)."""
+        """The same loop with IOBinding: inputs bound once, each step's state outputs stay on the
+        device (ORT allocates them: the cache grows a slot per step) and are bound as the next
+        step's inputs; only the final tokens and scores come back to the host (the logits output
+        is not bound, so never copied). On CPU an OrtValue shares its numpy array's memory, so
+        every array put here is one that `feeds` keeps alive (no temporaries)."""
         put = lambda a: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
-        empty = lambda a: ort.OrtValue.ortvalue_from_shape_and_type(a.shape, a.dtype, self.device, 0)
         binding = self.head.io_binding()
         for name in ("cond", "uniforms", "temperature", "guidance"):
             binding.bind_ortvalue_input(name, put(feeds[name]))
-        state = [{n: put(feeds[n]) for n in HEAD_STATE}, {n: empty(feeds[n]) for n in HEAD_STATE}]
-        M = feeds["tokens"].shape[0]
-        binding.bind_ortvalue_output("logits", empty(np.empty((M, self.K), self.dtype)))
+        state = {n: put(feeds[n]) for n in HEAD_STATE}
         for t in range(self.C):
-            src, dst = state[t % 2], state[1 - t % 2]
             binding.bind_ortvalue_input("step", self.step_values[t])
+            binding.clear_binding_outputs()  # get_outputs() then lists them in HEAD_STATE order
             for n in HEAD_STATE:
-                binding.bind_ortvalue_input(n, src[n])
-                binding.bind_ortvalue_output(n + "_out", dst[n])
+                binding.bind_ortvalue_input(n, state[n])
+                binding.bind_output(n + "_out", self.device)
             self.head.run_with_iobinding(binding)
-        final = state[self.C % 2]  # .numpy() may view memory freed with `state`/`feeds`: copy
-        return final["tokens"].numpy().copy(), final["score"].numpy().copy()
+            state = dict(zip(HEAD_STATE, binding.get_outputs()))
+        return state["tokens"].numpy().copy(), state["score"].numpy().copy()
 
     # --- the sampler: twin of TokenBridge.sample_tokens, line by line -------------------------
 

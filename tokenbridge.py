@@ -7,7 +7,7 @@ method section:
   1. GaussianQuantizer     post-training, per-channel quantizer (paper Sec. 3.1, Eq. for γ_k)
   2. frequency_order       frequency-based channel ordering (paper Sec. 3.2, "dimension order")
   3. TokenBridgeConfig     one dataclass, presets tiny / bench-s / base / large / huge
-  4. Transformer blocks    plain pre-norm blocks and adaLN blocks with a fixed-size KV cache
+  4. Transformer blocks    plain pre-norm blocks and adaLN blocks with a KV cache
   5. Backbone              MAR-style masked encoder-decoder giving a feature z per position
   6. DimensionwiseARHead   p(q^c | q^<c, z), one `levels`-way classification per channel
   7. TokenBridge           training loss and the sampler (cosine schedule, CFG, confidence order)
@@ -264,17 +264,14 @@ class Attention(nn.Module):
         """mask: bool, True = may attend; broadcast to (B, h, L, L)."""
         return self._attend(*self._qkv(x), mask)
 
-    def forward_cached(self, x, cache, t):
-        """One new slot x (B, 1, D) at position t with a fixed-size cache (2, B, h, S, hd).
-
-        The new key/value is written into slot t and the query attends to slots <= t. Fixed
-        shapes and no data-dependent indexing, so this exports to ONNX as is.
-        """
+    def forward_cached(self, x, cache):
+        """One new slot x (B, 1, D) after the t slots in cache (2, B, h, t, hd): it attends to
+        them and to itself; returns the cache grown by its key and value, (2, B, h, t+1, hd).
+        Growing (rather than writing into a fixed C-slot cache) copies t slots per step, not C,
+        and needs no mask."""
         q, k, v = self._qkv(x)
-        slots = torch.arange(cache.shape[-2], device=x.device)
-        write = (slots == t).view(-1, 1)                                                  # (S, 1)
-        cache = torch.stack([torch.where(write, k, cache[0]), torch.where(write, v, cache[1])])
-        return self._attend(q, cache[0], cache[1], (slots <= t).view(1, -1)), cache
+        cache = torch.cat([cache, torch.stack([k, v])], dim=-2)
+        return self._attend(q, cache[0], cache[1], None), cache
 
 
 class Mlp(nn.Module):
@@ -313,14 +310,14 @@ class AdaLNBlock(nn.Module):
         self.mlp = Mlp(dim, mlp_ratio, dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, mask=None, cache=None, t=None):
+    def forward(self, x, c, mask=None, cache=None):
         """Teacher-forced over all slots (cache None), or one slot t with a KV cache."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
         if cache is None:
             h = self.attn(h, mask)
         else:
-            h, cache = self.attn.forward_cached(h, cache, t)
+            h, cache = self.attn.forward_cached(h, cache)
         x = x + gate1 * h
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x, cache
@@ -459,15 +456,16 @@ class DimensionwiseARHead(nn.Module):
         return self._logits(x, c, slice(0, L + 1))
 
     def empty_cache(self, rows, device=None, dtype=torch.float32):
-        """Fixed-size KV cache: (depth, 2, rows, heads, C, head_dim)."""
-        return torch.zeros(len(self.blocks), 2, rows, self.heads, self.channels, self.head_dim,
+        """The KV cache before channel 0: (depth, 2, rows, heads, 0 slots, head_dim)."""
+        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim,
                            device=device, dtype=dtype)
 
     def step(self, cond, prev_token, t, cache):
         """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long tensor.
 
-        Returns logits (M, levels) for channel t and the updated cache. Equal, to float
-        tolerance, to forward()'s slot t: one token through the blocks instead of the prefix.
+        cache holds the t slots before (empty_cache at t=0). Returns logits (M, levels) for
+        channel t and the cache grown to t+1 slots. Equal, to float tolerance, to forward()'s
+        slot t: one token through the blocks instead of the prefix.
         """
         if self.parallel:
             token = torch.zeros_like(cond)
@@ -478,7 +476,7 @@ class DimensionwiseARHead(nn.Module):
         c = (cond + self.slot_cond[t]).unsqueeze(1)                                       # (M, 1, D)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block(x, c, cache=layer_cache, t=t)
+            x, layer_cache = block(x, c, cache=layer_cache)
             new_cache.append(layer_cache)
         return self._logits(x, c, t.view(1))[:, 0], torch.stack(new_cache)
 

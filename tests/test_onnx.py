@@ -130,7 +130,7 @@ def test_head_step_graph_matches_torch(run, sampler, halves, step):
     cond, t, cache = example[0], example[1], example[2]
     with torch.no_grad():
         logits, _ = run.model.head.step(cond.flatten(0, 1), example[3][:, max(step - 1, 0)].repeat(halves),
-                                        t, cache.flatten(2, 3))
+                                        t, cache)
     logits = logits.view(halves, 9, -1)
     mixed = logits[-1] + example[6] * (logits[0] - logits[-1])
     token, _ = tb.sample_from_logits(mixed, example[4][:, step], float(example[5]))
