@@ -82,12 +82,16 @@ class GaussianQuantizer(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, tokens):
-        """Set the per-channel mean/std from training latents, tokens (..., C)."""
+        """Set the per-channel mean/std from training latents, tokens (..., C): two passes in
+        float64 over chunks, so memory stays one chunk however many latents are calibrated."""
         self._check_tokens(tokens)
-        flat = tokens.reshape(-1, self.channels).double()
+        flat = tokens.reshape(-1, self.channels)
         _require(flat.shape[0] >= 2, "calibration needs at least 2 token vectors")
-        self.mean.copy_(flat.mean(0))
-        self.std.copy_(flat.std(0).clamp_min(1e-8))
+        chunks = flat.split(1 << 18)
+        mean = sum(chunk.double().sum(0) for chunk in chunks) / len(flat)
+        var = sum((chunk.double() - mean).square().sum(0) for chunk in chunks) / (len(flat) - 1)
+        self.mean.copy_(mean)
+        self.std.copy_(var.sqrt().clamp_min(1e-8))
         return self
 
     @torch.no_grad()
@@ -132,11 +136,13 @@ def low_frequency_share(latents, radius=LOW_FREQUENCY_RADIUS):
     _require(latents.dim() == 4 and min(latents.shape[-2:]) >= 2,
              f"expected latents (N, C, H, W) with H, W >= 2, got {tuple(latents.shape)}")
     _require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf")
-    x = latents.double()
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
-    power = torch.fft.fft2(x).abs().square().sum(0)                            # (C, H, W)
-    fy = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64)
-    fx = torch.fft.fftfreq(x.shape[-1], dtype=torch.float64)
+    power = 0.0                                                                 # -> (C, H, W)
+    for chunk in latents.split(1024):  # float64 and complex copies of one chunk at a time
+        x = chunk.double()
+        x = x - x.mean(dim=(-2, -1), keepdim=True)
+        power = power + torch.fft.fft2(x).abs().square().sum(0)
+    fy = torch.fft.fftfreq(latents.shape[-2], dtype=torch.float64)
+    fx = torch.fft.fftfreq(latents.shape[-1], dtype=torch.float64)
     low = (fy[:, None].square() + fx[None, :].square()).sqrt() <= radius       # (H, W)
     return (power * low).sum((1, 2)) / power.sum((1, 2)).clamp_min(1e-30)
 

@@ -84,7 +84,7 @@ def test_official_range_is_the_fixed_affine_map():
 # --- 2. frequency order ------------------------------------------------------------------------
 
 def test_low_frequency_share_matches_numpy():
-    x = torch.randn(7, 3, 8, 6)
+    x = torch.randn(2500, 3, 8, 6)                                   # several chunks
     x_np = x.numpy().astype(np.float64)
     x_np = x_np - x_np.mean(axis=(-2, -1), keepdims=True)
     power = (np.abs(np.fft.fft2(x_np)) ** 2).sum(0)
