@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 import tokenbridge as tb
-from sample import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, HEAD_FILE, HEAD_INPUTS,
+from sample import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, EXPORT_FORMAT, HEAD_FILE, HEAD_INPUTS,
                     HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session)
 
 OPSET = 17
@@ -311,6 +311,7 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
 
     q = model.quantizer
     info = {
+        "format": EXPORT_FORMAT,
         "fingerprint": fp,
         "checkpoint_sha256": file_sha256(os.path.join(run, "checkpoint.pt")),
         "config": cfg.to_dict(),

@@ -35,6 +35,9 @@ HEAD_INPUTS = ("cond", "step", "cache", "tokens", "uniforms", "temperature", "gu
 HEAD_OUTPUTS = ("logits", "tokens_out", "score_out", "cache_out")
 HEAD_STATE = ("cache", "tokens", "score")          # fed back: output NAME_out is next step's NAME
 VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
+# The graphs' interface as this loop drives it; export.py records it. 2: the head's KV cache
+# grows a slot per step (1, unversioned: a fixed C-slot cache).
+EXPORT_FORMAT = 2
 
 
 def make_session(path, device="auto", threads=0):
@@ -97,6 +100,9 @@ class OnnxSampler:
             raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
         with open(meta_path) as f:
             self.meta = meta = json.load(f)
+        if meta.get("format", 1) != EXPORT_FORMAT:
+            raise ValueError(f"{onnx_dir} was written by another export.py (format {meta.get('format', 1)}, "
+                             f"this sample.py reads {EXPORT_FORMAT}); re-run export.py")
         files = [BACKBONE_FILE, HEAD_FILE] + ([meta["vae"]["file"]] if meta["vae"] else [])
         missing = [name for name in files if not os.path.isfile(os.path.join(onnx_dir, name))]
         if missing:

@@ -237,6 +237,10 @@ def test_fingerprint_mismatch_is_refused(run, tmp_path):
     (copy / sample.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="exported from other weights"):
         sample.OnnxSampler(str(copy), "cpu", threads=1)
+    del meta["format"]  # graphs from before the format was recorded: the old cache layout
+    (copy / sample.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"another export.py \(format 1, this sample.py reads 2\)"):
+        sample.OnnxSampler(str(copy), "cpu", threads=1)
     # graphs fine, but the run's checkpoint is not the one they came from
     other = save_run(tmp_path / "other", perturb_(tb.TokenBridge(run.model.cfg), seed=9))
     with pytest.raises(ValueError, match="another checkpoint"):
