@@ -957,9 +957,9 @@ def get_parser():
     a("--sample-every", type=int, default=0, help="write samples.png every N steps (0: only at the end)")
     a("--stop-after", type=int, default=None, help="stop (and save) after this many steps of this launch")
     # sampling for the grid
-    a("--num-iter", type=int, default=16, help="decoding steps for the sample grid")
-    a("--cfg", type=float, default=6.0, help="classifier-free guidance scale for the sample grid")
-    a("--temperature", type=float, default=0.6, help="sampling temperature for the sample grid")
+    a("--num-iter", type=int, default=64, help="decoding steps for the sample grid (64: one position per step at 8x8)")
+    a("--cfg", type=float, default=4.0, help="classifier-free guidance scale for the sample grid")
+    a("--temperature", type=float, default=0.7, help="sampling temperature for the sample grid")
     # benchmark
     a("--benchmark", action="store_true", help="print the training step time at the bench-s preset and exit")
     a("--batch-bench", type=int, default=64, help="batch size of --benchmark")
