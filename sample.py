@@ -94,7 +94,13 @@ def mask_schedule(seq_len, num_iter):
 class OnnxSampler:
     """The exported graphs + tokenbridge.json, and the torch-free mirror of TokenBridge.sample_tokens."""
 
-    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0):
+    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0, head_threads=1):
+        """threads: ORT's intra-op threads for the backbone and the VAE decoder (0 = ORT's default).
+        head_threads: for head_step.onnx, 1 by default: ORT's CPU thread pool synchronises after
+        every operator, and the head step is ~240 small ones, run C times per decoding step, where
+        that costs more than a second thread gains (bench-s, 2 cores: 1.3x faster sampling with
+        --int8, 1.1x in fp32; PyTorch's head is faster with its 2 threads). Raise it for wide heads
+        on many cores."""
         meta_path = os.path.join(onnx_dir, META_FILE)
         if not os.path.isfile(meta_path):
             raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
@@ -109,7 +115,8 @@ class OnnxSampler:
             raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; re-run export.py")
         if checkpoint is not None:
             self._check_checkpoint(checkpoint)
-        sessions = [make_session(os.path.join(onnx_dir, name), device, threads) for name in files]
+        sessions = [make_session(os.path.join(onnx_dir, name), device, head_threads if name == HEAD_FILE else threads)
+                    for name in files]
         for name, (session, _) in zip(files, sessions):
             got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
             if got != meta["fingerprint"]:
@@ -292,7 +299,7 @@ def save_grid(images, path):
 
 
 def sample_onnx(args, labels_for):
-    sampler = OnnxSampler(args.onnx, args.device, threads=args.threads,
+    sampler = OnnxSampler(args.onnx, args.device, threads=args.threads, head_threads=args.head_threads,
                           checkpoint=os.path.join(args.run, "checkpoint.pt") if args.run else None)
     if args.device == "cuda" and not sampler.on_cuda:
         print("CUDA requested but onnxruntime's CUDAExecutionProvider did not load; using CPU", file=sys.stderr)
@@ -391,7 +398,7 @@ def benchmark(args):
         for precision in precisions:
             graphs = os.path.join(run, precision)
             export(run, graphs, precision=precision, verbose=False)
-            sampler = OnnxSampler(graphs, args.device, threads=args.threads)
+            sampler = OnnxSampler(graphs, args.device, threads=args.threads, head_threads=args.head_threads)
             runtimes["onnx" if precision == "fp32" else "onnx_int8"] = functools.partial(sampler.sample_tokens, labels, **kwargs)
         seconds = _best_seconds({k: (lambda k=k, fn=fn: result.__setitem__(k, fn())) for k, fn in runtimes.items()}, 3, sync)
     figures = {f"{k}_images_per_s": round(images / v, 2) for k, v in seconds.items()}
@@ -468,6 +475,8 @@ def get_parser():
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when it really works, else CPU; cuda: say so when it does not")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for either runtime (0 = its default)")
+    p.add_argument("--head-threads", type=int, default=1,
+                   help="ONNX Runtime threads for the head step on CPU (its many tiny operators run best on one)")
     p.add_argument("--seed", type=int, default=0, help="seed of numpy.random.default_rng: orders and uniforms")
     p.add_argument("--num-images", type=int, default=8, help="images when --labels is not given")
     p.add_argument("--labels", help="comma-separated class labels (default: 0, 1, 2, ... cycling)")
