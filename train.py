@@ -606,10 +606,12 @@ def grid_classes(num_classes, rows=10):
 
 @torch.no_grad()
 def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperature=1.0, seed=0):
-    """One row per class (at most 10 classes, evenly spaced), decoded with the VAE."""
+    """One row per class (at most 10 classes, evenly spaced), decoded with the VAE; num_iter
+    at most the number of token positions (one position per step)."""
     classes = grid_classes(model.cfg.num_classes)
     labels = classes.repeat_interleave(per_class)
-    latents = model.generate(labels, num_iter=num_iter, cfg=cfg, temperature=temperature, seed=seed)
+    latents = model.generate(labels, num_iter=min(num_iter, model.cfg.seq_len), cfg=cfg,
+                             temperature=temperature, seed=seed)
     images = decode(vae, latents.cpu())                                        # (R*K, 3, H, W)
     save_grid(images.view(len(classes), per_class, *images.shape[1:]), path)
 
@@ -957,7 +959,7 @@ def get_parser():
     a("--sample-every", type=int, default=0, help="write samples.png every N steps (0: only at the end)")
     a("--stop-after", type=int, default=None, help="stop (and save) after this many steps of this launch")
     # sampling for the grid
-    a("--num-iter", type=int, default=64, help="decoding steps for the sample grid (64: one position per step at 8x8)")
+    a("--num-iter", type=int, default=64, help="decoding steps for the sample grid (at most one per token position)")
     a("--cfg", type=float, default=4.0, help="classifier-free guidance scale for the sample grid")
     a("--temperature", type=float, default=0.7, help="sampling temperature for the sample grid")
     # benchmark

@@ -260,6 +260,13 @@ def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
     assert not torch.equal(a["model"]["head.out_bias"], half["model"]["head.out_bias"])  # it moved
 
 
+def test_sample_grid_caps_decoding_steps_at_the_token_count(tmp_path, vae_dir):
+    """The grid's default of 64 steps must work for a model with fewer positions (here 16)."""
+    model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).eval().calibrate(torch.randn(8, 4, 4, 4))
+    train.sample_grid(model, train.load_vae(vae_dir, 4, 4), tmp_path / "grid.png", per_class=3, num_iter=64)
+    assert Image.open(tmp_path / "grid.png").size == (3 * 16, 2 * 16)   # 2 classes x 3 samples
+
+
 def test_ablation_switches_reach_the_model(tmp_path, fake_data, vae_dir, small_model):
     train.main(run_args(tmp_path / "r", fake_data, vae_dir, "--head", "parallel", "--order", "default",
                         "--levels", "8", "--steps", "2"))
