@@ -9,12 +9,12 @@ Given finished run folders (train.py), writes figures and one JSON of numbers in
       16 vs 64 levels: reconstructions and sample grids (their NLLs do not compare);
   (d) sampling controls for one model and one seed: cfg x temperature, random vs confidence order.
 
-    python train.py --out runs/final2
-    python train.py --vae runs/final2/vae --head parallel --out runs/parallel
-    python train.py --vae runs/final2/vae --order default --out runs/default-order
-    python train.py --vae runs/final2/vae --levels 16 --out runs/levels16
-    python train.py --vae runs/final2/vae --seed 1 --out runs/seed1     # NLL noise between runs
-    python reproduce.py --ar runs/final2 --parallel runs/parallel \\
+    python train.py --out runs/digits
+    python train.py --vae runs/digits/vae --head parallel --out runs/parallel
+    python train.py --vae runs/digits/vae --order default --out runs/default-order
+    python train.py --vae runs/digits/vae --levels 16 --out runs/levels16
+    python train.py --vae runs/digits/vae --seed 1 --out runs/seed1     # NLL noise between runs
+    python reproduce.py --ar runs/digits --parallel runs/parallel \\
         --default-order runs/default-order --levels16 runs/levels16 --out docs
 
 A missing run folder skips the comparison that needs it. Everything runs on CPU in minutes.
@@ -306,7 +306,7 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ar", default="runs/final2", help="the default run: AR head, frequency order, 64 levels")
+    p.add_argument("--ar", default="runs/digits", help="the default run: AR head, frequency order, 64 levels")
     p.add_argument("--parallel", default="runs/parallel", help="same, --head parallel")
     p.add_argument("--default-order", default="runs/default-order", help="same, --order default")
     p.add_argument("--levels16", default="runs/levels16", help="same, --levels 16")
@@ -319,8 +319,8 @@ def get_parser():
     p.add_argument("--per-class", type=int, default=5, help="samples per class in each grid")
     p.add_argument("--controls-per-class", type=int, default=4, help="samples per class in the controls grids")
     p.add_argument("--num-iter", type=int, default=16, help="decoding steps (as train.py's grid)")
-    p.add_argument("--cfg", type=float, default=6.0, help="cfg of the ablation grids (as train.py's grid)")
-    p.add_argument("--temperature", type=float, default=0.6, help="temperature of the ablation grids")
+    p.add_argument("--cfg", type=float, default=4.0, help="cfg of the ablation grids (as train.py's grid)")
+    p.add_argument("--temperature", type=float, default=0.7, help="temperature of the ablation grids")
     p.add_argument("--order-cfg", type=float, default=2.0, help="cfg of the random vs confidence panels")
     p.add_argument("--order-temperature", type=float, default=1.0, help="temperature of those panels")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

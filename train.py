@@ -925,7 +925,7 @@ def get_parser():
     a("--vae", default=None, help="diffusers AutoencoderKL folder, or an LDM checkpoint such as MAR's kl16.ckpt; default: train a small one")
     a("--out", default="runs/demo", help="run directory")
     a("--resume", default=None, help="continue the run in this directory from its checkpoint.pt")
-    a("--preset", default="tiny", choices=sorted(tb.PRESETS), help="model configuration")
+    a("--preset", default="digits", choices=sorted(tb.PRESETS), help="model configuration (digits: the demo's)")
     a("--image-size", type=int, default=None, help="image size (default: the preset's)")
     a("--num-classes", type=int, default=None, help="classes (default: the preset's)")
     a("--levels", type=int, default=None, help="quantization levels per channel (default: the preset's, 64)")
