@@ -297,6 +297,16 @@ def test_reduced_precision_graphs_are_checked_and_sample(run, tmp_path, precisio
     assert tokens.shape == (3, 64, 16) and 0 <= tokens.min() and tokens.max() < 64
 
 
+def test_benchmark_prints_one_json_line_of_figures(capsys):
+    """The benchmark itself (figures, not a timed test): torch, ONNX fp32 and int8 all ran, and
+    fp32 ONNX gave PyTorch's tokens."""
+    _main(["--benchmark", "--preset", "tiny", "--device", "cpu"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("torch_images_per_s", "onnx_images_per_s", "onnx_int8_images_per_s", "head_speedup"):
+        assert line[key] > 0, key
+    assert line["tokens_equal"] and line["onnx_provider"] == "cpu" and line["torch_device"] == "cpu"
+
+
 # --- CUDA (skipped without it) ------------------------------------------------------------------
 
 def _cuda_loads(run):
