@@ -35,6 +35,7 @@ states, so a run stopped and resumed ends with the same weights as one run strai
 import argparse
 import copy
 import functools
+import gc
 import gzip
 import importlib.util
 import json
@@ -820,6 +821,9 @@ def main(args):
         fail(str(e))
     finally:
         if dist.is_initialized():
+            # the DDP wrapper sits in reference cycles: collected only at interpreter exit, after
+            # the process group, its gloo threads can abort the process (seen once in CI)
+            gc.collect()
             dist.destroy_process_group()
 
 
