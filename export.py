@@ -135,9 +135,9 @@ class VAEDecoderGraph(nn.Module):
 
 # --- random example inputs, used for tracing and for the parity check ------------------------
 
-def backbone_inputs(cfg, batch, dtype, gen):
+def backbone_inputs(cfg, batch, gen):
     N, C = cfg.seq_len, cfg.channels
-    values = torch.randn(batch, N, C, generator=gen).to(dtype)
+    values = torch.randn(batch, N, C, generator=gen)
     masked = int(torch.randint(1, N, (), generator=gen))     # as in sampling: as many in every image
     mask = torch.rand(batch, N, generator=gen).argsort(-1) < masked
     labels = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)   # incl. the null class
@@ -145,12 +145,12 @@ def backbone_inputs(cfg, batch, dtype, gen):
     return values, mask, labels
 
 
-def head_inputs(model, guidance_halves, rows, step, dtype, gen):
+def head_inputs(model, guidance_halves, rows, step, gen):
     cfg, head = model.cfg, model.head
     C, D = cfg.channels, cfg.head_width
-    cond = torch.randn(guidance_halves, rows, D, generator=gen).to(dtype)
+    cond = torch.randn(guidance_halves, rows, D, generator=gen)
     cache = torch.randn(len(head.blocks), 2, guidance_halves * rows, head.heads, step, head.head_dim,
-                        generator=gen).to(dtype)                    # the `step` slots before it
+                        generator=gen)                              # the `step` slots before it
     tokens = torch.randint(0, cfg.levels, (rows, C), generator=gen)
     uniforms = torch.rand(rows, C, generator=gen)
     return (cond, torch.tensor(step), cache, tokens, uniforms, torch.tensor(0.9),
@@ -225,12 +225,11 @@ def _export(module, example, path, inputs, outputs, dynamic_axes, meta, precisio
 def _max_diff(module, examples, path, inputs, outputs, relative):
     """Largest |torch - onnxruntime| over the float outputs of all example sets (relative: to each
     output's scale), and the share of integer outputs (sampled tokens) that differ."""
-    reference = module
     session = make_session(path, "cpu")[0]
     worst, mismatched, total = 0.0, 0, 0
     for example in examples:
         with torch.no_grad():
-            want = reference(*(x.float() if x.is_floating_point() else x for x in example))
+            want = module(*example)
         want = [w.numpy() for w in (want if isinstance(want, tuple) else (want,))]
         got = session.run(list(outputs), {name: x.numpy() for name, x in zip(inputs, example)})
         kept = True  # rows of the head whose sampled tokens agree
@@ -259,7 +258,6 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     model, ckpt = load_run(run)
     vae = load_vae(run)
     cfg = model.cfg
-    dtype = torch.float32  # --fp16 / --int8 convert the traced fp32 graphs (see _export)
     limits = {**PRECISIONS[precision], **({"tolerance": tolerance} if tolerance else {})}
     say = print if verbose else (lambda *a: None)
     fp = fingerprint(model)
@@ -282,15 +280,16 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
         os.replace(tmp, path)
         report[name] = diff
 
-    module = BackboneGraph(model).to(dtype)
-    examples = [backbone_inputs(cfg, b, dtype, gen) for b in (2, 3)]
+    # traced in fp32 at every precision: --fp16 / --int8 convert the traced graphs (see _export)
+    module = BackboneGraph(model)
+    examples = [backbone_inputs(cfg, b, gen) for b in (2, 3)]
     run_export(BACKBONE_FILE, module, examples, BACKBONE_INPUTS, BACKBONE_OUTPUTS,
                {"values": {0: "batch"}, "mask": {0: "batch"}, "labels": {0: "batch"}, "cond": {0: "batch"}})
 
-    module = HeadStepGraph(model).to(dtype)
+    module = HeadStepGraph(model)
     # trace at a middle step with guidance, check at the first/last step and without guidance too
-    examples = [head_inputs(model, 2, 5, 3, dtype, gen), head_inputs(model, 1, 7, 0, dtype, gen),
-                head_inputs(model, 2, 3, cfg.channels - 1, dtype, gen)]
+    examples = [head_inputs(model, 2, 5, 3, gen), head_inputs(model, 1, 7, 0, gen),
+                head_inputs(model, 2, 3, cfg.channels - 1, gen)]
     run_export(HEAD_FILE, module, examples, HEAD_INPUTS, HEAD_OUTPUTS,
                {"cond": {0: "halves", 1: "rows"}, "cache": {2: "cache_rows", 4: "slots"},
                 "tokens": {0: "rows"}, "uniforms": {0: "rows"}, "score": {0: "rows"}, "logits": {0: "rows"},
@@ -300,9 +299,9 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     scaling = None
     if vae is not None:
         scaling = float(vae.config.scaling_factor)
-        module = VAEDecoderGraph(vae).to(dtype)
+        module = VAEDecoderGraph(vae)
         g = cfg.grid
-        examples = [(torch.randn(b, cfg.channels, g, g, generator=gen).to(dtype),) for b in (2, 1)]
+        examples = [(torch.randn(b, cfg.channels, g, g, generator=gen),) for b in (2, 1)]
         run_export(VAE_FILE, module, examples, VAE_INPUTS, VAE_OUTPUTS,
                    {"latents": {0: "batch"}, "image": {0: "batch"}},
                    "fp32" if precision == "int8" else precision)  # convolutions: no int8 gain here

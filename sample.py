@@ -333,22 +333,20 @@ def sample_torch(args, labels_for):
 # --- benchmark (issue 2 + issue 4) -----------------------------------------------------------
 
 def _best_seconds(fns, repeats, sync=lambda: None):
-    """{name: function} -> {name: best seconds of `repeats`}, after a warm-up each (allocator,
-    thread pools, ORT's first run). The rounds interleave the functions, so a burst of load on a
-    shared machine hits them alike; it only ever adds time, so the minimum is the least disturbed
-    figure. sync waits for queued GPU work, so a timing ends when the work does."""
-    best = {}
-    for name, fn in fns.items():
-        fn()
-        best[name] = math.inf
+    """{name: function} -> {name: best seconds of `repeats`}, {name: its last result}, after a
+    warm-up each (allocator, thread pools, ORT's first run). The rounds interleave the functions,
+    so a burst of load on a shared machine hits them alike; it only ever adds time, so the minimum
+    is the least disturbed figure. sync waits for queued GPU work, so a timing ends when the work does."""
+    results = {name: fn() for name, fn in fns.items()}
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
             sync()
             start = time.perf_counter()
-            fn()
+            results[name] = fn()
             sync()
             best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return best, results
 
 
 def benchmark(args):
@@ -386,21 +384,21 @@ def benchmark(args):
             logits = head(cond, tokens)[:, -1]
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
 
-    head_s = _best_seconds({"cached": cached, "recompute": recompute}, 5, sync)
+    head_s, _ = _best_seconds({"cached": cached, "recompute": recompute}, 5, sync)
     labels = np.arange(images) % cfg.num_classes
     kwargs = dict(num_iter=steps, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
                   cfg_mode=args.cfg_mode, position_order=args.order)
-    result = {}
     with tempfile.TemporaryDirectory() as run:
         torch.save({"config": cfg.to_dict(), "model": state}, os.path.join(run, "checkpoint.pt"))
-        runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy()}
-        precisions = ("fp32", "int8") if device == "cpu" else ("fp32",)  # int8 matmuls are CPU kernels
-        for precision in precisions:
+        samplers = {}
+        precisions = {"onnx": "fp32", "onnx_int8": "int8"} if device == "cpu" else {"onnx": "fp32"}  # int8: CPU kernels
+        for name, precision in precisions.items():
             graphs = os.path.join(run, precision)
             export(run, graphs, precision=precision, verbose=False)
-            sampler = OnnxSampler(graphs, args.device, threads=args.threads, head_threads=args.head_threads)
-            runtimes["onnx" if precision == "fp32" else "onnx_int8"] = functools.partial(sampler.sample_tokens, labels, **kwargs)
-        seconds = _best_seconds({k: (lambda k=k, fn=fn: result.__setitem__(k, fn())) for k, fn in runtimes.items()}, 3, sync)
+            samplers[name] = OnnxSampler(graphs, args.device, threads=args.threads, head_threads=args.head_threads)
+        runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy(),
+                    **{name: functools.partial(s.sample_tokens, labels, **kwargs) for name, s in samplers.items()}}
+        seconds, result = _best_seconds(runtimes, 3, sync)
     figures = {f"{k}_images_per_s": round(images / v, 2) for k, v in seconds.items()}
     figures.update({f"{k}_speedup": round(seconds["torch"] / v, 2) for k, v in seconds.items() if k != "torch"})
     print(json.dumps({
@@ -410,7 +408,7 @@ def benchmark(args):
         "head_recompute_ms_per_position": round(head_s["recompute"] * 1e3 / rows, 4),
         "head_speedup": round(head_s["recompute"] / head_s["cached"], 2),
         **figures,
-        "torch_device": device, "onnx_provider": "cuda" if sampler.on_cuda else "cpu",
+        "torch_device": device, "onnx_provider": "cuda" if samplers["onnx"].on_cuda else "cpu",
         "tokens_equal": bool((result["torch"] == result["onnx"]).all()),
         **({"int8_tokens_differing": round(float((result["torch"] != result["onnx_int8"]).mean()), 3)}
            if "onnx_int8" in result else {}),

@@ -6,7 +6,7 @@ method section:
 
   1. GaussianQuantizer     post-training, per-channel quantizer (paper Sec. 3.1, Eq. for γ_k)
   2. frequency_order       frequency-based channel ordering (paper Sec. 3.2, "dimension order")
-  3. TokenBridgeConfig     one dataclass, presets tiny / bench-s / base / large / huge
+  3. TokenBridgeConfig     one dataclass, presets tiny / digits / bench-s / base / large / huge
   4. Transformer blocks    plain pre-norm blocks and adaLN blocks with a KV cache
   5. Backbone              MAR-style masked encoder-decoder giving a feature z per position
   6. DimensionwiseARHead   p(q^c | q^<c, z), one `levels`-way classification per channel

@@ -107,7 +107,7 @@ def test_mask_schedule_twin():
 
 def test_backbone_graph_matches_torch(run, sampler):
     g = torch.Generator().manual_seed(5)
-    values, mask, labels = export.backbone_inputs(run.model.cfg, 5, torch.float32, g)
+    values, mask, labels = export.backbone_inputs(run.model.cfg, 5, g)
     with torch.no_grad():
         want = run.model.condition(values, mask, labels).numpy()
     got = sampler.condition(values.numpy(), mask.numpy(), labels.numpy())
@@ -117,7 +117,7 @@ def test_backbone_graph_matches_torch(run, sampler):
 @pytest.mark.parametrize("halves,step", [(1, 0), (2, 5), (1, 15)])
 def test_head_step_graph_matches_torch(run, sampler, halves, step):
     g = torch.Generator().manual_seed(6)
-    example = export.head_inputs(run.model, halves, 9, step, torch.float32, g)
+    example = export.head_inputs(run.model, halves, 9, step, g)
     with torch.no_grad():
         want = export.HeadStepGraph(run.model)(*example)
     got = sampler.head.run(sample.HEAD_OUTPUTS, {n: x.numpy() for n, x in zip(sample.HEAD_INPUTS, example)})
