@@ -250,6 +250,7 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+
 class Attention(nn.Module):
     def __init__(self, dim, heads, qk_norm=False, dropout=0.0):
         super().__init__()
@@ -446,6 +447,11 @@ class DimensionwiseARHead(nn.Module):
         """Backbone features (..., Dd) -> the head's condition (..., D), once per position."""
         return self.condition_proj(z)
 
+    def _embed(self, tokens, tables):
+        """Embedding of each token with its own table: tokens (...), tables broadcastable to them.
+        F.embedding rather than indexing: its backward adds repeated tokens in a fixed order."""
+        return F.embedding(tokens + self.levels * tables, self.token_embed.flatten(0, 1))
+
     def _logits(self, x, c, slots):
         x = self.final(self.norm(x), c)
         return torch.einsum("...sd,skd->...sk", x, self.out_weight[slots]) + self.out_bias[slots]
@@ -459,7 +465,7 @@ class DimensionwiseARHead(nn.Module):
         if self.parallel:
             inputs = cond.new_zeros(M, L, cond.shape[-1])
         else:
-            inputs = self.token_embed[torch.arange(L, device=cond.device), tokens]         # (M, L, D)
+            inputs = self._embed(tokens, torch.arange(L, device=cond.device))             # (M, L, D)
         x = torch.cat([cond.unsqueeze(1), inputs], dim=1) + self.slot_pos[:L + 1]        # (M, L+1, D)
         c = cond.unsqueeze(1) + self.slot_cond[:L + 1]                                    # (M, L+1, D)
         for block in self.blocks:
@@ -481,7 +487,7 @@ class DimensionwiseARHead(nn.Module):
         if self.parallel:
             token = torch.zeros_like(cond)
         else:  # slot t embeds token t-1 with table t-1 (clamped: slot 0 uses cond instead)
-            token = self.token_embed[(t - 1).clamp(min=0)][prev_token]                    # (M, D)
+            token = self._embed(prev_token, (t - 1).clamp(min=0))                          # (M, D)
         first = cond + self.slot_cond[0] if self.slot0_quirk else cond
         x = (torch.where(t == 0, first, token) + self.slot_pos[t]).unsqueeze(1)          # (M, 1, D)
         c = (cond + self.slot_cond[t]).unsqueeze(1)                                       # (M, 1, D)

@@ -66,8 +66,10 @@ from tqdm import tqdm  # noqa: E402
 import tokenbridge as tb  # noqa: E402
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-# Keys that come from the command line even on --resume; everything else comes from the checkpoint.
-RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers", "benchmark", "bench_steps"}
+# Flags that may differ on --resume: where and how this launch runs, and what the sample grid
+# shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
+RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers", "benchmark", "bench_steps",
+                "batch_bench", "save_every", "sample_every", "num_iter", "cfg", "temperature"}
 
 
 def fail(message):
@@ -554,6 +556,25 @@ class TrainingLoss(torch.nn.Module):
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def sum_in_fixed_order(x, width=1024):
+    """x.sum() rounded the same way at any thread count. torch splits the sum of one large tensor
+    between its threads; the sum of each row of `width` is one thread's, so summing rows, then
+    rows of row sums, fixes the order."""
+    x = x.flatten()
+    while x.numel() > width:
+        x = F.pad(x, (0, -x.numel() % width)).view(-1, width).sum(1)
+    return x.sum()
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm):
+    """torch.nn.utils.clip_grad_norm_ with a total norm that does not depend on the thread count."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = sum_in_fixed_order(torch.stack([sum_in_fixed_order(g.float().square()) for g in grads])).sqrt()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
 def train_step(loss_fn, opt, latents, labels, lr, clip, device):
     """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped); returns the loss as a
     float, and skips the update when it is not finite (the caller stops)."""
@@ -570,7 +591,7 @@ def train_step(loss_fn, opt, latents, labels, lr, clip, device):
         return value
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), clip)
+    clip_grad_norm(loss_fn.parameters(), clip)
     opt.step()
     return value
 
@@ -659,7 +680,8 @@ def save_checkpoint(run_dir, model, ema, opt, step, args, classes, dist_info):
         return
     ckpt = {"config": model.cfg.to_dict(), "model": model.state_dict(), "ema": ema.state_dict(),
             "optimizer": opt.state_dict(), "step": step, "quantizer": model.quantizer.state_dict(),
-            "rng": states, "args": vars(args), "classes": classes, "vae": str(args.vae_dir)}
+            "rng": states, "threads": torch.get_num_threads(), "args": vars(args), "classes": classes,
+            "vae": str(args.vae_dir)}
     atomic_save(ckpt, Path(run_dir) / "checkpoint.pt")
 
 
@@ -672,6 +694,9 @@ def setup_distributed(device_arg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device_arg}: CUDA does not work here (torch.cuda.is_available() is False); "
+             "use --device cpu, or leave --device out to use CUDA only when it works")
     if device.type == "cuda":
         device = torch.device("cuda", local if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
@@ -810,13 +835,40 @@ def train_loop(args, model, loss_fn, ema, opt, cache, train_idx, vae, classes, r
     return end
 
 
-def main(args):
+# The smallest value each numeric flag can take: below it the run would fail late or do nothing.
+LOWER_BOUNDS = {"steps": 1, "batch": 1, "warmup": 0, "save_every": 1, "sample_every": 0, "stop_after": 0,
+                "val_size": 0, "vae_steps": 1, "vae_batch": 1, "encode_batch": 1, "workers": 0, "threads": 0,
+                "head_positions": 0, "num_iter": 1, "cfg": 0, "temperature": 0, "grad_clip": 0,
+                "weight_decay": 0, "vae_kl": 0, "batch_bench": 1, "bench_steps": 1}
+
+
+def check_args(args):
+    for key, low in LOWER_BOUNDS.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            fail(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
+    for key in ("lr", "vae_lr"):
+        if not getattr(args, key) > 0:
+            fail(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    if not 0 <= args.ema < 1:
+        fail(f"--ema must be in [0, 1), got {args.ema}")
+
+
+def main(args, given=None):
+    """given: the flags the command line named (given_flags); None counts every flag whose value
+    differs from its default as given."""
+    check_args(args)
+    if given is None:
+        given = {k for k, v in vars(args).items() if v != get_parser().get_default(k)}
+    # MKL's matrix products split long sums between threads: strict conditional numerical
+    # reproducibility keeps their rounding the same at any thread count. Read when MKL first runs.
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     dist_info, device = setup_distributed(args.device)
     set_threads(args.threads, dist_info["local_world"])
     try:
         if args.benchmark:
             return run_benchmark(args, device)
-        return pipeline(args, dist_info, device)
+        return pipeline(args, given, dist_info, device)
     except ValueError as e:  # tokenbridge's input checks: already one clear line
         fail(str(e))
     finally:
@@ -827,19 +879,39 @@ def main(args):
             dist.destroy_process_group()
 
 
-def resume_args(args):
-    """On --resume, the run's own settings win, except the runtime flags."""
+def given_flags(argv):
+    """The destinations of the flags that argv names, defaults aside."""
+    parser = get_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # a flag that argv does not name stays out of the namespace
+    return set(vars(parser.parse_args(argv)))
+
+
+def resume_args(args, given):
+    """On --resume the run's own settings win. A flag given on the command line is a runtime flag,
+    --steps (a new end: the schedule's horizon moves), or the run's own value; anything else is
+    refused, so no flag is ever silently ignored."""
     ckpt = load_checkpoint(args.resume)
-    saved = dict(ckpt["args"])
-    saved.update({k: v for k, v in vars(args).items() if k in RUNTIME_KEYS})
+    saved, new = dict(ckpt["args"]), vars(args)
+    changed = sorted(k for k in given - RUNTIME_KEYS - {"steps"} if k in saved and new[k] != saved[k])
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {new[k]} (the run has {saved[k]})" for k in changed)
+        fail(f"--resume continues {args.resume} with its own settings, but the command line changes {flags}; "
+             "drop those flags, or start a new run with --out")
+    if "steps" in given and new["steps"] != saved["steps"]:
+        if new["steps"] <= ckpt["step"]:
+            fail(f"--steps {new['steps']}: {args.resume} is already at step {ckpt['step']}; give a larger --steps")
+        saved["horizons"] = saved.get("horizons", []) + [{"at_step": ckpt["step"], "steps": [saved["steps"], new["steps"]]}]
+        saved["steps"] = new["steps"]
+    saved.update({k: v for k, v in new.items() if k in RUNTIME_KEYS})
     saved["out"] = args.resume
     return argparse.Namespace(**saved), ckpt
 
 
-def pipeline(args, dist_info, device):
+def pipeline(args, given, dist_info, device):
     ckpt = None
     if args.resume:
-        args, ckpt = resume_args(args)
+        args, ckpt = resume_args(args, given)
     rank0, started = dist_info["rank"] == 0, time.time()
     run_dir = Path(args.out)
     if rank0:
@@ -899,6 +971,18 @@ def pipeline(args, dist_info, device):
                 "the run continues but not bit-identically", dist_info)
             torch.manual_seed(args.seed + 1000 * start_step + dist_info["rank"])
         log(f"[resume] from step {start_step} of {args.steps}", dist_info)
+        horizon = args.horizons[-1] if getattr(args, "horizons", None) else None
+        if horizon and horizon["at_step"] == start_step:
+            old, new = horizon["steps"]
+            log(f"[resume] --steps moves the end from {old} to {new}: the learning-rate schedule's cosine now "
+                f"ends at step {new} (lr at step {start_step}: {lr_at(start_step - 1, args.lr, args.warmup, old):.3g} "
+                f"-> {lr_at(start_step, args.lr, args.warmup, new):.3g})", dist_info)
+        if start_step >= args.steps:
+            log(f"[resume] {run_dir} has finished its {args.steps} steps; give --steps N to train it further",
+                dist_info)
+        if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+            log(f"warning: resuming with {torch.get_num_threads()} threads, saved with {ckpt['threads']}; the run "
+                "continues but not bit-identically (LayerNorm's CPU backward sums per thread)", dist_info)
     else:
         torch.manual_seed(args.seed + dist_info["rank"])  # mask/label-drop randomness per rank
     loss_fn = TrainingLoss(model, args.head_positions)
@@ -974,4 +1058,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    main(get_parser().parse_args(), given_flags(sys.argv[1:]))

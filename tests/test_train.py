@@ -7,6 +7,7 @@ for a few steps once per session, the `tiny` preset shrunk further. Run: pytest 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,13 +67,16 @@ def vae_dir(fake_data, tmp_path_factory, small_cfg):
     return path
 
 
-def run_args(run_dir, data, vae, *extra):
+def run_argv(run_dir, data, vae, *extra):
     """Fast run-level flags; the small model itself comes from the small_model fixture."""
-    return train.get_parser().parse_args(
-        ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
-         "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "6",
-         "--warmup", "2", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
-         "--device", "cpu", "--workers", "1", *extra])
+    return ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
+            "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "6",
+            "--warmup", "2", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
+            "--device", "cpu", "--workers", "1", *extra]
+
+
+def run_args(run_dir, data, vae, *extra):
+    return train.get_parser().parse_args(run_argv(run_dir, data, vae, *extra))
 
 
 @pytest.fixture
@@ -363,6 +367,50 @@ def test_resume_without_or_with_corrupt_checkpoint(tmp_path):
         train.main(train.get_parser().parse_args(["--resume", str(tmp_path)]))
 
 
+def main_cli(argv):
+    """train.py's __main__: the parsed flags and the ones argv names."""
+    return train.main(train.get_parser().parse_args(argv), train.given_flags(argv))
+
+
+def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path, fake_data, vae_dir, small_model,
+                                                                       capsys):
+    run = tmp_path / "r"
+    train.main(run_args(run, fake_data, vae_dir, "--steps", "4"))
+    resume = ["--resume", str(run), "--threads", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit, match=r"changes --lr 0.5 \(the run has 0.001\)"):
+        main_cli(resume + ["--lr", "0.5"])
+    with pytest.raises(SystemExit, match=r"changes --batch 64 \(the run has 8\)"):  # a default, but given
+        main_cli(resume + ["--batch", "64"])
+    main_cli(resume + ["--batch", "8", "--steps", "6", "--save-every", "1"])  # its own value: fine
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 6 and ck["args"]["steps"] == 6 and ck["args"]["save_every"] == 1
+    assert ck["args"]["horizons"] == [{"at_step": 4, "steps": [4, 6]}]
+    assert "moves the end from 4 to 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="already at step 6; give a larger --steps"):
+        main_cli(resume + ["--steps", "5"])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch", "0", "--batch must be >= 1, got 0"), ("--steps", "0", "--steps must be >= 1, got 0"),
+    ("--save-every", "0", "--save-every must be >= 1"), ("--lr", "-1", "--lr must be > 0"),
+    ("--ema", "1", r"--ema must be in \[0, 1\)"), ("--num-iter", "0", "--num-iter must be >= 1")])
+def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        main_cli(["--out", str(tmp_path / "r"), flag, value])
+    assert not (tmp_path / "r").exists()
+
+
+def test_command_line_errors_are_one_line_and_a_failing_exit(tmp_path):
+    cases = [["--batch", "0"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
+    for argv in cases:
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "r"), *argv],
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1 and "error:" in lines[0], (argv, proc.stderr)
+        assert not (tmp_path / "r").exists()
+    assert "CUDA does not work here" in proc.stderr or torch.cuda.is_available()
+
+
 def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
     with pytest.raises(SystemExit, match="latent channels"):
         train.load_vae(vae_dir, 4, 16)
@@ -437,3 +485,99 @@ def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
     ck = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2 and len(ck["rng"]) == 2
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])    # each rank its own masks
+
+
+# --- determinism: bit-identical weights on 2 threads, whatever stops the run -------------------
+
+KILLABLE_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import tokenbridge as tb, train
+train.build_config = lambda args: tb.TokenBridgeConfig(**{cfg!r})
+kill_at_step, kill_in_save = {kill_at_step!r}, {kill_in_save!r}
+forward, save, calls = train.TrainingLoss.forward, train.torch.save, {{"steps": 0, "saves": 0}}
+
+def forward_then_die(self, *a):  # SIGKILL in the middle of a step, after its forward pass
+    loss = forward(self, *a)
+    calls["steps"] += 1
+    if calls["steps"] == kill_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return loss
+
+def save_then_die(obj, path, *a, **k):  # SIGKILL half-way through writing a checkpoint
+    if str(path).endswith("checkpoint.pt.tmp"):
+        calls["saves"] += 1
+        if calls["saves"] == kill_in_save:
+            save(obj, path, *a, **k)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, path, *a, **k)
+
+train.TrainingLoss.forward, train.torch.save = forward_then_die, save_then_die
+argv = sys.argv[1:]
+train.main(train.get_parser().parse_args(argv), train.given_flags(argv))
+"""
+
+
+def weights(run):
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    return ckpt["step"], {f"{k}.{n}": t for k in ("model", "ema", "optimizer") for n, t in flat(ckpt[k])}
+
+
+def flat(state, prefix=""):
+    """(name, tensor) for every tensor of a nested state dict (the optimizer's holds dicts)."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from flat(v, f"{prefix}{k}.")
+        elif isinstance(v, torch.Tensor):
+            yield f"{prefix}{k}", v
+
+
+def assert_bit_identical(a, b):
+    (step_a, wa), (step_b, wb) = weights(a), weights(b)
+    assert step_a == step_b and wa.keys() == wb.keys()
+    differing = [n for n in wa if not torch.equal(wa[n], wb[n])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+# A head wide enough that torch splits its backward between 2 threads (with SMALL_CFG it stays on
+# one, and a nondeterministic reduction there would go unseen).
+DETERMINISM_CFG = {**SMALL_CFG, "head_width": 64}
+
+
+@pytest.fixture
+def launch(tmp_path, fake_data, vae_dir):
+    """train.py with the small model in a fresh process on 2 threads (the paper's loss: every masked
+    position through the head); kill_at_step / kill_in_save make it SIGKILL itself. Returns the
+    finished process."""
+    def start(run, *extra, kill_at_step=None, kill_in_save=None):
+        script = tmp_path / "killable_main.py"
+        script.write_text(KILLABLE_SCRIPT.format(root=str(ROOT), cfg=DETERMINISM_CFG, kill_at_step=kill_at_step,
+                                                 kill_in_save=kill_in_save))
+        argv = list(extra) if "--resume" in extra else \
+            run_argv(tmp_path / run, fake_data, vae_dir, "--steps", "8", "--batch", "16", "--save-every", "100",
+                     "--head-positions", "0", *extra)
+        return subprocess.run([sys.executable, str(script), *argv, "--threads", "2"], capture_output=True,
+                              text=True, timeout=300)
+    return start
+
+
+def test_two_threads_straight_split_killed_and_resumed_runs_are_bit_identical(tmp_path, launch):
+    assert launch("a").returncode == 0
+    assert launch("b").returncode == 0
+    assert_bit_identical(tmp_path / "a", tmp_path / "b")                    # the same run twice
+    assert launch("every3", "--save-every", "3").returncode == 0
+    assert_bit_identical(tmp_path / "a", tmp_path / "every3")               # checkpoints change nothing
+    assert launch("split", "--stop-after", "5").returncode == 0
+    assert launch(None, "--resume", str(tmp_path / "split")).returncode == 0
+    assert_bit_identical(tmp_path / "a", tmp_path / "split")
+    killed = launch("step", "--save-every", "3", kill_at_step=5)            # dies in step 5, saved at 3
+    assert killed.returncode == -signal.SIGKILL and weights(tmp_path / "step")[0] == 3
+    assert launch(None, "--resume", str(tmp_path / "step")).returncode == 0
+    assert_bit_identical(tmp_path / "a", tmp_path / "step")
+    killed = launch("save", "--save-every", "3", kill_in_save=2)            # dies writing step 6
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "save" / "checkpoint.pt.tmp").exists()
+    assert weights(tmp_path / "save")[0] == 3                               # the step-3 file is intact
+    assert launch(None, "--resume", str(tmp_path / "save")).returncode == 0
+    assert_bit_identical(tmp_path / "a", tmp_path / "save")
