@@ -4,7 +4,7 @@
     python export.py --run runs/demo --fp16          # half-precision graphs, for GPU
     python export.py --run runs/demo --int8          # int8 matmuls in backbone and head, for CPU
 
-Writes three graphs and one JSON (DESIGN.md §3, issue 4):
+Writes three graphs and one JSON (DESIGN.md §3):
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
                      = TokenBridge.condition: backbone + head.project; fixed-shape inputs, the
                      known positions gathered inside (every image has as many masked: NonZero)
@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -38,7 +39,7 @@ import torch.nn as nn
 
 import tokenbridge as tb
 from sample import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, EXPORT_FORMAT, HEAD_FILE, HEAD_INPUTS,
-                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session)
+                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session, one_line)
 
 OPSET = 17
 
@@ -56,12 +57,32 @@ def fingerprint(model):
     return h.hexdigest()
 
 
+def _read_checkpoint(path):
+    """torch.load with weights_only=True, so no code in the file can run; anything but a dict
+    with a "config" and a "model" is one ValueError saying why."""
+    fix = "give --run a folder written by train.py (or interop.py, for the released weights)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text is a paragraph about its defaults; this is the point
+        raise ValueError(f"{path} is not a TokenBridge checkpoint (torch.load with weights_only=True refused it: "
+                         f"it holds more than tensors and plain containers, or is not a pickle); {fix}") from None
+    except (RuntimeError, EOFError, KeyError, OSError) as e:  # a truncated zip, an empty or foreign file
+        first = one_line(e).split(". ")[0]  # torch's first sentence says what; the rest is advice
+        raise ValueError(f"{path} is not a TokenBridge checkpoint (truncated, or not written by torch.save: "
+                         f"{first}); {fix}") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
+        raise ValueError(f"{path} is not a TokenBridge checkpoint (it has no \"config\" and \"model\"); {fix}")
+    return ckpt
+
+
 def load_run(run, device="cpu"):
     """RUN/checkpoint.pt -> (model in eval mode, checkpoint dict); EMA weights when present."""
     path = os.path.join(run, "checkpoint.pt")
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}; train one with train.py --out {run}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = _read_checkpoint(path)
     model = tb.TokenBridge(tb.TokenBridgeConfig.from_dict(ckpt["config"]))
     state = dict(ckpt["model"])
     if ckpt.get("ema") is not None:  # EMA may hold parameters only; buffers come from `model`
@@ -186,17 +207,25 @@ PRECISIONS = {"fp32": dict(tolerance=1e-4, token_flips=0.01),
               "int8": dict(tolerance=1e-1, token_flips=0.1)}
 
 
+# ORT's dynamic quantization settings for --int8, recorded in tokenbridge.json. reduce_range:
+# 7-bit weights. ORT's u8 x s8 kernels on CPUs without AVX-512 VNNI (AVX2, plain AVX-512) add
+# pairs of products in 16 bits (VPMADDUBSW), which saturates with 8-bit weights; with 7-bit ones
+# the pair stays below 2^15, so the same graphs give the same numbers on every x86 CPU.
+INT8_SETTINGS = {"weight_type": "QInt8", "activation_type": "QUInt8", "per_channel": True, "reduce_range": True,
+                 "op_types": ["MatMul"]}
+
+
 def _quantize_int8(path):
     """ORT's dynamic quantization: int8 weights (per output channel), activations quantized on the
-    fly, MatMuls only. On CPUs with VNNI these run at several times the fp32 rate; LayerNorm,
-    softmax and the sampler stay fp32."""
+    fly, MatMuls only; LayerNorm, softmax and the sampler stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     root, level = logging.getLogger(), logging.getLogger().level
     root.setLevel(logging.ERROR)  # the tool's advice on pre-processing is for static quantization
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # and it prints shape-inference chatter
-            quantize_dynamic(path, path, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"])
+            quantize_dynamic(path, path, weight_type=QuantType[INT8_SETTINGS["weight_type"]],
+                             per_channel=INT8_SETTINGS["per_channel"], reduce_range=INT8_SETTINGS["reduce_range"],
+                             op_types_to_quantize=INT8_SETTINGS["op_types"])
     finally:
         root.setLevel(level)
 
@@ -254,9 +283,14 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = out or os.path.join(run, "onnx")
-    os.makedirs(out, exist_ok=True)
-    model, ckpt = load_run(run)
+    model, ckpt = load_run(run)  # first: a run that cannot be exported leaves no empty folder behind
     vae = load_vae(run)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a regular file in the way, no permission
+        raise ValueError(f"cannot create the output folder {out} ({e.strerror}); choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"cannot write to the output folder {out}; choose another --out")
     cfg = model.cfg
     limits = {**PRECISIONS[precision], **({"tolerance": tolerance} if tolerance else {})}
     say = print if verbose else (lambda *a: None)
@@ -316,6 +350,7 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
         "config": cfg.to_dict(),
         "dtype": "float32",   # of the graphs' inputs and outputs
         "precision": precision,
+        **({"int8": INT8_SETTINGS} if precision == "int8" else {}),
         "weights": "ema" if ckpt.get("ema") is not None else "model",
         "quantizer": {"centers": q.centers.tolist(), "mean": q.mean.tolist(), "std": q.std.tolist(),
                       "order": q.order.tolist()},

@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 # ONNX file and I/O names, shared with export.py (which imports them from here: this module must
 # stay importable without torch).
@@ -38,6 +39,15 @@ VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
 # The graphs' interface as this loop drives it; export.py records it. 2: the head's KV cache
 # grows a slot per step (1, unversioned: a fixed C-slot cache).
 EXPORT_FORMAT = 2
+# What ORT raises for a graph file it cannot load or a provider that fails: its own exception
+# classes, plain Exception subclasses (not RuntimeError), so they are named one by one.
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
+              ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
+
+
+def one_line(error):
+    """An exception's text on one line (ORT's and torch's span several), for reports and `error: ...`."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def make_session(path, device="auto", threads=0):
@@ -105,7 +115,10 @@ class OnnxSampler:
         if not os.path.isfile(meta_path):
             raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
         with open(meta_path) as f:
-            self.meta = meta = json.load(f)
+            try:
+                self.meta = meta = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run export.py") from None
         if meta.get("format", 1) != EXPORT_FORMAT:
             raise ValueError(f"{onnx_dir} was written by another export.py (format {meta.get('format', 1)}, "
                              f"this sample.py reads {EXPORT_FORMAT}); re-run export.py")
@@ -115,7 +128,7 @@ class OnnxSampler:
             raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; re-run export.py")
         if checkpoint is not None:
             self._check_checkpoint(checkpoint)
-        sessions = [make_session(os.path.join(onnx_dir, name), device, head_threads if name == HEAD_FILE else threads)
+        sessions = [self._open(onnx_dir, name, device, head_threads if name == HEAD_FILE else threads)
                     for name in files]
         for name, (session, _) in zip(files, sessions):
             got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
@@ -125,9 +138,13 @@ class OnnxSampler:
         self.backbone, self.head = sessions[0][0], sessions[1][0]
         self.vae = sessions[2][0] if meta["vae"] else None
         self.on_cuda = all(on_cuda for _, on_cuda in sessions)
+        if device == "cuda" and not self.on_cuda:
+            why = ("did not load (no GPU, or CUDA/cuDNN libraries missing)"
+                   if "CUDAExecutionProvider" in ort.get_available_providers() else
+                   "is not in this onnxruntime build (install onnxruntime-gpu)")
+            raise ValueError(f"--device cuda, but onnxruntime's CUDAExecutionProvider {why}; "
+                             "use --device auto (CPU when CUDA does not work) or cpu")
         self.iobinding = self.on_cuda if iobinding is None else iobinding
-        if self.iobinding and not self.on_cuda and device == "cuda":
-            self.iobinding = False  # nothing to keep on a device we do not have
         self.device = "cuda" if self.on_cuda else "cpu"
 
         cfg = self.cfg = meta["config"]
@@ -141,6 +158,17 @@ class OnnxSampler:
         # step indices live on the device once, so the channel loop never uploads them
         self.steps = [np.array(t, np.int64) for t in range(self.C)]
         self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, 0) for t in self.steps]
+
+    @staticmethod
+    def _open(onnx_dir, name, device, threads):
+        """make_session for one graph file; a file ORT cannot load (truncated, corrupt) is one
+        ValueError naming it, not ORT's traceback."""
+        path = os.path.join(onnx_dir, name)
+        try:
+            return make_session(path, device, threads)
+        except ORT_ERRORS as e:
+            raise ValueError(f"{path} cannot be loaded by onnxruntime ({one_line(e)}); "
+                             f"re-run export.py --run RUN --out {onnx_dir}") from None
 
     def _check_checkpoint(self, checkpoint):
         """The run's checkpoint must be the one the graphs came from (file hash: no torch here)."""
@@ -301,14 +329,22 @@ def save_grid(images, path):
 def sample_onnx(args, labels_for):
     sampler = OnnxSampler(args.onnx, args.device, threads=args.threads, head_threads=args.head_threads,
                           checkpoint=os.path.join(args.run, "checkpoint.pt") if args.run else None)
-    if args.device == "cuda" and not sampler.on_cuda:
-        print("CUDA requested but onnxruntime's CUDAExecutionProvider did not load; using CPU", file=sys.stderr)
     labels = labels_for(sampler.cfg["num_classes"])
-    tokens = sampler.sample_tokens(labels, args.num_iter or min(64, sampler.N), args.cfg, args.temperature,
-                                   args.seed, args.cfg_mode, args.order)
+    num_iter = min(64, sampler.N) if args.num_iter is None else args.num_iter
+    tokens = sampler.sample_tokens(labels, num_iter, args.cfg, args.temperature, args.seed, args.cfg_mode, args.order)
     latents = sampler.unpatchify(sampler.dequantize(tokens))
     images = to_uint8(sampler.decode(latents)) if sampler.vae else None
     return labels, tokens, latents, images, sampler.cfg["vae_stride"]
+
+
+def torch_device(requested):
+    """--device for torch: "auto" is CUDA when torch can use it, else the CPU; an explicit "cuda"
+    that torch cannot use is refused, not quietly run on the CPU."""
+    import torch
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, or no "
+                         "GPU/driver); use --device auto (CPU when CUDA does not work) or cpu")
+    return "cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def sample_torch(args, labels_for):
@@ -316,21 +352,20 @@ def sample_torch(args, labels_for):
     from export import VAEDecoderGraph, load_run, load_vae
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = "cpu" if args.device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and device == "cpu":
-        print("CUDA requested but torch.cuda.is_available() is False; using CPU", file=sys.stderr)
+    device = torch_device(args.device)
     model, _ = load_run(args.run, device)
     labels = labels_for(model.cfg.num_classes)
+    num_iter = min(64, model.cfg.seq_len) if args.num_iter is None else args.num_iter
     with torch.no_grad():
-        tokens = model.sample_tokens(labels, args.num_iter or min(64, model.cfg.seq_len), args.cfg,
-                                     args.temperature, args.seed, cfg_mode=args.cfg_mode, position_order=args.order)
+        tokens = model.sample_tokens(labels, num_iter, args.cfg, args.temperature, args.seed,
+                                     cfg_mode=args.cfg_mode, position_order=args.order)
         latents = model.unpatchify(model.quantizer.dequantize(tokens))
         vae = load_vae(args.run, device)
         images = to_uint8(VAEDecoderGraph(vae)(latents).float().cpu().numpy()) if vae is not None else None
     return labels, tokens.cpu().numpy(), latents.cpu().numpy(), images, model.cfg.vae_stride
 
 
-# --- benchmark (issue 2 + issue 4) -----------------------------------------------------------
+# --- benchmark -------------------------------------------------------------------------------
 
 def _best_seconds(fns, repeats, sync=lambda: None):
     """{name: function} -> {name: best seconds of `repeats`}, {name: its last result}, after a
@@ -349,17 +384,28 @@ def _best_seconds(fns, repeats, sync=lambda: None):
     return best, results
 
 
+def _onnx_runtime(run, precision, args):
+    """One ONNX runtime of the benchmark: RUN exported at `precision` (checked against PyTorch), opened."""
+    from export import export
+    graphs = os.path.join(run, precision)
+    export(run, graphs, precision=precision, verbose=False)
+    return OnnxSampler(graphs, args.device, threads=args.threads, head_threads=args.head_threads)
+
+
 def benchmark(args):
-    """One JSON line: KV-cached vs recomputed head per position, torch vs ONNX Runtime images/s."""
+    """One JSON line: KV-cached vs recomputed head per position, torch vs ONNX Runtime images/s.
+
+    Each ONNX runtime stands alone: one whose export fails its parity check, or that ONNX Runtime
+    cannot load, is reported as NAME_error (one line) and its keys are absent; the others are
+    still timed. PyTorch is the reference every figure is relative to, so it must run."""
     import tempfile
     import torch
     import tokenbridge as tb
-    from export import export
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = torch_device(args.device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cfg = tb.TokenBridgeConfig.preset(args.preset)
     model = tb.TokenBridge(cfg).eval()
@@ -390,28 +436,32 @@ def benchmark(args):
                   cfg_mode=args.cfg_mode, position_order=args.order)
     with tempfile.TemporaryDirectory() as run:
         torch.save({"config": cfg.to_dict(), "model": state}, os.path.join(run, "checkpoint.pt"))
-        samplers = {}
+        samplers, errors = {}, {}
         precisions = {"onnx": "fp32", "onnx_int8": "int8"} if device == "cpu" else {"onnx": "fp32"}  # int8: CPU kernels
         for name, precision in precisions.items():
-            graphs = os.path.join(run, precision)
-            export(run, graphs, precision=precision, verbose=False)
-            samplers[name] = OnnxSampler(graphs, args.device, threads=args.threads, head_threads=args.head_threads)
+            try:
+                samplers[name] = _onnx_runtime(run, precision, args)
+            except (ValueError, *ORT_ERRORS) as e:
+                errors[f"{name}_error"] = one_line(e)
         runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy(),
                     **{name: functools.partial(s.sample_tokens, labels, **kwargs) for name, s in samplers.items()}}
         seconds, result = _best_seconds(runtimes, 3, sync)
     figures = {f"{k}_images_per_s": round(images / v, 2) for k, v in seconds.items()}
     figures.update({f"{k}_speedup": round(seconds["torch"] / v, 2) for k, v in seconds.items() if k != "torch"})
+    agreement = {}
+    if "onnx" in result:
+        agreement["onnx_provider"] = "cuda" if samplers["onnx"].on_cuda else "cpu"
+        agreement["tokens_equal"] = bool((result["torch"] == result["onnx"]).all())
+    if "onnx_int8" in result:
+        agreement["int8_tokens_differing"] = round(float((result["torch"] != result["onnx_int8"]).mean()), 3)
     print(json.dumps({
         "preset": args.preset, "images": images, "num_iter": steps, "cfg": args.cfg, "order": args.order,
         "head_rows": rows,
         "head_cached_ms_per_position": round(head_s["cached"] * 1e3 / rows, 4),
         "head_recompute_ms_per_position": round(head_s["recompute"] * 1e3 / rows, 4),
         "head_speedup": round(head_s["recompute"] / head_s["cached"], 2),
-        **figures,
-        "torch_device": device, "onnx_provider": "cuda" if samplers["onnx"].on_cuda else "cpu",
-        "tokens_equal": bool((result["torch"] == result["onnx"]).all()),
-        **({"int8_tokens_differing": round(float((result["torch"] != result["onnx_int8"]).mean()), 3)}
-           if "onnx_int8" in result else {}),
+        **figures, **errors,
+        "torch_device": device, **agreement,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }))
@@ -429,7 +479,53 @@ def use_official(args):
             setattr(args, key, value)
 
 
+def parse_labels(text):
+    """--labels "3,3,7" -> int64 array, or None when not given (their range is checked per model)."""
+    if not text:
+        return None
+    try:
+        return np.array([int(x) for x in text.split(",")], np.int64)
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated class numbers such as 3,3,7, got {text!r}") from None
+
+
+def check_args(args):
+    """Refuse bad flags in one line before anything is loaded or sampled. The samplers check
+    num_iter's upper end and the labels' range themselves: those depend on the model."""
+    lowest = {"--num-images": (args.num_images, 1), "--num-iter": (args.num_iter, 1), "--seed": (args.seed, 0),
+              "--threads": (args.threads, 0), "--head-threads": (args.head_threads, 0),
+              "--cfg": (args.cfg, 0), "--temperature": (args.temperature, 0)}
+    for flag, (value, low) in lowest.items():
+        if value is not None and not value >= low:  # None: the default, or --official's released one; NaN fails too
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.benchmark:  # the benchmark writes no files
+        check_outputs(args)
+
+
+def check_outputs(args):
+    """Every output path must be writable now, not after minutes of sampling, and none is
+    written before all are known to be."""
+    from PIL import Image
+    if args.out and Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
+        raise ValueError(f"--out {args.out}: not an image type Pillow writes; end the name in .png")
+    for flag, path in (("--out", args.out), ("--npz", args.npz), ("--save-tokens", args.save_tokens)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            why = "it is a folder; give a file name"
+        elif not os.path.isdir(folder):
+            why = f"folder {folder} does not exist; create it or choose another path"
+        elif not os.access(folder, os.W_OK):
+            why = f"folder {folder} is not writable; choose another path"
+        else:
+            continue
+        raise ValueError(f"{flag} {path}: cannot write there ({why})")
+
+
 def main(args):
+    check_args(args)
+    given_labels = parse_labels(args.labels)
     if args.official:
         use_official(args)
     args.cfg = 1.0 if args.cfg is None else args.cfg
@@ -443,10 +539,7 @@ def main(args):
         raise ValueError("--runtime torch needs --run RUN (a folder with checkpoint.pt)")
 
     def labels_for(num_classes):
-        if args.labels:
-            labels = np.array([int(x) for x in args.labels.split(",")], np.int64)
-        else:
-            labels = np.arange(args.num_images, dtype=np.int64) % num_classes
+        labels = np.arange(args.num_images, dtype=np.int64) % num_classes if given_labels is None else given_labels
         check_labels(labels, num_classes)
         return labels
 
@@ -471,7 +564,7 @@ def get_parser():
     p.add_argument("--onnx", help="folder written by export.py: the onnx runtime's graphs")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="which runtime samples")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CUDA when it really works, else CPU; cuda: say so when it does not")
+                   help="auto: CUDA when it really works, else CPU; cuda: CUDA or an error")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for either runtime (0 = its default)")
     p.add_argument("--head-threads", type=int, default=1,
                    help="ONNX Runtime threads for the head step on CPU (its many tiny operators run best on one)")
@@ -480,7 +573,7 @@ def get_parser():
     p.add_argument("--labels", help="comma-separated class labels (default: 0, 1, 2, ... cycling)")
     p.add_argument("--num-iter", type=int, default=None, help="decoding steps (default: 64, or N if fewer)")
     p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance scale (default 1 = off; with --official the released one)")
+                   help="classifier-free guidance scale, >= 0 (default 1 = off; with --official the released one)")
     p.add_argument("--cfg-mode", choices=["features", "logits"], default="features",
                    help="guide the backbone features (paper) or the head's logits")
     p.add_argument("--temperature", type=float, default=None,
