@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -50,10 +51,11 @@ def one_line(error):
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def make_session(path, device="auto", threads=0):
+def make_session(path, device="auto", threads=0, device_id=0):
     """An ORT session on CUDA when asked for (or "auto") and it really loads, else CPU.
 
-    threads: ORT's intra-op threads (0 = one per physical core). Returns (session, on_cuda).
+    threads: ORT's intra-op threads (0 = one per physical core); device_id: which GPU.
+    Returns (session, on_cuda).
     ORT's own logging is silenced (severity 4): a missing CUDA library
     otherwise prints a wall of text; callers report it in one line instead.
     """
@@ -67,7 +69,7 @@ def make_session(path, device="auto", threads=0):
         _preload_cuda_libraries()
         # ORT's CUDA provider uses TF32 by default (fp32 matmuls at 10 mantissa bits); PyTorch does
         # not, and that much rounding changes sampled tokens, so the fp32 graphs run in fp32
-        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0", "device_id": str(device_id)}))
     session = ort.InferenceSession(path, options, providers=providers)
     # get_providers(), not get_available_providers(): the latter lists CUDA even without its libraries
     return session, "CUDAExecutionProvider" in session.get_providers()
@@ -101,16 +103,24 @@ def mask_schedule(seq_len, num_iter):
     return left
 
 
+def guidance_weight(cfg, seq_len, left, schedule="linear", official_clamp=False):
+    """Twin of tokenbridge.guidance_weight."""
+    if schedule == "constant":
+        return cfg
+    return 1.0 + (cfg - 1.0) * (seq_len - max(left, int(official_clamp))) / seq_len
+
+
 class OnnxSampler:
     """The exported graphs + tokenbridge.json, and the torch-free mirror of TokenBridge.sample_tokens."""
 
-    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0, head_threads=1):
+    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0, head_threads=1,
+                 device_id=0):
         """threads: ORT's intra-op threads for the backbone and the VAE decoder (0 = ORT's default).
         head_threads: for head_step.onnx, 1 by default: ORT's CPU thread pool synchronises after
         every operator, and the head step is ~240 small ones, run C times per decoding step, where
         that costs more than a second thread gains (bench-s, 2 cores: 1.3x faster sampling with
         --int8, 1.1x in fp32; PyTorch's head is faster with its 2 threads). Raise it for wide heads
-        on many cores."""
+        on many cores. device_id: the GPU (one per process under torchrun)."""
         meta_path = os.path.join(onnx_dir, META_FILE)
         if not os.path.isfile(meta_path):
             raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
@@ -128,7 +138,7 @@ class OnnxSampler:
             raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; re-run export.py")
         if checkpoint is not None:
             self._check_checkpoint(checkpoint)
-        sessions = [self._open(onnx_dir, name, device, head_threads if name == HEAD_FILE else threads)
+        sessions = [self._open(onnx_dir, name, device, head_threads if name == HEAD_FILE else threads, device_id)
                     for name in files]
         for name, (session, _) in zip(files, sessions):
             got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
@@ -145,7 +155,7 @@ class OnnxSampler:
             raise ValueError(f"--device cuda, but onnxruntime's CUDAExecutionProvider {why}; "
                              "use --device auto (CPU when CUDA does not work) or cpu")
         self.iobinding = self.on_cuda if iobinding is None else iobinding
-        self.device = "cuda" if self.on_cuda else "cpu"
+        self.device, self.device_id = ("cuda", device_id) if self.on_cuda else ("cpu", 0)
 
         cfg = self.cfg = meta["config"]
         self.N, self.C, self.K = (cfg["image_size"] // cfg["vae_stride"]) ** 2, cfg["channels"], cfg["levels"]
@@ -157,15 +167,15 @@ class OnnxSampler:
         self.cache_shape = (h["depth"], 2, None, h["heads"], 0, h["head_dim"])  # G*M rows; no slots yet
         # step indices live on the device once, so the channel loop never uploads them
         self.steps = [np.array(t, np.int64) for t in range(self.C)]
-        self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, 0) for t in self.steps]
+        self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, self.device_id) for t in self.steps]
 
     @staticmethod
-    def _open(onnx_dir, name, device, threads):
+    def _open(onnx_dir, name, device, threads, device_id):
         """make_session for one graph file; a file ORT cannot load (truncated, corrupt) is one
         ValueError naming it, not ORT's traceback."""
         path = os.path.join(onnx_dir, name)
         try:
-            return make_session(path, device, threads)
+            return make_session(path, device, threads, device_id)
         except ORT_ERRORS as e:
             raise ValueError(f"{path} cannot be loaded by onnxruntime ({one_line(e)}); "
                              f"re-run export.py --run RUN --out {onnx_dir}") from None
@@ -225,7 +235,7 @@ class OnnxSampler:
         step's inputs; only the final tokens and scores come back to the host (the logits output
         is not bound, so never copied). On CPU an OrtValue shares its numpy array's memory, so
         every array put here is one that `feeds` keeps alive (no temporaries)."""
-        put = lambda a: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0)
+        put = lambda a: ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
         binding = self.head.io_binding()
         for name in ("cond", "uniforms", "temperature", "guidance"):
             binding.bind_ortvalue_input(name, put(feeds[name]))
@@ -235,26 +245,29 @@ class OnnxSampler:
             binding.clear_binding_outputs()  # get_outputs() then lists them in HEAD_STATE order
             for n in HEAD_STATE:
                 binding.bind_ortvalue_input(n, state[n])
-                binding.bind_output(n + "_out", self.device)
+                binding.bind_output(n + "_out", self.device, self.device_id)
             self.head.run_with_iobinding(binding)
             state = dict(zip(HEAD_STATE, binding.get_outputs()))
         return state["tokens"].numpy().copy(), state["score"].numpy().copy()
 
     # --- the sampler: twin of TokenBridge.sample_tokens, line by line -------------------------
 
-    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
-                      cfg_mode="features", position_order="random", confidence_noise=1.0):
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
+                      cfg_schedule="linear", position_order="random", confidence_noise=1.0):
         labels = np.asarray(labels, np.int64)
         k = self.cfg["num_classes"]
-        check_labels(labels, k)
+        check_labels(labels, k, allow_null=True)
         B, N, C = len(labels), self.N, self.C
         if not 1 <= num_iter <= N:
             raise ValueError(f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if cfg_mode not in ("features", "logits") or position_order not in ("random", "confidence"):
-            raise ValueError(f"cfg_mode must be features|logits and order random|confidence, "
-                             f"got {cfg_mode!r}, {position_order!r}")
+        if not cfg >= 0:
+            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        if (cfg_mode not in ("features", "logits") or cfg_schedule not in ("linear", "constant")
+                or position_order not in ("random", "confidence")):
+            raise ValueError(f"cfg_mode must be features|logits, cfg_schedule linear|constant and order "
+                             f"random|confidence, got {cfg_mode!r}, {cfg_schedule!r}, {position_order!r}")
         rng = np.random.default_rng(seed)
         if position_order == "random":
             rank = np.stack([rng.permutation(N) for _ in range(B)]).argsort(-1)          # rank[b, n]
@@ -267,7 +280,7 @@ class OnnxSampler:
             values = self.dequantize(tokens)
             reps = 2 if guided else 1
             cond = self.condition(np.tile(values, (reps, 1, 1)), np.tile(mask, (reps, 1)), all_labels)
-            w = 1.0 + (cfg - 1.0) * (N - left) / N                     # linear CFG schedule
+            w = guidance_weight(cfg, N, left, cfg_schedule, self.cfg["official_compat"])
             if guided and cfg_mode == "features":                     # guidance on proj(z)
                 cond_c, cond_u = np.split(cond, 2)
                 cond = cond_u + w * (cond_c - cond_u)
@@ -295,11 +308,13 @@ class OnnxSampler:
 
 # --- shared by both runtimes -----------------------------------------------------------------
 
-def check_labels(labels, num_classes):
+def check_labels(labels, num_classes, allow_null=False):
     """Twin of TokenBridge._check_labels (the message too)."""
-    if labels.ndim != 1 or not ((labels >= 0) & (labels < num_classes)).all():
-        raise ValueError(f"labels must lie in [0, {num_classes}) for this model's {num_classes} classes, "
-                         f"got {labels.tolist()[:8]}")
+    top = num_classes + 1 if allow_null else num_classes
+    if labels.ndim != 1 or not ((labels >= 0) & (labels < top)).all():
+        raise ValueError(f"labels must lie in [0, {top}) for this model's {num_classes} classes"
+                         + (f" ({num_classes}: unconditional)" if allow_null else "")
+                         + f", got {labels.tolist()[:8]}")
 
 
 def to_uint8(images):
@@ -326,43 +341,144 @@ def save_grid(images, path):
     Image.fromarray(grid).save(path)
 
 
-def sample_onnx(args, labels_for):
+class Runtime:
+    """What the batch loop needs of a runtime: the model's classes and positions, the identity of
+    its weights, and sample(labels, seed) -> tokens (B, N, C), images (B, H, W, 3) uint8."""
+
+    def __init__(self, num_classes, seq_len, weights, sample):
+        self.num_classes, self.seq_len, self.weights, self.sample = num_classes, seq_len, weights, sample
+
+
+def onnx_runtime(args, device_id):
     sampler = OnnxSampler(args.onnx, args.device, threads=args.threads, head_threads=args.head_threads,
-                          checkpoint=os.path.join(args.run, "checkpoint.pt") if args.run else None)
-    labels = labels_for(sampler.cfg["num_classes"])
-    num_iter = min(64, sampler.N) if args.num_iter is None else args.num_iter
-    tokens = sampler.sample_tokens(labels, num_iter, args.cfg, args.temperature, args.seed, args.cfg_mode, args.order)
-    latents = sampler.unpatchify(sampler.dequantize(tokens))
-    images = to_uint8(sampler.decode(latents)) if sampler.vae else None
-    return labels, tokens, latents, images, sampler.cfg["vae_stride"]
+                          checkpoint=os.path.join(args.run, "checkpoint.pt") if args.run else None,
+                          device_id=device_id)
+    stride = sampler.cfg["vae_stride"]
+
+    def sample(labels, num_iter, seed):
+        tokens = sampler.sample_tokens(labels, num_iter, args.cfg, args.temperature, seed, args.cfg_mode,
+                                       args.cfg_schedule, args.order)
+        latents = sampler.unpatchify(sampler.dequantize(tokens))
+        return tokens, to_uint8(sampler.decode(latents)) if sampler.vae else latent_preview(latents, stride)
+    return Runtime(sampler.cfg["num_classes"], sampler.N, sampler.meta["fingerprint"], sample)
 
 
-def torch_device(requested):
+def torch_device(requested, device_id=0):
     """--device for torch: "auto" is CUDA when torch can use it, else the CPU; an explicit "cuda"
     that torch cannot use is refused, not quietly run on the CPU."""
     import torch
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, or no "
                          "GPU/driver); use --device auto (CPU when CUDA does not work) or cpu")
-    return "cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu"
+    return f"cuda:{device_id}" if requested != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def sample_torch(args, labels_for):
+def torch_runtime(args, device_id):
     import torch
-    from export import VAEDecoderGraph, load_run, load_vae
+    from export import VAEDecoderGraph, fingerprint, load_run, load_vae
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch_device(args.device)
+    device = torch_device(args.device, device_id)
     model, _ = load_run(args.run, device)
-    labels = labels_for(model.cfg.num_classes)
-    num_iter = min(64, model.cfg.seq_len) if args.num_iter is None else args.num_iter
-    with torch.no_grad():
-        tokens = model.sample_tokens(labels, num_iter, args.cfg, args.temperature, args.seed,
-                                     cfg_mode=args.cfg_mode, position_order=args.order)
+    vae = load_vae(args.run, device)
+    decoder = VAEDecoderGraph(vae) if vae is not None else None
+
+    @torch.no_grad()
+    def sample(labels, num_iter, seed):
+        tokens = model.sample_tokens(labels, num_iter, args.cfg, args.temperature, seed, cfg_mode=args.cfg_mode,
+                                     cfg_schedule=args.cfg_schedule, position_order=args.order)
         latents = model.unpatchify(model.quantizer.dequantize(tokens))
-        vae = load_vae(args.run, device)
-        images = to_uint8(VAEDecoderGraph(vae)(latents).float().cpu().numpy()) if vae is not None else None
-    return labels, tokens.cpu().numpy(), latents.cpu().numpy(), images, model.cfg.vae_stride
+        images = (to_uint8(decoder(latents).float().cpu().numpy()) if decoder is not None
+                  else latent_preview(latents.cpu().numpy(), model.cfg.vae_stride))
+        return tokens.cpu().numpy(), images
+    return Runtime(model.cfg.num_classes, model.cfg.seq_len, fingerprint(model), sample)
+
+
+# --- sampling in batches: progress, resumable, shared between processes ----------------------
+
+def process_slot():
+    """(rank, world, local rank) under torchrun, (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+class Parts:
+    """Finished batches of a sampling job, one .npz each in a folder, written atomically, so a
+    re-run skips them and a crash loses at most the batch in flight. settings.json names what
+    they were sampled with: a folder from other settings is refused, never mixed in."""
+
+    def __init__(self, folder, settings):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "settings.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = json.load(f)
+            if found != settings:
+                changed = sorted(k for k in settings if found.get(k) != settings[k])
+                raise ValueError(f"{folder} holds batches sampled with other settings ({', '.join(changed)}); "
+                                 "delete it, or write to another --npz")
+        else:
+            _write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+    def path(self, b):
+        return os.path.join(self.folder, f"batch_{b:06d}.npz")
+
+    def done(self, b):
+        return os.path.isfile(self.path(b))
+
+    def write(self, b, tokens, images, labels):
+        _write_atomic(self.path(b), lambda f: np.savez(f, tokens=tokens, images=images, labels=labels))
+
+    def read(self, b):
+        with np.load(self.path(b)) as part:
+            return part["tokens"], part["images"], part["labels"]
+
+
+def _write_atomic(path, write):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def batch_seed(seed, b):
+    """Batch b draws from numpy.random.default_rng((seed, b)): its samples do not depend on the
+    batch size of the others, on how processes share the batches, or on a re-run."""
+    return (seed, b)
+
+
+def sample_in_batches(runtime, labels, num_iter, args, parts=None):
+    """This process's share of the batches of `labels` (batch b goes to rank b % world), with a
+    progress bar in images; finished batches go to `parts` when given. Returns {b: (tokens,
+    images)} of the batches sampled here and not written to parts."""
+    from tqdm import tqdm
+    rank, world, _ = process_slot()
+    starts = range(0, len(labels), args.batch_size)
+    mine = [b for b in range(len(starts)) if b % world == rank]
+    size = lambda b: min(args.batch_size, len(labels) - starts[b])
+    skipped = [b for b in mine if parts is not None and parts.done(b)]
+    bar = tqdm(total=sum(map(size, mine)), initial=sum(map(size, skipped)), unit="img", dynamic_ncols=True,
+               desc="sample" if world == 1 else f"sample (rank {rank})", disable=len(starts) == 1)
+    kept = {}
+    for b in mine:
+        if b in skipped:
+            continue
+        batch_labels = labels[starts[b]:starts[b] + size(b)]
+        tokens, images = runtime.sample(batch_labels, num_iter, batch_seed(args.seed, b))
+        if parts is None:
+            kept[b] = tokens, images
+        else:
+            parts.write(b, tokens, images, batch_labels)
+        bar.update(size(b))
+    bar.close()
+    return kept
+
+
+def wait_for(parts, count, poll_s=2.0):
+    """Rank 0 waits for the other ranks' batches (torchrun stops every rank if one fails)."""
+    while not all(parts.done(b) for b in range(count)):
+        time.sleep(poll_s)
 
 
 # --- benchmark -------------------------------------------------------------------------------
@@ -492,7 +608,8 @@ def parse_labels(text):
 def check_args(args):
     """Refuse bad flags in one line before anything is loaded or sampled. The samplers check
     num_iter's upper end and the labels' range themselves: those depend on the model."""
-    lowest = {"--num-images": (args.num_images, 1), "--num-iter": (args.num_iter, 1), "--seed": (args.seed, 0),
+    lowest = {"--num-images": (args.num_images, 1), "--batch-size": (args.batch_size, 1),
+              "--num-iter": (args.num_iter, 1), "--seed": (args.seed, 0),
               "--threads": (args.threads, 0), "--head-threads": (args.head_threads, 0),
               "--cfg": (args.cfg, 0), "--temperature": (args.temperature, 0)}
     for flag, (value, low) in lowest.items():
@@ -538,24 +655,53 @@ def main(args):
     if args.runtime == "torch" and not args.run:
         raise ValueError("--runtime torch needs --run RUN (a folder with checkpoint.pt)")
 
-    def labels_for(num_classes):
-        labels = np.arange(args.num_images, dtype=np.int64) % num_classes if given_labels is None else given_labels
-        check_labels(labels, num_classes)
-        return labels
-
-    run = sample_onnx if args.runtime == "onnx" else sample_torch
-    labels, tokens, latents, images, stride = run(args, labels_for)
-    if images is None:
-        print("no VAE in this run: the grid shows the first three latent channels")
-        images = latent_preview(latents, stride)
-    if args.out:
-        save_grid(images, args.out)
-        print(f"wrote {args.out} ({len(labels)} images, {args.runtime})")
-    if args.save_tokens:
-        np.save(args.save_tokens, tokens)
-    if args.npz:
-        np.savez(args.npz, arr_0=images, labels=labels)
+    rank, world, local_rank = process_slot()
+    runtime = (onnx_runtime if args.runtime == "onnx" else torch_runtime)(args, local_rank)
+    k = runtime.num_classes
+    if args.unconditional:
+        labels = np.full(args.num_images, k, np.int64)                # the null class
+    else:  # every class as often as the others (50 each for FID-50K on ImageNet)
+        labels = np.arange(args.num_images, dtype=np.int64) % k if given_labels is None else given_labels
+        check_labels(labels, k)
+    num_iter = min(64, runtime.seq_len) if args.num_iter is None else args.num_iter
+    if not 1 <= num_iter <= runtime.seq_len:
+        raise ValueError(f"num_iter must be in [1, {runtime.seq_len}] (one position at least per step), got {num_iter}")
+    parts = Parts(args.npz + ".parts", sampling_settings(args, runtime, labels, num_iter)) if args.npz else None
+    if parts is None and world > 1:
+        raise ValueError(f"{world} processes share the work through the batches they write next to --npz; give --npz")
+    kept = sample_in_batches(runtime, labels, num_iter, args, parts)
+    if rank != 0:
+        return None
+    count = math.ceil(len(labels) / args.batch_size)
+    if parts is not None:
+        wait_for(parts, count)
+    tokens, images = (np.concatenate(x) for x in zip(*(parts.read(b)[:2] if parts else kept[b] for b in range(count))))
+    write_outputs(args, tokens, images, labels)
+    if parts is not None:
+        shutil.rmtree(parts.folder)  # all in --npz now
     return tokens
+
+
+def sampling_settings(args, runtime, labels, num_iter):
+    """What a batch depends on, besides its index: batches on disk must have been sampled with it."""
+    return {"weights": runtime.weights, "runtime": args.runtime, "batch_size": args.batch_size, "seed": args.seed,
+            "labels": hashlib.sha256(labels.tobytes()).hexdigest(), "num_iter": num_iter, "cfg": args.cfg,
+            "cfg_mode": args.cfg_mode, "cfg_schedule": args.cfg_schedule, "temperature": args.temperature,
+            "order": args.order}
+
+
+GRID_IMAGES = 100  # the PNG shows the first images; --npz holds them all
+
+
+def write_outputs(args, tokens, images, labels):
+    if args.out:
+        save_grid(images[:GRID_IMAGES], args.out)
+        print(f"wrote {args.out} ({min(len(images), GRID_IMAGES)} of {len(images)} images, {args.runtime})")
+    if args.save_tokens:
+        _write_atomic(args.save_tokens, lambda f: np.save(f, tokens))
+    if args.npz:
+        _write_atomic(args.npz, lambda f: np.savez(f, arr_0=images, labels=labels))
+        print(f"wrote {args.npz} ({len(images)} images, ADM layout: arr_0 (N, H, W, 3) uint8, labels)")
 
 
 def get_parser():
@@ -569,13 +715,21 @@ def get_parser():
     p.add_argument("--head-threads", type=int, default=1,
                    help="ONNX Runtime threads for the head step on CPU (its many tiny operators run best on one)")
     p.add_argument("--seed", type=int, default=0, help="seed of numpy.random.default_rng: orders and uniforms")
-    p.add_argument("--num-images", type=int, default=8, help="images when --labels is not given")
-    p.add_argument("--labels", help="comma-separated class labels (default: 0, 1, 2, ... cycling)")
+    p.add_argument("--num-images", type=int, default=8,
+                   help="images when --labels is not given: classes 0, 1, 2, ... cycling, so each as often "
+                        "(50 per class for 50,000 ImageNet images)")
+    p.add_argument("--labels", help="comma-separated class labels")
+    p.add_argument("--unconditional", action="store_true", help="sample --num-images with the null class")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per sampling call; with --npz each finished batch is kept on disk, and a "
+                        "re-run samples only the missing ones")
     p.add_argument("--num-iter", type=int, default=None, help="decoding steps (default: 64, or N if fewer)")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale, >= 0 (default 1 = off; with --official the released one)")
     p.add_argument("--cfg-mode", choices=["features", "logits"], default="features",
                    help="guide the backbone features (paper) or the head's logits")
+    p.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear",
+                   help="guidance weight per step: from 1 to --cfg as positions are decoded (paper), or --cfg")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature, 0 = greedy (default 1; with --official the released one)")
     p.add_argument("--order", choices=["random", "confidence"], default="random",

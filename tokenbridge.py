@@ -66,7 +66,10 @@ class GaussianQuantizer(nn.Module):
         boundaries = boundaries.clamp(-std_range, std_range)
         a, b = boundaries[:-1], boundaries[1:]
         pdf = lambda t: torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
-        centers = (pdf(a) - pdf(b)) / (torch.special.ndtr(b) - torch.special.ndtr(a))  # truncated-normal mean
+        mass = torch.special.ndtr(b) - torch.special.ndtr(a)
+        # truncated-normal mean; a bin that the clamp to [-r, r] leaves empty (its mass under
+        # N(0, 1) is below Φ(-r): from ~740 levels at r = 3) takes its edge, and is never assigned
+        centers = torch.where(mass > 0, (pdf(a) - pdf(b)) / mass, a)
         self.register_buffer("boundaries", boundaries.float())                 # (levels+1,)
         self.register_buffer("centers", centers.float())                       # (levels,)
         self.register_buffer("mean", torch.zeros(channels))                    # (C,)
@@ -514,6 +517,15 @@ def mask_schedule(seq_len, num_iter):
     return left
 
 
+def guidance_weight(cfg, seq_len, left, schedule="linear", official_clamp=False):
+    """Guidance weight of a decoding step that leaves `left` positions masked: "linear" grows from
+    1 to cfg with the share of positions decoded (MAR), "constant" is cfg. The official code
+    counts at least one position as left, so its last step stops at 1 + (cfg - 1)(N - 1)/N."""
+    if schedule == "constant":
+        return cfg
+    return 1.0 + (cfg - 1.0) * (seq_len - max(left, int(official_clamp))) / seq_len
+
+
 def sample_from_logits(logits, uniforms, temperature):
     """Pick a token per row by inverse CDF with supplied uniforms (M,), so both runtimes agree.
 
@@ -578,14 +590,17 @@ class TokenBridge(nn.Module):
                  f"{self.cfg.vae_stride}, got {tuple(latents.shape)}; check the VAE and the config")
         _require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf; check the VAE output")
 
-    def _check_labels(self, labels, batch=None):
+    def _check_labels(self, labels, batch=None, allow_null=False):
+        """allow_null: in sampling, label num_classes is the null class (unconditional)."""
         k = self.cfg.num_classes
         _require(labels.dim() == 1 and not labels.is_floating_point(),
                  f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         _require(batch is None or labels.shape[0] == batch,
                  f"got {labels.shape[0]} labels for a batch of {batch} latents")
-        _require(bool(((labels >= 0) & (labels < k)).all()),
-                 f"labels must lie in [0, {k}) for this model's {k} classes, got {labels.tolist()[:8]}")
+        top = k + 1 if allow_null else k
+        _require(bool(((labels >= 0) & (labels < top)).all()),
+                 f"labels must lie in [0, {top}) for this model's {k} classes"
+                 + (f" ({k}: unconditional)" if allow_null else "") + f", got {labels.tolist()[:8]}")
 
     @torch.no_grad()
     def calibrate(self, latents):
@@ -627,7 +642,8 @@ class TokenBridge(nn.Module):
         return self.head(self.head.project(z[mask]), targets[:, :-1]), targets
 
     def forward(self, latents, labels, head_positions=0):
-        """Training loss: cross-entropy summed over channels, averaged over masked positions."""
+        """Training loss: cross-entropy averaged over every (masked position, channel) pair, as
+        the official code's F.cross_entropy; in nats (divide by ln 2 for bits/token)."""
         self._check_latents(latents)
         self._check_labels(labels, latents.shape[0])
         mask = self.random_mask(latents.shape[0], latents.device)
@@ -635,7 +651,7 @@ class TokenBridge(nn.Module):
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_drop_prob
             labels = torch.where(drop, self.cfg.num_classes, labels)
         logits, targets = self.token_logits(latents, labels, mask, head_positions)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / len(targets)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     # --- sampling ------------------------------------------------------------------------------
 
@@ -665,21 +681,26 @@ class TokenBridge(nn.Module):
         return tokens, score
 
     @torch.no_grad()
-    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
-                      cfg_mode="features", position_order="random", confidence_noise=1.0):
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
+                      cfg_schedule="linear", position_order="random", confidence_noise=1.0):
         """MAR-style iterative decoding of all positions. Returns token indices (B, N, C).
 
+        labels (B,): classes, or num_classes for unconditional samples (the null class, which
+        guidance leaves unchanged). cfg_schedule: see guidance_weight.
         Every random number comes from numpy.random.default_rng(seed), in this sequence:
         random order: one permutation of N per image; then per step: uniforms (B, N, C) for the
         channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
         """
         device = next(self.parameters()).device
         labels = torch.as_tensor(labels, device=device)
-        self._check_labels(labels)
+        self._check_labels(labels, allow_null=True)
         B, N, C = len(labels), self.cfg.seq_len, self.cfg.channels
         _require(1 <= num_iter <= N, f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
         _require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+        _require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
         _require(cfg_mode in ("features", "logits"), f"cfg_mode must be 'features' or 'logits', got {cfg_mode!r}")
+        _require(cfg_schedule in ("linear", "constant"),
+                 f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
         _require(position_order in ("random", "confidence"),
                  f"position_order must be 'random' or 'confidence', got {position_order!r}")
         rng = np.random.default_rng(seed)
@@ -695,7 +716,7 @@ class TokenBridge(nn.Module):
             values = self.quantizer.dequantize(tokens)
             reps = 2 if guided else 1
             cond = self.condition(values.repeat(reps, 1, 1), mask.repeat(reps, 1), all_labels)  # (rB, N, D)
-            w = 1.0 + (cfg - 1.0) * (N - left) / N                     # linear CFG schedule
+            w = guidance_weight(cfg, N, left, cfg_schedule, self.cfg.official_compat)
             if guided and cfg_mode == "features":
                 # Guidance on backbone features z, applied after the head's linear projection:
                 # proj(z_u + w (z_c - z_u)) = proj(z_u) + w (proj(z_c) - proj(z_u)), exactly.

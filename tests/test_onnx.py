@@ -105,6 +105,12 @@ def test_mask_schedule_twin():
             assert sample.mask_schedule(n, steps) == tb.mask_schedule(n, steps)
 
 
+def test_guidance_weight_twin():
+    for args in [(3.1, 256, left, schedule, clamp) for left in (256, 9, 1, 0)
+                 for schedule in ("linear", "constant") for clamp in (False, True)]:
+        assert sample.guidance_weight(*args) == tb.guidance_weight(*args)
+
+
 # --- level 1: every graph close to PyTorch ----------------------------------------------------
 
 def test_backbone_graph_matches_torch(run, sampler):
@@ -162,15 +168,18 @@ def test_channel_loop_matches_torch(run, sampler):
 
 # --- level 2: the same tokens for a seed -------------------------------------------------------
 
-@pytest.mark.parametrize("order,cfg,mode,temperature", [
-    ("random", 1.0, "features", 1.0), ("random", 3.0, "features", 0.9), ("random", 3.0, "logits", 1.0),
-    ("confidence", 1.0, "features", 1.0), ("confidence", 2.0, "logits", 0.8), ("random", 1.0, "features", 0.0)])
-def test_tokens_equal_across_runtimes(run, sampler, order, cfg, mode, temperature):
+@pytest.mark.parametrize("order,cfg,mode,temperature,schedule", [
+    ("random", 1.0, "features", 1.0, "linear"), ("random", 3.0, "features", 0.9, "linear"),
+    ("random", 3.0, "logits", 1.0, "linear"), ("confidence", 1.0, "features", 1.0, "linear"),
+    ("confidence", 2.0, "logits", 0.8, "constant"), ("random", 1.0, "features", 0.0, "linear"),
+    ("random", 3.0, "features", 1.0, "constant")])
+def test_tokens_equal_across_runtimes(run, sampler, order, cfg, mode, temperature, schedule):
     """The same tokens for a seed. ORT's and PyTorch's logits differ by ~1e-6, so a uniform that
     lands within that of a CDF step picks the neighbouring token (about 5e-5 per draw on this
     model) and that image diverges from there on. So: at most one image of the six may differ; a
     real bug (order, schedule, rng sequence, guidance) changes every image."""
-    kw = dict(num_iter=6, cfg=cfg, temperature=temperature, cfg_mode=mode, position_order=order)
+    kw = dict(num_iter=6, cfg=cfg, temperature=temperature, cfg_mode=mode, cfg_schedule=schedule,
+              position_order=order)
     differ = 0
     for seed in (0, 1):
         want = run.model.sample_tokens(LABELS, seed=seed, **kw).numpy()
@@ -328,7 +337,7 @@ def test_unwritable_outputs_are_refused_before_sampling(run, tmp_path, monkeypat
     err = _cli_error("sample.py", "--run", run.path, "--out", str(missing / "grid.png"))
     assert err == f"error: --out {missing / 'grid.png'}: cannot write there (folder {missing} does not exist; " \
                   "create it or choose another path)"
-    monkeypatch.setattr(sample, "sample_torch", lambda *a: pytest.fail("sampled before checking the outputs"))
+    monkeypatch.setattr(sample, "torch_runtime", lambda *a: pytest.fail("loaded a model before checking the outputs"))
     a_file = Path(run.path) / "checkpoint.pt"
     for flags, message in ((["--npz", str(a_file / "x.npz")], f"--npz {a_file / 'x.npz'}: cannot write there"),
                            (["--save-tokens", str(missing / "t.npy")], "--save-tokens .*does not exist"),
@@ -450,3 +459,62 @@ def test_cuda_iobinding_matches_cpu(run, sampler):
     kw = dict(num_iter=6, cfg=2.0, cfg_mode="logits", seed=0)
     got, want = gpu.sample_tokens(LABELS, **kw), sampler.sample_tokens(LABELS, **kw)
     assert (got != want).mean() < 0.05  # GPU kernels round differently: rare near-tie flips allowed
+
+
+# --- sampling in batches: resumable, shared between processes ------------------------------------
+
+TORCH_RUNTIME = sample.torch_runtime
+
+
+def counting_runtime(monkeypatch, calls, crash_at=None):
+    """sample.torch_runtime whose sample() records each batch's index and can die in one batch."""
+    real = TORCH_RUNTIME
+
+    def runtime(args, device_id):
+        rt = real(args, device_id)
+        inner = rt.sample
+
+        def sample_batch(labels, num_iter, seed):
+            calls.append(seed[1])
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt("killed in the middle of a batch")
+            return inner(labels, num_iter, seed)
+        rt.sample = sample_batch
+        return rt
+    monkeypatch.setattr(sample, "torch_runtime", runtime)
+
+
+def test_batched_sampling_resumes_after_a_crash_and_equals_one_run(run, tmp_path, monkeypatch):
+    argv = ["--run", run.path, "--runtime", "torch", "--num-images", "8", "--batch-size", "2", "--num-iter", "4",
+            "--cfg", "2", "--out", ""]
+    _main(argv + ["--npz", str(tmp_path / "whole.npz")])
+    calls, npz = [], tmp_path / "resumed.npz"
+    counting_runtime(monkeypatch, calls, crash_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _main(argv + ["--npz", str(npz)])
+    assert sorted(os.listdir(f"{npz}.parts")) == ["batch_000000.npz", "batch_000001.npz", "settings.json"]
+    with pytest.raises(ValueError, match=r"holds batches sampled with other settings \(cfg\)"):
+        _main(argv[:-4] + ["--cfg", "3", "--out", "", "--npz", str(npz)])
+    calls.clear()
+    counting_runtime(monkeypatch, calls)
+    _main(argv + ["--npz", str(npz)])
+    assert calls == [2, 3]                                                  # only the missing batches
+    whole, resumed = np.load(tmp_path / "whole.npz"), np.load(npz)
+    np.testing.assert_array_equal(whole["arr_0"], resumed["arr_0"])
+    np.testing.assert_array_equal(resumed["labels"], np.arange(8) % 10)
+    assert not os.path.exists(f"{npz}.parts")
+
+
+def test_processes_share_the_batches_and_rank_0_writes_the_npz(run, tmp_path, monkeypatch):
+    argv = ["--run", run.path, "--runtime", "torch", "--num-images", "6", "--batch-size", "2", "--num-iter", "4",
+            "--out", ""]
+    _main(argv + ["--npz", str(tmp_path / "one.npz")])
+    calls, npz = [], tmp_path / "two.npz"
+    counting_runtime(monkeypatch, calls)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _main(argv + ["--npz", str(npz)]) is None and calls == [1] and not npz.exists()
+    monkeypatch.setenv("RANK", "0")
+    _main(argv + ["--npz", str(npz)])
+    assert calls == [1, 0, 2]                                               # rank 0: batches 0 and 2
+    np.testing.assert_array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(npz)["arr_0"])

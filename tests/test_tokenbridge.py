@@ -40,6 +40,21 @@ def test_tables_match_scipy(levels):
     np.testing.assert_allclose(q.centers.numpy(), centers, atol=1e-6)
 
 
+def test_tables_are_finite_when_the_clamp_empties_the_end_bins():
+    """At 1024 levels the end bins lie beyond ±3σ (Φ(-3) > 1/1024): the clamp gives them no width."""
+    q = tb.GaussianQuantizer(levels=1024, std_range=3.0)
+    b = q.boundaries.numpy().astype(np.float64)
+    empty = b[1:] == b[:-1]
+    assert empty[0] and empty[-1] and torch.isfinite(q.centers).all()
+    assert (q.centers.diff() >= 0).all() and q.centers.abs().max() <= 3.0
+    np.testing.assert_allclose(q.centers.numpy()[~empty], scipy.stats.truncnorm(b[:-1][~empty], b[1:][~empty]).mean(),
+                               atol=1e-5)
+    assert q.centers[0] == -3.0 and q.centers[-1] == 3.0                        # an empty bin is its edge
+    x = torch.randn(1000, 16) * 2
+    error = q.dequantize(q.quantize(x)) - x.clamp(-3, 3)                          # the clamp edge decodes to itself
+    assert error.abs().max() < 0.1
+
+
 def test_bins_are_equiprobable_after_calibration():
     levels, n = 64, 100_000
     g = torch.Generator().manual_seed(0)
@@ -239,8 +254,44 @@ def test_loss_falls_on_a_tiny_fixed_dataset():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert math.isfinite(losses[0]) and abs(losses[0] / 16 - math.log(64)) < 1.0  # starts near uniform
+    assert math.isfinite(losses[0]) and abs(losses[0] - math.log(64)) < 1.0  # starts near uniform
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_loss_is_the_mean_cross_entropy_over_position_channel_pairs():
+    model = perturb_(tiny()).train().calibrate(torch.randn(8, 16, 8, 8))
+    latents, labels = torch.randn(3, 16, 8, 8), torch.tensor([1, 5, 9])
+    torch.manual_seed(7)
+    loss = model(latents, labels)
+    torch.manual_seed(7)  # the same draws, in forward's order: the mask, then the label drop
+    mask = model.random_mask(3, latents.device)
+    dropped = torch.where(torch.rand(3) < model.cfg.label_drop_prob, model.cfg.num_classes, labels)
+    logits, targets = model.token_logits(latents, dropped, mask)                   # (M, C, K), (M, C)
+    logp = logits.double().log_softmax(-1)
+    pairs = [-logp[m, c, targets[m, c]] for m in range(len(targets)) for c in range(16)]
+    assert len(pairs) == int(mask.sum()) * 16
+    torch.testing.assert_close(loss.double(), torch.stack(pairs).mean(), rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_weight_schedules():
+    w = lambda left, **kw: tb.guidance_weight(3.1, 256, left, **kw)
+    assert w(256) == 1.0 and w(128) == pytest.approx(2.05) and w(0) == 3.1          # linear: 1 -> cfg
+    assert w(0, official_clamp=True) == pytest.approx(1 + 2.1 * 255 / 256)          # 3.0918, the official end
+    assert w(7, official_clamp=True) == w(7)                                        # the clamp only acts at 0
+    assert all(w(left, schedule="constant") == 3.1 for left in (256, 100, 0))
+
+
+def test_cfg_schedule_and_unconditional_labels_reach_the_sampler():
+    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+    kw = dict(num_iter=4, cfg=3.0, seed=0)
+    linear = model.sample_tokens([1, 2], **kw)
+    assert not torch.equal(linear, model.sample_tokens([1, 2], cfg_schedule="constant", **kw))
+    null = [model.cfg.num_classes] * 2                       # unconditional: guidance changes nothing
+    uncond = model.sample_tokens(null, **kw)
+    assert torch.equal(uncond, model.sample_tokens(null, **{**kw, "cfg": 5.0}))
+    assert not torch.equal(uncond, linear)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):         # training: no null class
+        model(torch.randn(2, 16, 8, 8), torch.tensor(null))
 
 
 def test_mask_schedule_is_the_cosine_schedule():
