@@ -46,7 +46,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # OpenMP threads busy-wait by default: with 2 threads on 2 cores and any other process running,
@@ -70,6 +70,46 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
 RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers", "benchmark", "bench_steps",
                 "batch_bench", "save_every", "sample_every", "num_iter", "cfg", "temperature"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a preset is trained. lr = blr * global_batch / 256 (the official rule); lengths in
+    epochs of the training images, the schedule evaluated at every step's fractional epoch."""
+    global_batch: int
+    blr: float
+    epochs: float
+    warmup_epochs: float
+    lr_schedule: str = "cosine"      # linear warm-up, then cosine to 0 | "constant" after warm-up
+    micro_batch: int = 64            # images per forward pass and process; the rest is accumulation
+    ema: float = 0.9999
+    ema_ramp: bool = False           # official: the EMA rate is constant from the first step
+    weight_decay: float = 0.02
+    grad_clip: float = 3.0
+    head_positions: int = 0          # 0: every masked position through the head (the paper's loss)
+
+
+# TokenBridge-L as the official code trains it (32 GPUs x 64); H trains for 800 epochs.
+OFFICIAL_RECIPE = Recipe(global_batch=2048, blr=5e-5, epochs=400, warmup_epochs=100)
+# The CPU demo: ~1,800 steps of 64 digits in ~7 minutes; a short run needs a higher rate, an EMA
+# that ramps (0.999 constant would still hold 16% of the initial weights at the end) and the
+# head on 8 positions per image (an unbiased estimate of the loss, 4x cheaper on a CPU).
+DEMO_RECIPE = Recipe(global_batch=64, blr=4e-3, epochs=26, warmup_epochs=1.5, ema=0.999, ema_ramp=True,
+                     head_positions=8)
+RECIPES = {"tiny": DEMO_RECIPE, "digits": DEMO_RECIPE, "bench-s": DEMO_RECIPE, "base": OFFICIAL_RECIPE,
+           "large": OFFICIAL_RECIPE, "huge": replace(OFFICIAL_RECIPE, epochs=800)}
+# Flags that default to the preset's recipe; --batch is its global_batch.
+RECIPE_FLAGS = {"batch": "global_batch", **{k: k for k in ("blr", "epochs", "warmup_epochs", "lr_schedule",
+                "micro_batch", "ema", "ema_ramp", "weight_decay", "grad_clip", "head_positions")}}
+
+
+def resolve_recipe(args):
+    """Fill the recipe flags the command line left out from the preset's recipe."""
+    recipe = asdict(RECIPES[args.preset])
+    for flag, field in RECIPE_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, recipe[field])
+    return args
 
 
 def fail(message):
@@ -475,28 +515,32 @@ def save_grid(images, path):
 # ---------------------------------------------------------------------------------------------
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
-    """AdamW; weight decay only on linear weights, not on norms, biases, embeddings, position
-    embeddings (MAR). The head's per-channel classifiers are stacked linear weights."""
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    """AdamW with the official rule (MAR's add_weight_decay): no decay for 1-D parameters (norms,
+    biases) and biases; every other parameter decays, embeddings and the mask token included.
+    The head's per-channel classifier biases are stacked into one (C, levels) `out_bias`."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if id(p) in linear or name.endswith("out_weight") else no_decay).append(p)
+        (no_decay if p.dim() == 1 or name.endswith("bias") else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
 
 
-def lr_at(step, lr, warmup, total, min_lr=0.0):
-    """Linear warmup to lr, then cosine down to min_lr at the last step."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+def lr_at(step, lr, warmup_steps, total_steps, schedule="cosine"):
+    """The official schedule in steps (its fractional epochs times the steps per epoch): linear
+    warm-up from 0, then cosine to 0 at the last step, or constant."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    if schedule == "constant":
+        return lr
+    t = (step - warmup_steps) / max(1e-9, total_steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 @torch.no_grad()
-def update_ema(ema, model, step, decay):
-    """EMA of the weights; the decay ramps up so early averages are not dominated by init."""
-    d = min(decay, (1 + step) / (10 + step))
+def update_ema(ema, model, step, decay, ramp=False):
+    """EMA of the weights. ramp: the rate grows as (1 + step) / (10 + step) up to `decay`, so a short
+    run's average is not dominated by the initial weights (the official rate is constant)."""
+    d = min(decay, (1 + step) / (10 + step)) if ramp else decay
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
     for e, b in zip(ema.buffers(), model.buffers()):
@@ -575,22 +619,29 @@ def clip_grad_norm(parameters, max_norm):
     return norm
 
 
-def train_step(loss_fn, opt, latents, labels, lr, clip, device):
-    """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped); returns the loss as a
-    float, and skips the update when it is not finite (the caller stops)."""
+def train_step(loss_fn, opt, micro_batches, lr, clip, device):
+    """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped) over this process's
+    micro-batches [(latents, labels), ...], gradients accumulated (averaged, as DDP averages
+    over processes). Returns the mean loss; a non-finite one skips the update (the caller stops)."""
     for g in opt.param_groups:
         g["lr"] = lr
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with autocast, sdpa_kernel(TRAINING_ATTENTION):
-        loss = loss_fn(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-    value = loss.detach().float()
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, (latents, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and not last else nullcontext()
+        with no_sync:  # DDP averages the gradients once, after the last micro-batch
+            with autocast, sdpa_kernel(TRAINING_ATTENTION):
+                loss = loss_fn(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            (loss / len(micro_batches)).backward()
+        total = total + loss.detach().float()
+    value = total / len(micro_batches)
     if dist.is_initialized():  # every rank must take the same stop-or-go decision
         dist.all_reduce(value)
     value = value.item()
     if not math.isfinite(value):
         return value
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
     clip_grad_norm(loss_fn.parameters(), clip)
     opt.step()
     return value
@@ -632,8 +683,11 @@ def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperatur
     at most the number of token positions (one position per step)."""
     classes = grid_classes(model.cfg.num_classes)
     labels = classes.repeat_interleave(per_class)
+    was_training = model.training
+    model.eval()  # no dropout in sampling
     latents = model.generate(labels, num_iter=min(num_iter, model.cfg.seq_len), cfg=cfg,
                              temperature=temperature, seed=seed)
+    model.train(was_training)
     images = decode(vae, latents.cpu())                                        # (R*K, 3, H, W)
     save_grid(images.view(len(classes), per_class, *images.shape[1:]), path)
 
@@ -721,6 +775,18 @@ def set_threads(requested, local_world):
 # Pipeline
 # ---------------------------------------------------------------------------------------------
 
+def recipe_summary(args, cfg):
+    """The recipe in force, one line: the first thing the log says."""
+    ema = f"EMA {args.ema} " + ("ramped" if args.ema_ramp else "constant from the first step")
+    head = ("every masked position" if args.head_positions == 0 else
+            f"{args.head_positions} masked positions per image")
+    schedule = "cosine to 0" if args.lr_schedule == "cosine" else "then constant"
+    return (f"[recipe] preset {args.preset}: global batch {args.batch}, lr {args.blr * args.batch / 256:g} = blr "
+            f"{args.blr:g} x {args.batch} / 256, {args.epochs:g} epochs, warm-up {args.warmup_epochs:g} epochs, "
+            f"{schedule}; AdamW betas (0.9, 0.95), weight decay {args.weight_decay}, grad clip {args.grad_clip}; "
+            f"{ema}; dropout {cfg.dropout}, label drop {cfg.label_drop_prob}; head on {head}")
+
+
 def build_config(args):
     overrides = {"levels": args.levels, "head": args.head, "order": args.order}
     if args.image_size:
@@ -779,16 +845,21 @@ def prepare_latents(args, vae, images, labels, run_dir, device, dist_info):
     return cache
 
 
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
 def run_benchmark(args, device):
-    """Training step time at the bench-s preset on random latents (no data, no VAE)."""
-    cfg = tb.TokenBridgeConfig.preset("bench-s")
+    """Training step time of a preset (default bench-s) on random latents (no data, no VAE), and
+    what it means for one device: hours per ImageNet epoch, and days for the preset's recipe."""
+    preset = args.preset or "bench-s"
+    cfg = tb.TokenBridgeConfig.preset(preset)
     torch.manual_seed(0)
     model = tb.TokenBridge(cfg).to(device)
     model.calibrate(torch.randn(1024, cfg.channels, cfg.grid, cfg.grid))
     opt = make_optimizer(model, 1e-4, 0.02)
     latents = torch.randn(args.batch_bench, cfg.channels, cfg.grid, cfg.grid)
     labels = torch.randint(cfg.num_classes, (args.batch_bench,))
-    result = {"benchmark": "train_step", "preset": "bench-s", "batch": args.batch_bench,
+    result = {"benchmark": "train_step", "preset": preset, "batch": args.batch_bench,
               "device": str(device), "threads": torch.get_num_threads(), "params": model.num_params()}
     for positions in (0, 16):  # the paper's loss, then the head on 16 positions per image
         times = []
@@ -796,7 +867,7 @@ def run_benchmark(args, device):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            train_step(TrainingLoss(model, positions), opt, latents, labels, 1e-4, 3.0, device)
+            train_step(TrainingLoss(model, positions), opt, [(latents, labels)], 1e-4, 3.0, device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -804,12 +875,16 @@ def run_benchmark(args, device):
         suffix = "" if positions == 0 else f"_head{positions}"
         result[f"step_ms{suffix}"] = round(step * 1000, 1)
         result[f"img_per_s{suffix}"] = round(args.batch_bench / step, 1)
+    epoch_h = IMAGENET_TRAIN_IMAGES * result["step_ms"] / 1000 / args.batch_bench / 3600  # the paper's loss
+    result["imagenet_epoch_hours_one_device"] = round(epoch_h, 2)
+    result["recipe_days_one_device"] = round(epoch_h * RECIPES[preset].epochs / 24, 1)
     print(json.dumps(result), flush=True)
     return result
 
 
-def train_loop(args, model, loss_fn, ema, opt, cache, train_idx, vae, classes, run_dir,
+def train_loop(args, model, loss_fn, ema, opt, lr_of, cache, train_idx, vae, classes, run_dir,
                start_step, device, dist_info):
+    """lr_of(step): the learning rate of a step."""
     rank0 = dist_info["rank"] == 0
     end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
     bar = tqdm(range(start_step, end), desc="train", unit="step", disable=not rank0, initial=start_step,
@@ -818,13 +893,13 @@ def train_loop(args, model, loss_fn, ema, opt, cache, train_idx, vae, classes, r
     for step in bar:
         latents, labels = get_batch(cache, train_idx, args.seed, step, args.batch,
                                     dist_info["rank"], dist_info["world"])
-        loss = train_step(loss_fn, opt, latents, labels,
-                          lr_at(step, args.lr, args.warmup, args.steps), args.grad_clip, device)
+        micro_batches = list(zip(latents.split(args.micro_batch), labels.split(args.micro_batch)))
+        loss = train_step(loss_fn, opt, micro_batches, lr_of(step), args.grad_clip, device)
         if not math.isfinite(loss):
             kept = ("the last good checkpoint is kept" if (run_dir / "checkpoint.pt").exists()
                     else "no checkpoint was written")
             fail(f"non-finite loss ({loss}) at step {step + 1}; stopped, {kept}")
-        update_ema(ema, model, step, args.ema)
+        update_ema(ema, model, step, args.ema, args.ema_ramp)
         done = step + 1
         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{(done - start_step) * args.batch / (time.time() - t0):.0f}")
         if rank0 and args.sample_every and done % args.sample_every == 0 and done < args.steps:
@@ -836,7 +911,7 @@ def train_loop(args, model, loss_fn, ema, opt, cache, train_idx, vae, classes, r
 
 
 # The smallest value each numeric flag can take: below it the run would fail late or do nothing.
-LOWER_BOUNDS = {"steps": 1, "batch": 1, "warmup": 0, "save_every": 1, "sample_every": 0, "stop_after": 0,
+LOWER_BOUNDS = {"steps": 1, "batch": 1, "micro_batch": 1, "warmup_epochs": 0, "save_every": 1, "sample_every": 0, "stop_after": 0,
                 "val_size": 0, "vae_steps": 1, "vae_batch": 1, "encode_batch": 1, "workers": 0, "threads": 0,
                 "head_positions": 0, "num_iter": 1, "cfg": 0, "temperature": 0, "grad_clip": 0,
                 "weight_decay": 0, "vae_kl": 0, "batch_bench": 1, "bench_steps": 1}
@@ -847,10 +922,11 @@ def check_args(args):
         value = getattr(args, key)
         if value is not None and value < low:
             fail(f"--{key.replace('_', '-')} must be >= {low}, got {value}")
-    for key in ("lr", "vae_lr"):
-        if not getattr(args, key) > 0:
-            fail(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
-    if not 0 <= args.ema < 1:
+    for key in ("blr", "epochs", "vae_lr"):
+        value = getattr(args, key)
+        if value is not None and not value > 0:
+            fail(f"--{key.replace('_', '-')} must be > 0, got {value}")
+    if args.ema is not None and not 0 <= args.ema < 1:
         fail(f"--ema must be in [0, 1), got {args.ema}")
 
 
@@ -893,12 +969,14 @@ def resume_args(args, given):
     refused, so no flag is ever silently ignored."""
     ckpt = load_checkpoint(args.resume)
     saved, new = dict(ckpt["args"]), vars(args)
+    if "blr" not in saved:
+        fail(f"--resume {args.resume}: its checkpoint predates training recipes (no blr); start a new run")
     changed = sorted(k for k in given - RUNTIME_KEYS - {"steps"} if k in saved and new[k] != saved[k])
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {new[k]} (the run has {saved[k]})" for k in changed)
         fail(f"--resume continues {args.resume} with its own settings, but the command line changes {flags}; "
              "drop those flags, or start a new run with --out")
-    if "steps" in given and new["steps"] != saved["steps"]:
+    if "steps" in given and new["steps"] != saved["steps"]:  # the run's own steps: resolved from --epochs
         if new["steps"] <= ckpt["step"]:
             fail(f"--steps {new['steps']}: {args.resume} is already at step {ckpt['step']}; give a larger --steps")
         saved["horizons"] = saved.get("horizons", []) + [{"at_step": ckpt["step"], "steps": [saved["steps"], new["steps"]]}]
@@ -918,10 +996,17 @@ def pipeline(args, given, dist_info, device):
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(dist_info)
 
+    if not ckpt:
+        args.preset = args.preset or "digits"
+        resolve_recipe(args)
     cfg = tb.TokenBridgeConfig.from_dict(ckpt["config"]) if ckpt else build_config(args)
     args.image_size_resolved = cfg.image_size
-    if args.batch % dist_info["world"]:
-        fail(f"--batch {args.batch} (global) must be divisible by the {dist_info['world']} processes")
+    per_process, world = args.batch // dist_info["world"], dist_info["world"]
+    if args.batch % world or per_process % min(args.micro_batch, per_process):
+        fail(f"--batch {args.batch} (global) must split evenly into {world} process(es) x micro-batches of "
+             f"--micro-batch {args.micro_batch}")
+    args.micro_batch = min(args.micro_batch, per_process)
+    log(recipe_summary(args, cfg), dist_info)
 
     images, labels, classes, non_images = load_data(args)                     # 1. data
     if len(classes) > cfg.num_classes:
@@ -955,9 +1040,15 @@ def pipeline(args, given, dist_info, device):
         log("[calibration] reconstruction PSNR: " + ", ".join(
             f"{k} {v['psnr']:.2f} dB" for k, v in report.items() if k != "images"))
 
-    model.backbone.grad_checkpointing = args.grad_checkpointing               # 5. training
+    steps_per_epoch = max(1, len(train_idx) // args.batch)                    # 5. training
+    if args.steps is None:
+        args.steps = max(1, round(args.epochs * steps_per_epoch))
+    lr = args.blr * args.batch / 256
+    lr_of = functools.partial(lr_at, lr=lr, warmup_steps=args.warmup_epochs * steps_per_epoch,
+                              total_steps=args.steps, schedule=args.lr_schedule)
+    model.backbone.grad_checkpointing = args.grad_checkpointing
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = make_optimizer(model, args.lr, args.weight_decay)
+    opt = make_optimizer(model, lr, args.weight_decay)
     start_step = 0
     if ckpt:
         ema.load_state_dict(ckpt["ema"])
@@ -974,9 +1065,9 @@ def pipeline(args, given, dist_info, device):
         horizon = args.horizons[-1] if getattr(args, "horizons", None) else None
         if horizon and horizon["at_step"] == start_step:
             old, new = horizon["steps"]
-            log(f"[resume] --steps moves the end from {old} to {new}: the learning-rate schedule's cosine now "
-                f"ends at step {new} (lr at step {start_step}: {lr_at(start_step - 1, args.lr, args.warmup, old):.3g} "
-                f"-> {lr_at(start_step, args.lr, args.warmup, new):.3g})", dist_info)
+            before = lr_at(start_step, lr, args.warmup_epochs * steps_per_epoch, old, args.lr_schedule)
+            log(f"[resume] --steps moves the end from {old} to {new}: the learning-rate schedule now ends at "
+                f"step {new} (lr at step {start_step}: {before:.3g} -> {lr_of(start_step):.3g})", dist_info)
         if start_step >= args.steps:
             log(f"[resume] {run_dir} has finished its {args.steps} steps; give --steps N to train it further",
                 dist_info)
@@ -989,9 +1080,12 @@ def pipeline(args, given, dist_info, device):
     if dist_info["world"] > 1:
         loss_fn = torch.nn.parallel.DistributedDataParallel(
             loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"[train] {args.steps} steps, global batch {args.batch}, lr {args.lr}, "
-        f"{dist_info['world']} process(es), {torch.get_num_threads()} threads each, device {device}", dist_info)
-    step = train_loop(args, model, loss_fn, ema, opt, cache, train_idx, vae,
+    accumulation = per_process // args.micro_batch
+    log(f"[train] {args.steps} steps ({args.steps / steps_per_epoch:g} epochs of {steps_per_epoch} steps, "
+        f"{len(train_idx)} images); global batch {args.batch} = {world} process(es) x {accumulation} "
+        f"accumulated micro-batch(es) of {args.micro_batch}; {torch.get_num_threads()} threads each, device {device}",
+        dist_info)
+    step = train_loop(args, model, loss_fn, ema, opt, lr_of, cache, train_idx, vae,
                       classes, run_dir, start_step, device, dist_info)
 
     if rank0 and step == args.steps:                                           # 6. evaluation
@@ -1013,7 +1107,8 @@ def get_parser():
     a("--vae", default=None, help="diffusers AutoencoderKL folder, or an LDM checkpoint such as MAR's kl16.ckpt; default: train a small one")
     a("--out", default="runs/demo", help="run directory")
     a("--resume", default=None, help="continue the run in this directory from its checkpoint.pt")
-    a("--preset", default="digits", choices=sorted(tb.PRESETS), help="model configuration (digits: the demo's)")
+    a("--preset", default=None, choices=sorted(tb.PRESETS),
+      help="model configuration and its recipe (default: digits, the demo's; bench-s for --benchmark)")
     a("--image-size", type=int, default=None, help="image size (default: the preset's)")
     a("--num-classes", type=int, default=None, help="classes (default: the preset's)")
     a("--levels", type=int, default=None, help="quantization levels per channel (default: the preset's, 64)")
@@ -1030,14 +1125,21 @@ def get_parser():
     a("--encode-batch", type=int, default=250, help="images per VAE call when filling the latent cache")
     a("--workers", type=int, default=4, help="processes decoding --data images while the latent cache is filled")
     # training
-    a("--steps", type=int, default=1800, help="total optimizer steps")
-    a("--batch", type=int, default=64, help="global batch size (all processes together)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, betas 0.9/0.95)")
-    a("--warmup", type=int, default=100, help="linear warm-up steps")
-    a("--weight-decay", type=float, default=0.02, help="on linear weights only")
-    a("--grad-clip", type=float, default=3.0, help="max gradient norm")
-    a("--ema", type=float, default=0.999, help="EMA decay of the weights")
-    a("--head-positions", type=int, default=8,
+    # the recipe: each default is the preset's (RECIPES; large: the official TokenBridge-L recipe)
+    a("--batch", type=int, default=None, help="global batch size (all processes and accumulation steps together)")
+    a("--micro-batch", type=int, default=None,
+      help="images per forward pass and process; the global batch is reached by gradient accumulation")
+    a("--blr", type=float, default=None, help="base learning rate: lr = blr * batch / 256 (AdamW, betas 0.9/0.95)")
+    a("--epochs", type=float, default=None, help="training length in epochs of the training images")
+    a("--steps", type=int, default=None, help="training length in optimizer steps (default: from --epochs)")
+    a("--warmup-epochs", type=float, default=None, help="linear warm-up from 0, in epochs")
+    a("--lr-schedule", default=None, choices=["cosine", "constant"], help="after warm-up: cosine to 0, or constant")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay, on every parameter but 1-D ones and biases")
+    a("--grad-clip", type=float, default=None, help="max gradient norm")
+    a("--ema", type=float, default=None, help="EMA rate of the weights")
+    a("--ema-ramp", action=argparse.BooleanOptionalAction, default=None,
+      help="let the EMA rate grow to --ema over the first steps (the official rate is constant)")
+    a("--head-positions", type=int, default=None,
       help="train the AR head on this many random masked positions per image (0: all, the paper's loss)")
     a("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
     a("--seed", type=int, default=0)
@@ -1051,7 +1153,7 @@ def get_parser():
     a("--cfg", type=float, default=4.0, help="classifier-free guidance scale for the sample grid")
     a("--temperature", type=float, default=0.7, help="sampling temperature for the sample grid")
     # benchmark
-    a("--benchmark", action="store_true", help="print the training step time at the bench-s preset and exit")
+    a("--benchmark", action="store_true", help="print the training step time of --preset (random latents) and exit")
     a("--batch-bench", type=int, default=64, help="batch size of --benchmark")
     a("--bench-steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
     return p

@@ -383,6 +383,11 @@ def test_cuda_requested_without_torch_cuda_is_refused(run, tmp_path):
     assert not png.exists()
 
 
+def test_autocast_is_refused_on_the_cpu(run):
+    with pytest.raises(ValueError, match="--autocast bf16 is for CUDA"):
+        _main(["--run", run.path, "--runtime", "torch", "--device", "cpu", "--autocast", "bf16", "--out", ""])
+
+
 def test_cuda_requested_without_onnxruntime_cuda_is_refused(run):
     if _cuda_loads(run):
         pytest.skip("onnxruntime's CUDA provider works here: nothing to refuse")

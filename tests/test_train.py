@@ -71,7 +71,7 @@ def run_argv(run_dir, data, vae, *extra):
     """Fast run-level flags; the small model itself comes from the small_model fixture."""
     return ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
             "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "6",
-            "--warmup", "2", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
+            "--warmup-epochs", "0.5", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
             "--device", "cpu", "--workers", "1", *extra]
 
 
@@ -151,24 +151,59 @@ def test_ranks_split_the_global_batch():
 
 # --- optimizer, schedule, EMA -------------------------------------------------------------------
 
-def test_weight_decay_only_on_matrices_of_linear_layers(small_cfg):
+def test_weight_decay_follows_the_official_rule(small_cfg):
+    """MAR's add_weight_decay: no decay for 1-D parameters and biases, decay for all the rest."""
     model = tb.TokenBridge(small_cfg)
     opt = train.make_optimizer(model, 1e-3, 0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    kept = {names[id(p)] for p in opt.param_groups[1]["params"]}
     assert opt.param_groups[0]["weight_decay"] == 0.02 and opt.param_groups[1]["weight_decay"] == 0
-    assert {"backbone.encoder_blocks.0.attn.qkv.weight", "backbone.decoder_embed.weight", "head.out_weight",
-            "head.blocks.0.adaLN_modulation.1.weight"} <= decayed
-    for n in decayed:
-        assert not any(k in n for k in ("norm", "bias", "pos_embed", "class_emb", "token_embed", "mask_token"))
-    assert len(decayed) + len(opt.param_groups[1]["params"]) == len(names)
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert {"backbone.class_emb.weight", "backbone.fake_latent", "backbone.mask_token", "backbone.encoder_pos_embed",
+            "backbone.output_pos_embed", "head.token_embed", "head.slot_pos", "head.out_weight",
+            "backbone.encoder_blocks.0.attn.qkv.weight"} <= decayed
+    assert {"head.out_bias", "backbone.z_proj.bias", "backbone.encoder_norm.weight", "head.norm.weight"} <= kept
+    assert all(model.get_parameter(n).dim() == 1 or n.endswith("bias") for n in kept)
 
 
-def test_lr_schedule_warmup_then_cosine():
-    lrs = [train.lr_at(s, 1.0, 4, 20) for s in range(20)]
-    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert lrs[4] == 1.0 and abs(train.lr_at(12, 1.0, 4, 20) - 0.5) < 1e-12     # half way: 0.5
+def test_lr_schedule_is_the_official_one_in_steps():
+    lrs = [train.lr_at(s, 1.0, 4, 20) for s in range(21)]
+    assert lrs[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]                   # warm-up from 0, as at epoch 0
+    assert abs(lrs[12] - 0.5) < 1e-12 and lrs[20] == 0.0              # half way down, then 0 at the end
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert [train.lr_at(s, 1.0, 4, 20, "constant") for s in (2, 4, 19)] == [0.5, 1.0, 1.0]
+    assert train.lr_at(1, 1.0, 2.5, 20) == 0.4                       # fractional warm-up, as in epochs
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cfg):
+    """Two micro-batches of 4 accumulated == one batch of 8, when every micro-batch masks as many
+    positions (all of them here) and no label is dropped, as for DDP's average over processes."""
+    cfg = tb.TokenBridgeConfig(**{**SMALL_CFG, "mask_ratio_min": 1.0, "label_drop_prob": 0.0})
+    lat, lab = torch.randn(8, 4, 4, 4), torch.tensor([0, 1] * 4)
+    grads = []
+    for micro in (8, 4):
+        torch.manual_seed(0)
+        model = tb.TokenBridge(cfg).calibrate(lat)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        batches = list(zip(lat.split(micro), lab.split(micro)))
+        train.train_step(train.TrainingLoss(model), opt, batches, 0.0, 1e9, torch.device("cpu"))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_presets_carry_the_official_recipe():
+    args = train.resolve_recipe(train.get_parser().parse_args(["--preset", "large"]))
+    line = train.recipe_summary(args, tb.TokenBridgeConfig.preset("large"))
+    for part in ("global batch 2048", "lr 0.0004 = blr 5e-05 x 2048 / 256", "400 epochs", "warm-up 100 epochs",
+                 "cosine to 0", "weight decay 0.02", "grad clip 3.0", "EMA 0.9999 constant", "dropout 0.1",
+                 "label drop 0.1", "head on every masked position"):
+        assert part in line, part
+    assert train.resolve_recipe(train.get_parser().parse_args(["--preset", "huge"])).epochs == 800
+    mine = train.resolve_recipe(train.get_parser().parse_args(["--preset", "large", "--batch", "256"]))
+    assert mine.batch == 256 and mine.blr == 5e-5                    # a flag wins, the rest stays
 
 
 # --- evaluation truths --------------------------------------------------------------------------
@@ -377,8 +412,8 @@ def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path,
     run = tmp_path / "r"
     train.main(run_args(run, fake_data, vae_dir, "--steps", "4"))
     resume = ["--resume", str(run), "--threads", "1", "--device", "cpu"]
-    with pytest.raises(SystemExit, match=r"changes --lr 0.5 \(the run has 0.001\)"):
-        main_cli(resume + ["--lr", "0.5"])
+    with pytest.raises(SystemExit, match=r"changes --blr 0.5 \(the run has 0.004\)"):
+        main_cli(resume + ["--blr", "0.5"])
     with pytest.raises(SystemExit, match=r"changes --batch 64 \(the run has 8\)"):  # a default, but given
         main_cli(resume + ["--batch", "64"])
     main_cli(resume + ["--batch", "8", "--steps", "6", "--save-every", "1"])  # its own value: fine
@@ -392,7 +427,7 @@ def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path,
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--batch", "0", "--batch must be >= 1, got 0"), ("--steps", "0", "--steps must be >= 1, got 0"),
-    ("--save-every", "0", "--save-every must be >= 1"), ("--lr", "-1", "--lr must be > 0"),
+    ("--save-every", "0", "--save-every must be >= 1"), ("--blr", "-1", "--blr must be > 0"),
     ("--ema", "1", r"--ema must be in \[0, 1\)"), ("--num-iter", "0", "--num-iter must be >= 1")])
 def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=message):
