@@ -1,4 +1,4 @@
-"""Export a trained TokenBridge run to ONNX, for the torch-free sampling loop in sample.py.
+"""Export a trained TokenBridge run to ONNX, for the torch-free sampler in deploy.py.
 
     python export.py --run runs/demo                 # -> runs/demo/onnx/
     python export.py --run runs/demo --fp16          # half-precision graphs, for GPU
@@ -24,12 +24,10 @@ seconds, and the graphs are validated against PyTorch either way.
 """
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
 import os
-import pickle
 import warnings
 
 import numpy as np
@@ -38,66 +36,11 @@ import torch
 import torch.nn as nn
 
 import tokenbridge as tb
-from sample import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, EXPORT_FORMAT, HEAD_FILE, HEAD_INPUTS,
-                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session, one_line)
+import runs
+from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, EXPORT_FORMAT, HEAD_FILE, HEAD_INPUTS,
+                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session)
 
 OPSET = 17
-
-
-# --- loading a run ---------------------------------------------------------------------------
-
-def fingerprint(model):
-    """sha256 over the state dict (names, dtypes, shapes, bytes): the identity of the weights,
-    unchanged by re-saving the checkpoint, stored in the JSON and in every graph."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _read_checkpoint(path):
-    """torch.load with weights_only=True, so no code in the file can run; anything but a dict
-    with a "config" and a "model" is one ValueError saying why."""
-    fix = "give --run a folder written by train.py (or interop.py, for the released weights)"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's text is a paragraph about its defaults; this is the point
-        raise ValueError(f"{path} is not a TokenBridge checkpoint (torch.load with weights_only=True refused it: "
-                         f"it holds more than tensors and plain containers, or is not a pickle); {fix}") from None
-    except (RuntimeError, EOFError, KeyError, OSError) as e:  # a truncated zip, an empty or foreign file
-        first = one_line(e).split(". ")[0]  # torch's first sentence says what; the rest is advice
-        raise ValueError(f"{path} is not a TokenBridge checkpoint (truncated, or not written by torch.save: "
-                         f"{first}); {fix}") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
-        raise ValueError(f"{path} is not a TokenBridge checkpoint (it has no \"config\" and \"model\"); {fix}")
-    return ckpt
-
-
-def load_run(run, device="cpu"):
-    """RUN/checkpoint.pt -> (model in eval mode, checkpoint dict); EMA weights when present."""
-    path = os.path.join(run, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}; train one with train.py --out {run}")
-    ckpt = _read_checkpoint(path)
-    model = tb.TokenBridge(tb.TokenBridgeConfig.from_dict(ckpt["config"]))
-    state = dict(ckpt["model"])
-    if ckpt.get("ema") is not None:  # EMA may hold parameters only; buffers come from `model`
-        state.update(ckpt["ema"])
-    model.load_state_dict(state)
-    return model.to(device).eval(), ckpt
-
-
-def load_vae(run, device="cpu"):
-    """RUN/vae as a diffusers AutoencoderKL, or None when the run has none."""
-    path = os.path.join(run, "vae")
-    if not os.path.isdir(path):
-        return None
-    from diffusers import AutoencoderKL
-    return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).to(device).eval()
 
 
 # --- export wrappers: thin shells around tokenbridge.py, in the order the loop calls them -----
@@ -167,7 +110,7 @@ def backbone_inputs(cfg, batch, gen):
 
 
 def head_inputs(model, guidance_halves, rows, step, gen):
-    cfg, head = model.cfg, model.head
+    cfg, head = model.config, model.head
     C, D = cfg.channels, cfg.head_width
     cond = torch.randn(guidance_halves, rows, D, generator=gen)
     cache = torch.randn(len(head.blocks), 2, guidance_halves * rows, head.heads, step, head.head_dim,
@@ -283,18 +226,18 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = out or os.path.join(run, "onnx")
-    model, ckpt = load_run(run)  # first: a run that cannot be exported leaves no empty folder behind
-    vae = load_vae(run)
+    model, ckpt = runs.load_run(run)  # first: a run that cannot be exported leaves no empty folder behind
+    vae = runs.load_vae(os.path.join(run, runs.VAE_DIR)) if runs.has_vae(run) else None
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:  # a regular file in the way, no permission
         raise ValueError(f"cannot create the output folder {out} ({e.strerror}); choose another --out") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"cannot write to the output folder {out}; choose another --out")
-    cfg = model.cfg
+    cfg = model.config
     limits = {**PRECISIONS[precision], **({"tolerance": tolerance} if tolerance else {})}
     say = print if verbose else (lambda *a: None)
-    fp = fingerprint(model)
+    fp = runs.fingerprint(model)
     meta = {"fingerprint": fp}
     gen = torch.Generator().manual_seed(0)
     report = {}
@@ -346,7 +289,7 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     info = {
         "format": EXPORT_FORMAT,
         "fingerprint": fp,
-        "checkpoint_sha256": file_sha256(os.path.join(run, "checkpoint.pt")),
+        "checkpoint_sha256": file_sha256(os.path.join(run, runs.CHECKPOINT)),
         "config": cfg.to_dict(),
         "dtype": "float32",   # of the graphs' inputs and outputs
         "precision": precision,

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+import runs
 import tokenbridge as tb
 
 # AR slot i of the official models generates VAE channel OFFICIAL_ORDER[i] (hard-coded there).
@@ -27,15 +28,8 @@ RELEASED_SAMPLING = {"large": dict(cfg=3.1, temperature=0.96, num_iter=256),
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True; the official files also pickle an argparse.Namespace."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"no checkpoint at {path}") from None
-    except Exception as e:  # truncated, corrupt, or not a torch file at all
-        raise ValueError(f"could not read {path} as a torch checkpoint ({type(e).__name__}); "
-                         "is the file complete?") from None
+    """An official or LDM checkpoint, loaded safely; the official files also pickle an argparse.Namespace."""
+    return runs.read_torch_file(path, "torch checkpoint", "is the file complete?", safe_globals=[argparse.Namespace])
 
 
 def convert_state_dict(source, target, mapping, what):
@@ -43,12 +37,12 @@ def convert_state_dict(source, target, mapping, what):
     source key -> (target key, index into the target tensor or None)."""
     filled = set()
     for key, value in source.items():
-        tb._require(key in mapping, f"{what}: unexpected key {key!r}; a checkpoint of another architecture?")
+        tb.require(key in mapping, f"{what}: unexpected key {key!r}; a checkpoint of another architecture?")
         name, index = mapping[key]
         dest = target[name] if index is None else target[name][index]
         if value.dim() == dest.dim() + 1 and value.shape[0] == 1:  # official (1, C, D) embeddings
             value = value[0]
-        tb._require(value.shape == dest.shape,
+        tb.require(value.shape == dest.shape,
                     f"{what}: {key!r} has shape {tuple(value.shape)} but the model expects "
                     f"{tuple(dest.shape)}; another model size (check --preset)?")
         dest.copy_(value)
@@ -102,7 +96,7 @@ def official_config(preset, **overrides):
 
 def from_official_state_dict(state_dict, cfg):
     """Build our TokenBridge (eval mode) from an official state dict."""
-    tb._require(cfg.official_compat, "official weights need official_compat=True in the config")
+    tb.require(cfg.official_compat, "official weights need official_compat=True in the config")
     model = tb.TokenBridge(cfg).eval()
     learned = {k: v for k, v in state_dict.items() if k not in _DERIVED}
     target = model.state_dict()
@@ -111,7 +105,7 @@ def from_official_state_dict(state_dict, cfg):
     q = model.quantizer
     for key, ours in (("boundaries", q.boundaries), ("reconstruction_values", q.centers)):
         if key in state_dict:
-            tb._require(torch.allclose(state_dict[key].float(), ours, atol=1e-4),
+            tb.require(torch.allclose(state_dict[key].float(), ours, atol=1e-4),
                         f"the checkpoint's {key} differ from {cfg.levels}-level Gaussian bins; wrong --levels?")
     q.use_official_range()
     q.order.copy_(torch.tensor(OFFICIAL_ORDER[:cfg.channels]))
@@ -121,7 +115,7 @@ def from_official_state_dict(state_dict, cfg):
 def load_official_tokenbridge(path, preset, **overrides):
     """checkpoint-last.pth of the official code -> our TokenBridge, EMA weights when present."""
     ckpt = load_checkpoint(path)
-    tb._require(isinstance(ckpt, dict) and ("model_ema" in ckpt or "model" in ckpt),
+    tb.require(isinstance(ckpt, dict) and ("model_ema" in ckpt or "model" in ckpt),
                 f"{path} has neither 'model_ema' nor 'model': not an official TokenBridge checkpoint")
     return from_official_state_dict(ckpt.get("model_ema", ckpt.get("model")), official_config(preset, **overrides))
 
@@ -183,9 +177,9 @@ def from_ldm_state_dict(state_dict, **config):
     mapping = {}
     for key in state_dict:
         module, _, param = key.rpartition(".")
-        tb._require(module in renames, f"LDM VAE checkpoint: unexpected key {key!r}; another architecture?")
+        tb.require(module in renames, f"LDM VAE checkpoint: unexpected key {key!r}; another architecture?")
         mapping[key] = (f"{renames[module]}.{param}", None)
-    tb._require(set(v for v, _ in mapping.values()) == set(target),
+    tb.require(set(v for v, _ in mapping.values()) == set(target),
                 "LDM VAE checkpoint: the model has tensors the checkpoint does not fill: "
                 f"{sorted(set(target) - set(v for v, _ in mapping.values()))[:1]}")
     # LDM attention projections are 1x1 convolutions; diffusers uses linear layers.
@@ -210,11 +204,11 @@ def load_ldm_vae(path, latent_channels=None):
     """MAR's kl16.ckpt (torch.load(path)["model"], LDM layout) -> diffusers AutoencoderKL."""
     ckpt = load_checkpoint(path)
     state_dict = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    tb._require(isinstance(state_dict, dict) and "encoder.conv_in.weight" in state_dict
+    tb.require(isinstance(state_dict, dict) and "encoder.conv_in.weight" in state_dict
                 and "post_quant_conv.weight" in state_dict,
                 f"{path} is not an LDM/MAR VAE checkpoint (no encoder.conv_in.weight under 'model')")
     config = ldm_config_from_state_dict(state_dict)
-    tb._require(latent_channels is None or config["embed_dim"] == latent_channels,
+    tb.require(latent_channels is None or config["embed_dim"] == latent_channels,
                 f"{path} has {config['embed_dim']} latent channels but the model expects {latent_channels}")
     return from_ldm_state_dict(state_dict, **config)
 
@@ -226,21 +220,20 @@ def load_ldm_vae(path, latent_channels=None):
 def import_official(checkpoint, preset, vae=None, out=None):
     """Convert an official checkpoint (and MAR's kl16 VAE) into RUN/checkpoint.pt (+ RUN/vae).
     Returns the run directory; an existing conversion of the same file is reused."""
-    from train import atomic_save
     out = out or os.path.join("runs", f"official-{preset}")
-    path = os.path.join(out, "checkpoint.pt")
+    path = os.path.join(out, runs.CHECKPOINT)
     if os.path.isfile(path) and load_checkpoint(path).get("source") == os.path.abspath(checkpoint):
         print(f"reusing the conversion in {out}")
     else:
         model = load_official_tokenbridge(checkpoint, preset)
         os.makedirs(out, exist_ok=True)
-        atomic_save({"config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0,
-                     "source": os.path.abspath(checkpoint)}, path)
+        runs.atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
+                          "source": os.path.abspath(checkpoint)}, path)
         print(f"converted {checkpoint} -> {path} ({model.num_params() / 1e6:.1f}M parameters)")
     if vae is not None:
         channels = tb.TokenBridgeConfig.preset(preset).channels
-        load_ldm_vae(vae, latent_channels=channels).save_pretrained(os.path.join(out, "vae"))
-        print(f"converted {vae} -> {os.path.join(out, 'vae')}")
+        load_ldm_vae(vae, latent_channels=channels).save_pretrained(os.path.join(out, runs.VAE_DIR))
+        print(f"converted {vae} -> {os.path.join(out, runs.VAE_DIR)}")
     return out
 
 

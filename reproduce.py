@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import train
-from export import load_run, load_vae
+import data
+import runs
+import tokenbridge as tb
+from deploy import tile
+from training import grid_classes, validation_bits
 
 SWEEP_LEVELS = (8, 16, 32, 64, 128)
 CONTROLS_CFG, CONTROLS_TEMPERATURE = (1.0, 2.0, 4.0), (0.7, 1.0)
@@ -41,19 +44,18 @@ CONTROLS_CFG, CONTROLS_TEMPERATURE = (1.0, 2.0, 4.0), (0.7, 1.0)
 # ---------------------------------------------------------------------------------------------
 
 def held_out(run, val_size=500):
-    """(uint8 images, posterior modes, labels) of train.py's validation split, from the run's
+    """(uint8 images (B, H, W, 3), posterior modes, labels) of train.py's validation split, from the run's
     latent cache (RUN/latents.npy, memory-mapped: only these rows are read).
 
     The split depends only on the number of images (fixed seed), so every run on the digits
     holds out the same 500 images; the cache saves re-encoding them.
     """
-    images, labels, _ = train.load_digits()
-    _, val_idx = train.split_validation(len(images), val_size)
-    cache = train.open_cache(run)
+    images, labels, _ = data.load_digits()
+    _, val_idx = data.split_validation(len(images), val_size)
+    cache = data.open_cache(run)
     if cache is None:
-        raise SystemExit(f"reproduce.py: error: {run} has no complete latent cache (latents.npy + "
-                         "latents.meta.pt); run train.py there first")
-    return images[val_idx], cache.read(val_idx, 0, moment=0), cache.labels[val_idx]
+        raise ValueError(f"{run} has no complete latent cache (latents.npy + latents.meta.pt); run train.py there first")
+    return data.channels_last(images[val_idx]), cache.read(val_idx, 0, moment=0), cache.labels[val_idx]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,18 +73,15 @@ def token_entropy(tokens, levels):
 def quantization_sweep(model, vae, images, modes, levels_list=SWEEP_LEVELS):
     """PSNR/MSE for continuous and each level count, and the token entropy per channel.
 
-    Reuses train.quantized_copy: the same calibrated per-channel mean/std, only the bin count
-    changes, so this is exactly post-training quantization of one frozen VAE.
+    The same calibrated per-channel mean/std at every bin count (GaussianQuantizer.with_levels),
+    so this is exactly post-training quantization of one frozen VAE.
     """
-    psnr, mse = train.psnr(images, train.decode(vae, modes))
+    psnr, mse = data.psnr(images, data.decode(vae, modes))
     rows = [{"levels": "continuous", "psnr": psnr, "mse": mse}]
-    tokens_in = modes.flatten(2).transpose(1, 2)                            # (B, N, C)
     for levels in levels_list:
-        psnr, mse = train.psnr(images, train.decode(vae, train.quantized_copy(modes, model.quantizer, levels)))
-        q = train.tb.GaussianQuantizer(levels, model.quantizer.std_range, model.quantizer.channels)
-        q.mean.copy_(model.quantizer.mean)
-        q.std.copy_(model.quantizer.std)
-        h = token_entropy(q.quantize(tokens_in), levels)
+        q = model.quantizer.with_levels(levels)
+        psnr, mse = data.psnr(images, data.decode(vae, q.round_trip(modes)))
+        h = token_entropy(q.quantize(tb.patchify(modes)), levels)
         rows.append({"levels": levels, "bits_per_channel": math.log2(levels), "psnr": psnr, "mse": mse,
                      "entropy_mean": h.mean().item(), "entropy_min": h.min().item(),
                      "entropy_max": h.max().item(), "entropy_per_channel": [round(x, 4) for x in h.tolist()]})
@@ -91,14 +90,14 @@ def quantization_sweep(model, vae, images, modes, levels_list=SWEEP_LEVELS):
 
 def clipped_share(model, modes):
     """Share of latent values beyond +-std_range sigma: they all land in the two end bins."""
-    u = (modes.flatten(2).transpose(1, 2) - model.quantizer.mean) / model.quantizer.std
+    u = (tb.patchify(modes) - model.quantizer.mean) / model.quantizer.std
     return (u.abs() > model.quantizer.std_range).double().mean().item()
 
 
 def gaussianity(model, modes):
     """Why the token entropy falls short of log2(levels): per-channel skewness, and the most
     frequent 64-level bin's share in units of the Gaussian 1/64 (the black-background spike)."""
-    tokens = modes.flatten(2).transpose(1, 2)
+    tokens = tb.patchify(modes)
     u = ((tokens - model.quantizer.mean) / model.quantizer.std).reshape(-1, tokens.shape[-1])
     q = model.quantizer
     counts = torch.stack([torch.bincount(c, minlength=q.levels) for c in q.quantize(tokens).reshape(-1, q.channels).T])
@@ -139,11 +138,9 @@ def rate_distortion_plot(rows, path):
 
 def sample_panel(model, vae, per_class=5, seed=0, **sampling):
     """Rows of classes 0..9, per_class samples each, as one (H, W, 3) uint8 array."""
-    classes = train.grid_classes(model.cfg.num_classes)
+    classes = grid_classes(model.config.num_classes)
     latents = model.generate(classes.repeat_interleave(per_class), seed=seed, **sampling)
-    images = train.decode(vae, latents)                                      # (R*K, 3, H, W)
-    R, (_, H, W) = len(classes), images.shape[1:]
-    return images.view(R, per_class, 3, H, W).permute(0, 3, 1, 4, 2).reshape(R * H, per_class * W, 3).numpy()
+    return tile(data.decode(vae, latents), cols=per_class)
 
 
 def save_small(image, path):
@@ -183,30 +180,28 @@ def stack_rows(paths, path, gap=6):
 # ---------------------------------------------------------------------------------------------
 
 def load(run):
-    """(EMA model in eval mode, its VAE, the checkpoint dict) of a run folder, via export.py."""
-    model, ckpt = load_run(str(run))
-    return model, load_vae(str(run)), ckpt
+    """(EMA model in eval mode, its VAE, the checkpoint dict) of a run folder."""
+    model, ckpt = runs.load_run(run)
+    return model, runs.load_vae(Path(run) / runs.VAE_DIR), ckpt
 
 
 def nll(model, run):
-    """train.validation_bits on the run's own held-out latents; also bits per image (N * C tokens)."""
+    """validation_bits on the run's own held-out latents; also bits per image (N * C tokens)."""
     _, modes, labels = held_out(run)
-    bits = train.validation_bits(model, modes, labels)
-    return {"bits_per_token": bits, "bits_per_image": bits * model.cfg.seq_len * model.cfg.channels,
-            "levels": model.cfg.levels, "head": model.cfg.head, "order": model.cfg.order,
-            "uniform_bits_per_token": math.log2(model.cfg.levels)}
+    bits = validation_bits(model, modes, labels)
+    return {"bits_per_token": bits, "bits_per_image": bits * model.config.seq_len * model.config.channels,
+            "levels": model.config.levels, "head": model.config.head, "order": model.config.order,
+            "uniform_bits_per_token": math.log2(model.config.levels)}
 
 
 def reconstruction_panel(run, models, n=10):
     """Rows: original, continuous, and one row per (name, model) quantizer; n held-out digits."""
     images, modes, _ = held_out(run)
-    vae = load_vae(str(run))
+    vae = runs.load_vae(Path(run) / runs.VAE_DIR)
     pick = torch.linspace(0, len(images) - 1, n).long()                    # spread over classes
-    rows = [images[pick], train.decode(vae, modes[pick])]
-    rows += [train.decode(vae, train.quantized_copy(modes[pick], m.quantizer, m.cfg.levels)) for m in models]
-    grid = torch.stack(rows)                                                 # (R, n, 3, H, W)
-    R, K, _, H, W = grid.shape
-    return grid.permute(0, 3, 1, 4, 2).reshape(R * H, K * W, 3).numpy()
+    rows = [images[pick], data.decode(vae, modes[pick])]
+    rows += [data.decode(vae, m.quantizer.with_levels(m.config.levels).round_trip(modes[pick])) for m in models]
+    return tile(np.concatenate(rows), cols=n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +216,7 @@ def part_quantization(args, out, results):
                                "clipped_share": clipped_share(model, modes),
                                "gaussianity": gaussianity(model, modes),
                                # what the frequency order ranks (held-out latents; calibration uses the training ones)
-                               "low_frequency_share": [round(x, 3) for x in train.tb.low_frequency_share(modes).tolist()],
+                               "low_frequency_share": [round(x, 3) for x in tb.low_frequency_share(modes).tolist()],
                                "frequency_order": model.quantizer.order.tolist(),
                                "latent_std_range": model.quantizer.std_range}
     rate_distortion_plot(rows, out / "rd_quantization.png")
@@ -298,7 +293,7 @@ def main(args):
     if path.is_file():  # keep the parts this call did not redo
         old = json.loads(path.read_text())
         results = {**old, **results}
-    train.write_json(results, path)
+    runs.write_json(results, path)
     print(f"wrote {path} and figures in {out} ({results['wall_s']} s)")
     return results
 
@@ -328,4 +323,7 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    try:
+        main(get_parser().parse_args())
+    except ValueError as e:  # bad input: one line, not a traceback
+        raise SystemExit(f"error: {e}")

@@ -33,10 +33,20 @@ from torch.utils.checkpoint import checkpoint
 LN_EPS = 1e-6  # every LayerNorm, as in MAR and the official TokenBridge code
 
 
-def _require(condition, message):
+def require(condition, message):
     """Bad input gets one clear line, never a deep traceback or silent garbage."""
     if not condition:
         raise ValueError(message)
+
+
+def patchify(latents):
+    """(B, C, H, W) latents -> (B, H*W, C) tokens, one per position."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpatchify(tokens, grid):
+    """(B, H*W, C) tokens -> (B, C, H, W) latents, H = W = grid."""
+    return tokens.transpose(1, 2).unflatten(2, (grid, grid))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +67,9 @@ class GaussianQuantizer(nn.Module):
 
     def __init__(self, levels=64, std_range=3.0, channels=16, assign="bins"):
         super().__init__()
-        _require(levels >= 2, f"levels must be >= 2 (got {levels}); the paper uses 64 (16 for the ablation)")
-        _require(std_range > 0, f"std_range must be > 0 (got {std_range}); the paper uses 3")
-        _require(assign in ("bins", "nearest"), f"assign must be 'bins' or 'nearest' (got {assign!r})")
+        require(levels >= 2, f"levels must be >= 2 (got {levels}); the paper uses 64 (16 for the ablation)")
+        require(std_range > 0, f"std_range must be > 0 (got {std_range}); the paper uses 3")
+        require(assign in ("bins", "nearest"), f"assign must be 'bins' or 'nearest' (got {assign!r})")
         self.levels, self.std_range, self.channels, self.assign = levels, std_range, channels, assign
         # float64 for the tables: the tail bins are thin, and float32 Φ⁻¹ loses digits there.
         boundaries = torch.special.ndtri(torch.linspace(0, 1, levels + 1, dtype=torch.float64))
@@ -77,11 +87,11 @@ class GaussianQuantizer(nn.Module):
         self.register_buffer("order", torch.arange(channels))                  # (C,) AR slot -> channel
 
     def _check_tokens(self, tokens):
-        _require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels,
+        require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels,
                  f"expected channel-last tokens (..., {self.channels}), got shape {tuple(tokens.shape)}; "
                  "for (B, C, H, W) latents use TokenBridge.patchify first")
-        _require(tokens.is_floating_point(), f"expected float tokens, got {tokens.dtype}")
-        _require(bool(torch.isfinite(tokens).all()), "tokens contain NaN or inf; check the VAE output")
+        require(tokens.is_floating_point(), f"expected float tokens, got {tokens.dtype}")
+        require(bool(torch.isfinite(tokens).all()), "tokens contain NaN or inf; check the VAE output")
 
     @torch.no_grad()
     def calibrate(self, tokens):
@@ -89,13 +99,24 @@ class GaussianQuantizer(nn.Module):
         float64 over chunks, so memory stays one chunk however many latents are calibrated."""
         self._check_tokens(tokens)
         flat = tokens.reshape(-1, self.channels)
-        _require(flat.shape[0] >= 2, "calibration needs at least 2 token vectors")
+        require(flat.shape[0] >= 2, "calibration needs at least 2 token vectors")
         chunks = flat.split(1 << 18)
         mean = sum(chunk.double().sum(0) for chunk in chunks) / len(flat)
         var = sum((chunk.double() - mean).square().sum(0) for chunk in chunks) / (len(flat) - 1)
         self.mean.copy_(mean)
         self.std.copy_(var.sqrt().clamp_min(1e-8))
         return self
+
+    def with_levels(self, levels):
+        """The same calibration (statistics and order) with another number of bins."""
+        other = GaussianQuantizer(levels, self.std_range, self.channels, self.assign).to(self.mean.device)
+        for name in ("mean", "std", "order"):
+            getattr(other, name).copy_(getattr(self, name))
+        return other
+
+    def round_trip(self, latents):
+        """Latents (B, C, H, W) through the tokens and back: what the VAE decodes from them."""
+        return unpatchify(self.dequantize(self.quantize(patchify(latents))), latents.shape[-1])
 
     @torch.no_grad()
     def use_official_range(self):
@@ -115,9 +136,9 @@ class GaussianQuantizer(nn.Module):
 
     def dequantize(self, indices):
         """(..., C) long -> (..., C) float, each index replaced by its bin's conditional mean."""
-        _require(not indices.is_floating_point() and indices.shape[-1] == self.channels,
+        require(not indices.is_floating_point() and indices.shape[-1] == self.channels,
                  f"expected integer indices (..., {self.channels}), got {indices.dtype} {tuple(indices.shape)}")
-        _require(bool(((indices >= 0) & (indices < self.levels)).all()),
+        require(bool(((indices >= 0) & (indices < self.levels)).all()),
                  f"indices must lie in [0, {self.levels})")
         return self.centers[indices] * self.std + self.mean
 
@@ -136,9 +157,9 @@ def low_frequency_share(latents, radius=LOW_FREQUENCY_RADIUS):
     spatial structure, and counting it would rank channels by their mean instead of their shape.
     "Low" means |f| <= radius (cycles per position, |f| <= 0.5 is the whole band).
     """
-    _require(latents.dim() == 4 and min(latents.shape[-2:]) >= 2,
+    require(latents.dim() == 4 and min(latents.shape[-2:]) >= 2,
              f"expected latents (N, C, H, W) with H, W >= 2, got {tuple(latents.shape)}")
-    _require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf")
+    require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf")
     power = 0.0                                                                 # -> (C, H, W)
     for chunk in latents.split(1024):  # float64 and complex copies of one chunk at a time
         x = chunk.double()
@@ -187,15 +208,15 @@ class TokenBridgeConfig:
     official_compat: bool = False   # nearest-centre quantizer + slot-0 sampling quirk, for interop
 
     def __post_init__(self):
-        _require(self.levels >= 2, f"levels must be >= 2 (got {self.levels})")
-        _require(self.image_size % self.vae_stride == 0,
+        require(self.levels >= 2, f"levels must be >= 2 (got {self.levels})")
+        require(self.image_size % self.vae_stride == 0,
                  f"image_size {self.image_size} must be divisible by vae_stride {self.vae_stride}")
-        _require(self.head in ("ar", "parallel"), f"head must be 'ar' or 'parallel' (got {self.head!r})")
-        _require(self.order in ("frequency", "default"),
+        require(self.head in ("ar", "parallel"), f"head must be 'ar' or 'parallel' (got {self.head!r})")
+        require(self.order in ("frequency", "default"),
                  f"order must be 'frequency' or 'default' (got {self.order!r})")
         for part in ("encoder", "decoder", "head"):
             width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
-            _require(width % heads == 0, f"{part}_width {width} must be divisible by {part}_heads {heads}")
+            require(width % heads == 0, f"{part}_width {width} must be divisible by {part}_heads {heads}")
 
     @property
     def grid(self):
@@ -214,7 +235,7 @@ class TokenBridgeConfig:
 
     @classmethod
     def preset(cls, name, **overrides):
-        _require(name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        require(name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
 
 
@@ -362,24 +383,24 @@ class Backbone(nn.Module):
     known ones gather into a (B, V, D) batch; ONNX keeps that gather (NonZero) in the graph.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        De, Dd, S, N = cfg.encoder_width, cfg.decoder_width, cfg.buffer_size, cfg.seq_len
-        self.num_classes, self.buffer_size = cfg.num_classes, cfg.buffer_size
+        De, Dd, S, N = config.encoder_width, config.decoder_width, config.buffer_size, config.seq_len
+        self.num_classes, self.buffer_size = config.num_classes, config.buffer_size
         self.grad_checkpointing = False
-        self.class_emb = nn.Embedding(cfg.num_classes, De)
+        self.class_emb = nn.Embedding(config.num_classes, De)
         self.fake_latent = nn.Parameter(torch.zeros(1, De))      # the null class, for CFG
-        self.z_proj = nn.Linear(cfg.channels, De)
+        self.z_proj = nn.Linear(config.channels, De)
         self.z_proj_ln = nn.LayerNorm(De, eps=LN_EPS)
         self.encoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, De))
         self.encoder_blocks = nn.ModuleList(
-            Block(De, cfg.encoder_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.encoder_depth))
+            Block(De, config.encoder_heads, config.mlp_ratio, config.dropout) for _ in range(config.encoder_depth))
         self.encoder_norm = nn.LayerNorm(De, eps=LN_EPS)
         self.decoder_embed = nn.Linear(De, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, Dd))
         self.decoder_blocks = nn.ModuleList(
-            Block(Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.decoder_depth))
+            Block(Dd, config.decoder_heads, config.mlp_ratio, config.dropout) for _ in range(config.decoder_depth))
         self.decoder_norm = nn.LayerNorm(Dd, eps=LN_EPS)
         self.output_pos_embed = nn.Parameter(torch.zeros(1, N, Dd))
 
@@ -427,19 +448,19 @@ class DimensionwiseARHead(nn.Module):
     no token, so each channel is predicted from z alone.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        C, D, K = cfg.channels, cfg.head_width, cfg.levels
-        self.channels, self.levels, self.parallel = C, K, cfg.head == "parallel"
-        self.slot0_quirk = cfg.official_compat
-        self.heads, self.head_dim = cfg.head_heads, D // cfg.head_heads
-        self.condition_proj = nn.Linear(cfg.decoder_width, D)
+        C, D, K = config.channels, config.head_width, config.levels
+        self.channels, self.levels, self.parallel = C, K, config.head == "parallel"
+        self.slot0_quirk = config.official_compat
+        self.heads, self.head_dim = config.head_heads, D // config.head_heads
+        self.condition_proj = nn.Linear(config.decoder_width, D)
         self.slot_pos = nn.Parameter(torch.zeros(C, D))          # added to each slot's input
         self.slot_cond = nn.Parameter(torch.zeros(C, D))         # added to each slot's adaLN condition
         if not self.parallel:
             self.token_embed = nn.Parameter(torch.zeros(C - 1, K, D))  # slot c+1 embeds token c
         self.blocks = nn.ModuleList(
-            AdaLNBlock(D, cfg.head_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.head_depth))
+            AdaLNBlock(D, config.head_heads, config.mlp_ratio, config.dropout) for _ in range(config.head_depth))
         self.norm = nn.LayerNorm(D, eps=LN_EPS)
         self.final = FinalLayer(D)
         self.out_weight = nn.Parameter(torch.zeros(C, K, D))     # one classifier per channel
@@ -542,13 +563,13 @@ def sample_from_logits(logits, uniforms, temperature):
 
 
 class TokenBridge(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.cfg = cfg
-        self.quantizer = GaussianQuantizer(cfg.levels, cfg.std_range, cfg.channels,
-                                           assign="nearest" if cfg.official_compat else "bins")
-        self.backbone = Backbone(cfg)
-        self.head = DimensionwiseARHead(cfg)
+        self.config = config
+        self.quantizer = GaussianQuantizer(config.levels, config.std_range, config.channels,
+                                           assign="nearest" if config.official_compat else "bins")
+        self.backbone = Backbone(config)
+        self.head = DimensionwiseARHead(config)
         self._init_weights()
 
     def _init_weights(self):
@@ -577,28 +598,27 @@ class TokenBridge(nn.Module):
     # --- layout and input checks -------------------------------------------------------------
 
     def patchify(self, latents):
-        return latents.flatten(2).transpose(1, 2)                                     # (B, N, C)
+        return patchify(latents)                                                      # (B, N, C)
 
     def unpatchify(self, tokens):
-        B, g = tokens.shape[0], self.cfg.grid
-        return tokens.transpose(1, 2).reshape(B, self.cfg.channels, g, g)             # (B, C, H, W)
+        return unpatchify(tokens, self.config.grid)                                      # (B, C, H, W)
 
     def _check_latents(self, latents):
-        c, g = self.cfg.channels, self.cfg.grid
-        _require(latents.dim() == 4 and tuple(latents.shape[1:]) == (c, g, g),
-                 f"expected latents (B, {c}, {g}, {g}) for image_size {self.cfg.image_size} / vae_stride "
-                 f"{self.cfg.vae_stride}, got {tuple(latents.shape)}; check the VAE and the config")
-        _require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf; check the VAE output")
+        c, g = self.config.channels, self.config.grid
+        require(latents.dim() == 4 and tuple(latents.shape[1:]) == (c, g, g),
+                 f"expected latents (B, {c}, {g}, {g}) for image_size {self.config.image_size} / vae_stride "
+                 f"{self.config.vae_stride}, got {tuple(latents.shape)}; check the VAE and the config")
+        require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf; check the VAE output")
 
     def _check_labels(self, labels, batch=None, allow_null=False):
         """allow_null: in sampling, label num_classes is the null class (unconditional)."""
-        k = self.cfg.num_classes
-        _require(labels.dim() == 1 and not labels.is_floating_point(),
+        k = self.config.num_classes
+        require(labels.dim() == 1 and not labels.is_floating_point(),
                  f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
-        _require(batch is None or labels.shape[0] == batch,
+        require(batch is None or labels.shape[0] == batch,
                  f"got {labels.shape[0]} labels for a batch of {batch} latents")
         top = k + 1 if allow_null else k
-        _require(bool(((labels >= 0) & (labels < top)).all()),
+        require(bool(((labels >= 0) & (labels < top)).all()),
                  f"labels must lie in [0, {top}) for this model's {k} classes"
                  + (f" ({k}: unconditional)" if allow_null else "") + f", got {labels.tolist()[:8]}")
 
@@ -607,7 +627,7 @@ class TokenBridge(nn.Module):
         """Fit the quantizer's per-channel statistics and the channel order, latents (N, C, H, W)."""
         self._check_latents(latents)
         self.quantizer.calibrate(self.patchify(latents))
-        order = frequency_order(latents) if self.cfg.order == "frequency" else torch.arange(self.cfg.channels)
+        order = frequency_order(latents) if self.config.order == "frequency" else torch.arange(self.config.channels)
         self.quantizer.order.copy_(order)
         return self
 
@@ -616,7 +636,7 @@ class TokenBridge(nn.Module):
     def random_mask(self, batch, device):
         """MAR masking: one ratio per batch ~ truncated N(1, 0.25) on [mask_ratio_min, 1], a random
         order per image. Returns mask (B, N), True = masked (to predict)."""
-        N, lo = self.cfg.seq_len, self.cfg.mask_ratio_min
+        N, lo = self.config.seq_len, self.config.mask_ratio_min
         ndtr_lo = torch.special.ndtr(torch.tensor((lo - 1.0) / 0.25, dtype=torch.float64))
         u = ndtr_lo + (0.5 - ndtr_lo) * torch.rand((), dtype=torch.float64)      # inverse-CDF draw
         ratio = 1.0 + 0.25 * torch.special.ndtri(u).item()
@@ -635,7 +655,7 @@ class TokenBridge(nn.Module):
         tokens = self.patchify(latents)
         indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
         z = self.backbone(self.quantizer.dequantize(indices), mask, labels)
-        if 0 < head_positions < self.cfg.seq_len:
+        if 0 < head_positions < self.config.seq_len:
             score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
             mask = mask & torch.zeros_like(mask).scatter_(1, score.topk(head_positions, dim=-1).indices, True)
         targets = indices[mask][:, self.quantizer.order]                              # (M, C)
@@ -648,8 +668,8 @@ class TokenBridge(nn.Module):
         self._check_labels(labels, latents.shape[0])
         mask = self.random_mask(latents.shape[0], latents.device)
         if self.training:  # drop labels to the null class, for classifier-free guidance
-            drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_drop_prob
-            labels = torch.where(drop, self.cfg.num_classes, labels)
+            drop = torch.rand(labels.shape, device=labels.device) < self.config.label_drop_prob
+            labels = torch.where(drop, self.config.num_classes, labels)
         logits, targets = self.token_logits(latents, labels, mask, head_positions)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
@@ -666,7 +686,7 @@ class TokenBridge(nn.Module):
         cache = self.head.empty_cache(len(cond), cond.device, cond.dtype)
         token = torch.zeros(len(cond), dtype=torch.long, device=cond.device)
         generated, score = [], 0.0
-        for t in range(self.cfg.channels):
+        for t in range(self.config.channels):
             logits, cache = self.head.step(cond, token, torch.tensor(t, device=cond.device), cache)
             if logit_guidance is not None:
                 l_cond, l_uncond = logits.chunk(2)
@@ -694,21 +714,21 @@ class TokenBridge(nn.Module):
         device = next(self.parameters()).device
         labels = torch.as_tensor(labels, device=device)
         self._check_labels(labels, allow_null=True)
-        B, N, C = len(labels), self.cfg.seq_len, self.cfg.channels
-        _require(1 <= num_iter <= N, f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
-        _require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-        _require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        _require(cfg_mode in ("features", "logits"), f"cfg_mode must be 'features' or 'logits', got {cfg_mode!r}")
-        _require(cfg_schedule in ("linear", "constant"),
+        B, N, C = len(labels), self.config.seq_len, self.config.channels
+        require(1 <= num_iter <= N, f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
+        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+        require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        require(cfg_mode in ("features", "logits"), f"cfg_mode must be 'features' or 'logits', got {cfg_mode!r}")
+        require(cfg_schedule in ("linear", "constant"),
                  f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-        _require(position_order in ("random", "confidence"),
+        require(position_order in ("random", "confidence"),
                  f"position_order must be 'random' or 'confidence', got {position_order!r}")
         rng = np.random.default_rng(seed)
         if position_order == "random":
             orders = torch.from_numpy(np.stack([rng.permutation(N) for _ in range(B)])).to(device)
             rank = orders.argsort(-1)                                  # rank[b, n]: when n is decoded
         guided = cfg != 1.0
-        all_labels = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if guided else labels
+        all_labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)]) if guided else labels
         tokens = torch.zeros(B, N, C, dtype=torch.long, device=device)
         mask = torch.ones(B, N, dtype=torch.bool, device=device)
         for s, left in enumerate(mask_schedule(N, num_iter)):
@@ -716,7 +736,7 @@ class TokenBridge(nn.Module):
             values = self.quantizer.dequantize(tokens)
             reps = 2 if guided else 1
             cond = self.condition(values.repeat(reps, 1, 1), mask.repeat(reps, 1), all_labels)  # (rB, N, D)
-            w = guidance_weight(cfg, N, left, cfg_schedule, self.cfg.official_compat)
+            w = guidance_weight(cfg, N, left, cfg_schedule, self.config.official_compat)
             if guided and cfg_mode == "features":
                 # Guidance on backbone features z, applied after the head's linear projection:
                 # proj(z_u + w (z_c - z_u)) = proj(z_u) + w (proj(z_c) - proj(z_u)), exactly.

@@ -35,7 +35,7 @@ def test_token_entropy_matches_numpy():
 def test_gaussian_latents_fill_equiprobable_bins():
     """On Gaussian data the calibrated quantizer's tokens have entropy close to log2(levels)."""
     torch.manual_seed(0)
-    q = reproduce.train.tb.GaussianQuantizer(16, 3.0, 2)
+    q = reproduce.tb.GaussianQuantizer(16, 3.0, 2)
     x = torch.randn(20000, 2) * torch.tensor([2.0, 0.5]) + torch.tensor([1.0, -3.0])
     q.calibrate(x)
     h = reproduce.token_entropy(q.quantize(x), 16)
@@ -47,13 +47,13 @@ def test_held_out_reads_the_validation_rows_of_the_latent_cache(tmp_path):
     n = 5000
     moments = np.zeros((n, 1, 2, 1, 1, 1), np.float32)                  # (N, flips, mean|std, C, h, w)
     moments[:, 0, 0] = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)  # mean of image i is i
-    npy, meta = reproduce.train.cache_paths(tmp_path)
+    npy, meta = reproduce.data.cache_paths(tmp_path)
     np.save(npy, moments)
-    with pytest.raises(SystemExit, match="no complete latent cache"):     # no header: not valid yet
+    with pytest.raises(ValueError, match="no complete latent cache"):     # no header: not valid yet
         reproduce.held_out(tmp_path)
-    reproduce.train.atomic_save({"key": {}, "shape": list(moments.shape), "labels": torch.arange(n) % 10,
+    reproduce.runs.atomic_save({"key": {}, "shape": list(moments.shape), "labels": torch.arange(n) % 10,
                                  "unreadable": torch.zeros(0, dtype=torch.long)}, meta)
     images, modes, labels = reproduce.held_out(tmp_path)
-    _, val_idx = reproduce.train.split_validation(n, 500)
-    assert images.shape == (500, 3, 32, 32) and torch.equal(modes.flatten().long(), val_idx)
+    _, val_idx = reproduce.data.split_validation(n, 500)
+    assert images.shape == (500, 32, 32, 3) and torch.equal(modes.flatten().long(), val_idx)
     assert torch.equal(labels, val_idx % 10)

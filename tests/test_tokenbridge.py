@@ -265,7 +265,7 @@ def test_loss_is_the_mean_cross_entropy_over_position_channel_pairs():
     loss = model(latents, labels)
     torch.manual_seed(7)  # the same draws, in forward's order: the mask, then the label drop
     mask = model.random_mask(3, latents.device)
-    dropped = torch.where(torch.rand(3) < model.cfg.label_drop_prob, model.cfg.num_classes, labels)
+    dropped = torch.where(torch.rand(3) < model.config.label_drop_prob, model.config.num_classes, labels)
     logits, targets = model.token_logits(latents, dropped, mask)                   # (M, C, K), (M, C)
     logp = logits.double().log_softmax(-1)
     pairs = [-logp[m, c, targets[m, c]] for m in range(len(targets)) for c in range(16)]
@@ -286,7 +286,7 @@ def test_cfg_schedule_and_unconditional_labels_reach_the_sampler():
     kw = dict(num_iter=4, cfg=3.0, seed=0)
     linear = model.sample_tokens([1, 2], **kw)
     assert not torch.equal(linear, model.sample_tokens([1, 2], cfg_schedule="constant", **kw))
-    null = [model.cfg.num_classes] * 2                       # unconditional: guidance changes nothing
+    null = [model.config.num_classes] * 2                       # unconditional: guidance changes nothing
     uncond = model.sample_tokens(null, **kw)
     assert torch.equal(uncond, model.sample_tokens(null, **{**kw, "cfg": 5.0}))
     assert not torch.equal(uncond, linear)

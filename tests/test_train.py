@@ -19,8 +19,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import runs  # noqa: E402
 import tokenbridge as tb  # noqa: E402
 import train  # noqa: E402
+import training  # noqa: E402
 
 # A model small enough that a training step takes milliseconds (16px images -> 4x4 x 4 channels).
 SMALL_CFG = dict(image_size=16, vae_stride=4, channels=4, levels=16, num_classes=2, buffer_size=2,
@@ -57,10 +60,10 @@ def small_cfg():
 @pytest.fixture(scope="session")
 def vae_dir(fake_data, tmp_path_factory, small_cfg):
     """A small AutoencoderKL trained for a few steps on the fake data, saved as a diffusers folder."""
-    images, _, _, _ = train.load_folder(fake_data, small_cfg.image_size)
+    images, _, _, _ = data.load_folder(fake_data, small_cfg.image_size)
     torch.manual_seed(0)
-    vae = train.build_small_vae(small_cfg.vae_stride, small_cfg.channels, width=8)
-    vae = train.train_vae(vae, images, steps=5, batch=8, lr=1e-3, kl_weight=1e-3, seed=0,
+    vae = data.build_small_vae(small_cfg.vae_stride, small_cfg.channels, width=8)
+    vae = data.train_vae(vae, images, steps=5, batch=8, lr=1e-3, kl_weight=1e-3, seed=0,
                           device=torch.device("cpu"))
     path = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(path)
@@ -91,7 +94,7 @@ def small_model(monkeypatch, small_cfg):
 # --- data -------------------------------------------------------------------------------------
 
 def test_digits_are_the_real_mnist_file():
-    images, labels, classes = train.load_digits(32)
+    images, labels, classes = data.load_digits(32)
     assert images.shape == (5000, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [500] * 10 and classes == [str(k) for k in range(10)]
     # the 2-pixel padding is empty and the digits are where MNIST puts them (centre of mass)
@@ -103,10 +106,10 @@ def test_digits_are_the_real_mnist_file():
 
 
 def test_folder_is_listed_then_decoded_on_access(fake_data):
-    images, labels, classes, non_images = train.load_folder(fake_data, 16)
+    images, labels, classes, non_images = data.load_folder(fake_data, 16)
     assert len(images) == 41 and classes == ["disc", "square"] and [p.name for p in non_images] == ["notes.txt"]
     assert torch.bincount(labels).tolist() == [21, 20]                      # broken.png is only known when read
-    pixels, readable = train.read_images(images, range(len(images)))
+    pixels, readable = data.read_images(images, range(len(images)))
     assert pixels.shape == (41, 3, 16, 16) and pixels.dtype == torch.uint8
     assert [Path(images.files[i]).name for i in torch.nonzero(~readable).flatten()] == ["broken.png"]
     assert pixels[~readable].max() == 0 and pixels[readable].amax((1, 2, 3)).min() > 0
@@ -117,33 +120,33 @@ def test_center_crop_matches_adm_on_a_known_image():
     # crop the middle 16 columns: columns 8..23 of 32, i.e. half black, half white.
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, 20:] = 255
-    out = train.center_crop(Image.fromarray(arr), 16)
+    out = data.center_crop(Image.fromarray(arr), 16)
     assert out.shape == (16, 16, 3)
     assert out[:, :7].max() == 0 and out[:, 9:].min() == 255
 
 
 def test_empty_folder_is_one_clear_error(tmp_path):
     (tmp_path / "a").mkdir()
-    with pytest.raises(SystemExit, match="no images found"):
-        train.load_folder(tmp_path, 16)
+    with pytest.raises(ValueError, match="no images found"):
+        data.load_folder(tmp_path, 16)
 
 
 def test_data_order_is_an_epoch_permutation_and_a_function_of_seed_and_step():
     n, b = 10, 4
-    seen = torch.cat([train.batch_indices(0, s, n, b) for s in range(5)])    # 20 = two epochs
+    seen = torch.cat([data.batch_indices(0, s, n, b) for s in range(5)])    # 20 = two epochs
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
-    train.epoch_permutation.cache_clear()  # no hidden state: same answer from a cold cache
-    assert torch.equal(train.batch_indices(0, 3, n, b), seen[12:16])
-    assert not torch.equal(train.batch_indices(1, 0, n, b), seen[:4])
+    data.epoch_permutation.cache_clear()  # no hidden state: same answer from a cold cache
+    assert torch.equal(data.batch_indices(0, 3, n, b), seen[12:16])
+    assert not torch.equal(data.batch_indices(1, 0, n, b), seen[:4])
 
 
 def test_ranks_split_the_global_batch():
     moments = np.zeros((6, 2, 2, 1, 1, 1), np.float32)                      # (N, flips, mean|std, C, h, w)
     moments[:, :, 0] = (6 * np.arange(2)[None] + np.arange(6)[:, None]).reshape(6, 2, 1, 1, 1)
-    cache = train.LatentCache(moments, torch.arange(6), torch.zeros(0, dtype=torch.long))
+    cache = data.LatentCache(moments, torch.arange(6), torch.zeros(0, dtype=torch.long))
     idx = torch.arange(6)
-    whole, lab = train.get_batch(cache, idx, 0, 5, 4)
-    parts = [train.get_batch(cache, idx, 0, 5, 4, rank=r, world=2) for r in range(2)]
+    whole, lab = data.get_batch(cache, idx, 0, 5, 4)
+    parts = [data.get_batch(cache, idx, 0, 5, 4, rank=r, world=2) for r in range(2)]
     assert torch.equal(torch.cat([parts[0][0], parts[1][0]]).flatten().sort().values, whole.flatten().sort().values)
     # std 0: latents are the means, mean[f, i] = 6 f + i, so each latent names its image and flip
     assert torch.equal(whole.flatten().long() % 6, lab)
@@ -154,7 +157,7 @@ def test_ranks_split_the_global_batch():
 def test_weight_decay_follows_the_official_rule(small_cfg):
     """MAR's add_weight_decay: no decay for 1-D parameters and biases, decay for all the rest."""
     model = tb.TokenBridge(small_cfg)
-    opt = train.make_optimizer(model, 1e-3, 0.02)
+    opt = training.make_optimizer(model, 1e-3, 0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
     kept = {names[id(p)] for p in opt.param_groups[1]["params"]}
@@ -168,12 +171,12 @@ def test_weight_decay_follows_the_official_rule(small_cfg):
 
 
 def test_lr_schedule_is_the_official_one_in_steps():
-    lrs = [train.lr_at(s, 1.0, 4, 20) for s in range(21)]
+    lrs = [training.lr_at(s, 1.0, 4, 20) for s in range(21)]
     assert lrs[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]                   # warm-up from 0, as at epoch 0
     assert abs(lrs[12] - 0.5) < 1e-12 and lrs[20] == 0.0              # half way down, then 0 at the end
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
-    assert [train.lr_at(s, 1.0, 4, 20, "constant") for s in (2, 4, 19)] == [0.5, 1.0, 1.0]
-    assert train.lr_at(1, 1.0, 2.5, 20) == 0.4                       # fractional warm-up, as in epochs
+    assert [training.lr_at(s, 1.0, 4, 20, "constant") for s in (2, 4, 19)] == [0.5, 1.0, 1.0]
+    assert training.lr_at(1, 1.0, 2.5, 20) == 0.4                       # fractional warm-up, as in epochs
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cfg):
@@ -187,7 +190,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cf
         model = tb.TokenBridge(cfg).calibrate(lat)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         batches = list(zip(lat.split(micro), lab.split(micro)))
-        train.train_step(train.TrainingLoss(model), opt, batches, 0.0, 1e9, torch.device("cpu"))
+        training.train_step(training.TrainingLoss(model), opt, batches, 0.0, 1e9, torch.device("cpu"))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for name in grads[0]:
@@ -195,14 +198,14 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cf
 
 
 def test_presets_carry_the_official_recipe():
-    args = train.resolve_recipe(train.get_parser().parse_args(["--preset", "large"]))
-    line = train.recipe_summary(args, tb.TokenBridgeConfig.preset("large"))
+    args = training.resolve_recipe(train.get_parser().parse_args(["--preset", "large"]))
+    line = training.recipe_summary(args, tb.TokenBridgeConfig.preset("large"))
     for part in ("global batch 2048", "lr 0.0004 = blr 5e-05 x 2048 / 256", "400 epochs", "warm-up 100 epochs",
                  "cosine to 0", "weight decay 0.02", "grad clip 3.0", "EMA 0.9999 constant", "dropout 0.1",
                  "label drop 0.1", "head on every masked position"):
         assert part in line, part
-    assert train.resolve_recipe(train.get_parser().parse_args(["--preset", "huge"])).epochs == 800
-    mine = train.resolve_recipe(train.get_parser().parse_args(["--preset", "large", "--batch", "256"]))
+    assert training.resolve_recipe(train.get_parser().parse_args(["--preset", "huge"])).epochs == 800
+    mine = training.resolve_recipe(train.get_parser().parse_args(["--preset", "large", "--batch", "256"]))
     assert mine.batch == 256 and mine.blr == 5e-5                    # a flag wins, the rest stays
 
 
@@ -217,16 +220,16 @@ def test_validation_bits_of_a_uniform_model_is_log2_levels(small_cfg, monkeypatc
         logits, targets = tb.TokenBridge.token_logits(model, latents, labels, mask)
         return torch.zeros_like(logits), targets
     monkeypatch.setattr(model, "token_logits", uniform)
-    assert abs(train.validation_bits(model, lat, torch.zeros(6, dtype=torch.long)) - 4.0) < 1e-6  # 16 levels
+    assert abs(training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long)) - 4.0) < 1e-6  # 16 levels
     state = torch.get_rng_state()
-    train.validation_bits(model, lat, torch.zeros(6, dtype=torch.long))
+    training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long))
     assert torch.equal(state, torch.get_rng_state())  # evaluating never moves the training RNG
 
 
 def test_psnr_against_hand_computed_value():
-    a = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
-    b = torch.full_like(a, 51)                    # 0.2 everywhere: MSE 0.04 -> 10 log10(25) dB
-    p, mse = train.psnr(a, b)
+    a = np.zeros((1, 2, 2, 3), np.uint8)
+    b = np.full_like(a, 51)                    # 0.2 everywhere: MSE 0.04 -> 10 log10(25) dB
+    p, mse = data.psnr(a, b)
     assert abs(mse - 0.04) < 1e-9 and abs(p - 10 * math.log10(25)) < 1e-9
 
 
@@ -238,7 +241,7 @@ def test_subsampled_loss_equals_full_loss_when_all_positions_kept(small_cfg):
     torch.manual_seed(1)
     full = model(lat, lab)
     torch.manual_seed(1)
-    assert torch.equal(train.TrainingLoss(model, small_cfg.seq_len)(lat, lab), full)  # >= N: forward itself
+    assert torch.equal(training.TrainingLoss(model, small_cfg.seq_len)(lat, lab), full)  # >= N: forward itself
     # With the head on every masked position the subset path gives the same loss as forward: it
     # draws the same mask and label drop first, then only a ranking of the masked positions.
     seed = next(s for s in range(100) if torch.manual_seed(s) is not None
@@ -248,7 +251,7 @@ def test_subsampled_loss_equals_full_loss_when_all_positions_kept(small_cfg):
     torch.manual_seed(seed)
     mask_count = int(model.random_mask(4, lat.device)[0].sum())
     torch.manual_seed(seed)
-    sub = train.TrainingLoss(model, mask_count)(lat, lab)
+    sub = training.TrainingLoss(model, mask_count)(lat, lab)
     assert torch.allclose(sub, full, rtol=1e-5, atol=1e-5)
 
 
@@ -266,15 +269,15 @@ def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_m
     report = json.loads((run / "reconstruction.json").read_text())
     assert set(report) == {"images", "continuous", "levels_16", "levels_64"}
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert {"config", "model", "ema", "optimizer", "step", "quantizer", "rng"} <= set(ck)
+    assert {"config", "model", "ema", "optimizer", "step", "rng", "horizons"} <= set(ck)
     assert ck["step"] == 6 and tb.TokenBridgeConfig.from_dict(ck["config"]).channels == 4
-    cache = train.open_cache(run)
+    cache = data.open_cache(run)
     assert cache.moments.shape == (41, 2, 2, 4, 4, 4)                       # both flips, mean and std
     assert cache.unreadable.tolist() == [20] and torch.bincount(cache.labels).tolist() == [21, 20]
     # the cached flipped latents are the encodings of the flipped images
-    vae = train.load_vae(vae_dir, 4, 4)
-    images, _, _, _ = train.load_folder(fake_data, 16)
-    m, s = train.encode_moments(vae, train.read_images(images, range(3))[0].flip(-1), 3, False,
+    vae = data.open_vae(vae_dir, 4, 4)
+    images, _, _, _ = data.load_folder(fake_data, 16)
+    m, s = data.encode_moments(vae, data.read_images(images, range(3))[0].flip(-1), 3, False,
                                 vae.config.scaling_factor, torch.device("cpu"))
     assert torch.allclose(cache.read(range(3), 1), torch.stack([m, s], 1), atol=1e-5)
     grid = Image.open(run / "samples.png")
@@ -302,7 +305,7 @@ def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
 def test_sample_grid_caps_decoding_steps_at_the_token_count(tmp_path, vae_dir):
     """The grid's default of 64 steps must work for a model with fewer positions (here 16)."""
     model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).eval().calibrate(torch.randn(8, 4, 4, 4))
-    train.sample_grid(model, train.load_vae(vae_dir, 4, 4), tmp_path / "grid.png", per_class=3, num_iter=64)
+    training.sample_grid(model, data.open_vae(vae_dir, 4, 4), tmp_path / "grid.png", per_class=3, num_iter=64)
     assert Image.open(tmp_path / "grid.png").size == (3 * 16, 2 * 16)   # 2 classes x 3 samples
 
 
@@ -311,7 +314,7 @@ def test_ablation_switches_reach_the_model(tmp_path, fake_data, vae_dir, small_m
                         "--levels", "8", "--steps", "2"))
     ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ck["config"]["head"] == "parallel" and ck["config"]["levels"] == 8
-    assert ck["quantizer"]["order"].tolist() == list(range(4))
+    assert ck["model"]["quantizer.order"].tolist() == list(range(4))
     report = json.loads((tmp_path / "r" / "reconstruction.json").read_text())
     assert "levels_8" in report
 
@@ -320,11 +323,11 @@ def test_ablation_switches_reach_the_model(tmp_path, fake_data, vae_dir, small_m
 
 def write_sparse_cache(run_dir, n, row_shape, key):
     """A cache file of n rows that takes no disk space (a hole reads as zeros), and its header."""
-    npy, meta = train.cache_paths(run_dir)
+    npy, meta = data.cache_paths(run_dir)
     with open(npy, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, *row_shape)})
         f.truncate(f.tell() + 4 * n * math.prod(row_shape))
-    train.atomic_save({"key": key, "shape": [n, *row_shape], "labels": torch.arange(n) % 10,
+    runs.atomic_save({"key": key, "shape": [n, *row_shape], "labels": torch.arange(n) % 10,
                        "unreadable": torch.zeros(0, dtype=torch.long)}, meta)
 
 
@@ -334,13 +337,13 @@ def test_cache_is_memory_mapped_and_read_row_by_row(tmp_path):
     import tracemalloc
     n, row_shape = 4096, (2, 2, 16, 16, 16)
     write_sparse_cache(tmp_path, n, row_shape, {"k": 1})
-    assert train.open_cache(tmp_path, {"k": 2}) is None                      # another key: rebuild
+    assert data.open_cache(tmp_path, {"k": 2}) is None                      # another key: rebuild
     tracemalloc.start()  # numpy reports its buffers to tracemalloc, so a whole read would show
     try:
-        cache = train.open_cache(tmp_path, {"k": 1})
-        train_idx, val_idx = train.split_validation(n, 100)
-        latents, labels = train.get_batch(cache, train_idx, 0, 3, 64)
-        modes = train.calibration_modes(cache, train_idx, max_latents=256)
+        cache = data.open_cache(tmp_path, {"k": 1})
+        train_idx, val_idx = data.split_validation(n, 100)
+        latents, labels = data.get_batch(cache, train_idx, 0, 3, 64)
+        modes = data.calibration_modes(cache, train_idx, max_latents=256)
         val = cache.read(val_idx, 0, moment=0)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -351,7 +354,7 @@ def test_cache_is_memory_mapped_and_read_row_by_row(tmp_path):
 
 
 def test_an_interrupted_cache_is_rebuilt_not_used(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
-    run, encoder, real_encode, real_save = tmp_path / "r", {"calls": 0}, train.posterior_moments, train.atomic_save
+    run, encoder, real_encode, real_save = tmp_path / "r", {"calls": 0}, data.posterior_moments, runs.atomic_save
 
     def counted(*a, **k):
         encoder["calls"] += 1
@@ -363,22 +366,22 @@ def test_an_interrupted_cache_is_rebuilt_not_used(tmp_path, fake_data, vae_dir, 
         if Path(path).name == "latents.meta.pt":
             raise RuntimeError("killed before the header")
         real_save(obj, path)
-    monkeypatch.setattr(train, "posterior_moments", counted)
+    monkeypatch.setattr(data, "posterior_moments", counted)
     train.main(run_args(run, fake_data, vae_dir, "--steps", "2"))            # a complete cache (2 flips)
-    done = np.array(train.open_cache(run).moments)
+    done = np.array(data.open_cache(run).moments)
     encoder.update(calls=0, crash_at=3)
     with pytest.raises(RuntimeError, match="killed"):                        # a rebuild for 1 flip dies
         train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--flips", "1", "--encode-batch", "8"))
-    assert train.open_cache(run) is None and not (run / "latents.npy.tmp").exists()
+    assert data.open_cache(run) is None and not (run / "latents.npy.tmp").exists()
     encoder.update(calls=0, crash_at=None)
-    monkeypatch.setattr(train, "atomic_save", no_header)                     # dies after the rename
+    monkeypatch.setattr(runs, "atomic_save", no_header)                     # dies after the rename
     with pytest.raises(RuntimeError, match="killed"):
         train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--flips", "1"))
-    assert (run / "latents.npy").is_file() and train.open_cache(run) is None
-    monkeypatch.setattr(train, "atomic_save", real_save)
+    assert (run / "latents.npy").is_file() and data.open_cache(run) is None
+    monkeypatch.setattr(runs, "atomic_save", real_save)
     encoder.update(calls=0)
     train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--stop-after", "0"))
-    assert encoder["calls"] > 0 and np.array_equal(train.open_cache(run).moments, done)  # encoded again
+    assert encoder["calls"] > 0 and np.array_equal(data.open_cache(run).moments, done)  # encoded again
 
 
 # --- errors: one line, nothing lost -------------------------------------------------------------
@@ -387,18 +390,18 @@ def test_a_folder_of_unreadable_images_is_one_clear_error(tmp_path, vae_dir, sma
     for name in ("a", "b"):
         (tmp_path / "data" / name).mkdir(parents=True)
         (tmp_path / "data" / name / "x.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(SystemExit, match="none of the 2 image files could be read"):   # known once encoded
+    with pytest.raises(ValueError, match="none of the 2 image files could be read"):   # known once encoded
         train.main(run_args(tmp_path / "r", tmp_path / "data", vae_dir))
-    with pytest.raises(SystemExit, match="none of the 8 images drawn for a VAE training step"):
-        train.train_vae(train.build_small_vae(4, 4, width=8), train.load_folder(tmp_path / "data", 16)[0],
+    with pytest.raises(ValueError, match="none of the 8 images drawn for a VAE training step"):
+        data.train_vae(data.build_small_vae(4, 4, width=8), data.load_folder(tmp_path / "data", 16)[0],
                         steps=1, batch=8, lr=1e-3, kl_weight=1e-3, seed=0, device=torch.device("cpu"))
 
 
 def test_resume_without_or_with_corrupt_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint.pt"):
+    with pytest.raises(ValueError, match="no checkpoint to resume at"):
         train.main(train.get_parser().parse_args(["--resume", str(tmp_path)]))
     (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SystemExit, match="corrupt"):
+    with pytest.raises(ValueError, match=r"is not a checkpoint to resume \(truncated"):
         train.main(train.get_parser().parse_args(["--resume", str(tmp_path)]))
 
 
@@ -412,16 +415,16 @@ def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path,
     run = tmp_path / "r"
     train.main(run_args(run, fake_data, vae_dir, "--steps", "4"))
     resume = ["--resume", str(run), "--threads", "1", "--device", "cpu"]
-    with pytest.raises(SystemExit, match=r"changes --blr 0.5 \(the run has 0.004\)"):
+    with pytest.raises(ValueError, match=r"changes --blr 0.5 \(the run has 0.004\)"):
         main_cli(resume + ["--blr", "0.5"])
-    with pytest.raises(SystemExit, match=r"changes --batch 64 \(the run has 8\)"):  # a default, but given
+    with pytest.raises(ValueError, match=r"changes --batch 64 \(the run has 8\)"):  # a default, but given
         main_cli(resume + ["--batch", "64"])
     main_cli(resume + ["--batch", "8", "--steps", "6", "--save-every", "1"])  # its own value: fine
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 6 and ck["args"]["steps"] == 6 and ck["args"]["save_every"] == 1
-    assert ck["args"]["horizons"] == [{"at_step": 4, "steps": [4, 6]}]
+    assert ck["horizons"] == [{"at_step": 4, "steps": [4, 6]}]
     assert "moves the end from 4 to 6" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="already at step 6; give a larger --steps"):
+    with pytest.raises(ValueError, match="already at step 6; give a larger --steps"):
         main_cli(resume + ["--steps", "5"])
 
 
@@ -430,7 +433,7 @@ def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path,
     ("--save-every", "0", "--save-every must be >= 1"), ("--blr", "-1", "--blr must be > 0"),
     ("--ema", "1", r"--ema must be in \[0, 1\)"), ("--num-iter", "0", "--num-iter must be >= 1")])
 def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, flag, value, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         main_cli(["--out", str(tmp_path / "r"), flag, value])
     assert not (tmp_path / "r").exists()
 
@@ -447,32 +450,32 @@ def test_command_line_errors_are_one_line_and_a_failing_exit(tmp_path):
 
 
 def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
-    with pytest.raises(SystemExit, match="latent channels"):
-        train.load_vae(vae_dir, 4, 16)
-    with pytest.raises(SystemExit, match="downsamples by 4"):
-        train.load_vae(vae_dir, 8, 4)
+    with pytest.raises(ValueError, match="latent channels"):
+        data.open_vae(vae_dir, 4, 16)
+    with pytest.raises(ValueError, match="downsamples by 4"):
+        data.open_vae(vae_dir, 8, 4)
     ldm = torch.load(Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt", weights_only=True)
     torch.save({"model": ldm["model"]}, tmp_path / "kl16.ckpt")        # an LDM checkpoint, stride 2
-    assert train.load_vae(tmp_path / "kl16.ckpt", 2, 16).config.latent_channels == 16
-    with pytest.raises(SystemExit, match="has 16 latent channels but the model expects 4"):
-        train.load_vae(tmp_path / "kl16.ckpt", 2, 4)
+    assert data.open_vae(tmp_path / "kl16.ckpt", 2, 16).config.latent_channels == 16
+    with pytest.raises(ValueError, match="has 16 latent channels but the model expects 4"):
+        data.open_vae(tmp_path / "kl16.ckpt", 2, 4)
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="could not read"):
-        train.load_vae(tmp_path / "broken.ckpt", 2, 4)
-    with pytest.raises(SystemExit, match="divisible by vae_stride"):
+    with pytest.raises(ValueError, match="broken.ckpt is not a torch checkpoint"):
+        data.open_vae(tmp_path / "broken.ckpt", 2, 4)
+    with pytest.raises(ValueError, match="divisible by vae_stride"):
         train.main(train.get_parser().parse_args(["--image-size", "30", "--out", str(tmp_path / "x")]))
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
     calls = {"n": 0}
-    real = train.TrainingLoss.forward
+    real = training.TrainingLoss.forward
 
     def poisoned(self, latents, labels):
         calls["n"] += 1
         loss = real(self, latents, labels)
         return loss * float("nan") if calls["n"] == 5 else loss
-    monkeypatch.setattr(train.TrainingLoss, "forward", poisoned)
-    with pytest.raises(SystemExit, match="non-finite loss .* at step 5.*last good checkpoint"):
+    monkeypatch.setattr(training.TrainingLoss, "forward", poisoned)
+    with pytest.raises(ValueError, match="non-finite loss .* at step 5.*last good checkpoint"):
         train.main(run_args(tmp_path / "r", fake_data, vae_dir))
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 4
 
@@ -484,9 +487,9 @@ def test_disk_full_while_saving_keeps_the_old_checkpoint(tmp_path, fake_data, va
     def full(obj, f, *a, **k):
         Path(f).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train.torch, "save", full)
-    with pytest.raises(SystemExit, match="No space left.*intact"):
-        train.atomic_save({"x": 1}, tmp_path / "r" / "checkpoint.pt")
+    monkeypatch.setattr(runs.torch, "save", full)
+    with pytest.raises(ValueError, match="No space left.*intact"):
+        runs.atomic_save({"x": 1}, tmp_path / "r" / "checkpoint.pt")
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
     assert not (tmp_path / "r" / "checkpoint.pt.tmp").exists()
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 2

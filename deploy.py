@@ -1,0 +1,445 @@
+"""Deploy TokenBridge on ONNX Runtime: the graph interface and a torch-free sampler.
+
+    from deploy import OnnxSampler
+    sampler = OnnxSampler("runs/demo/onnx")                      # written by export.py
+    tokens = sampler.sample_tokens([3, 3, 7], num_iter=16, cfg=4.0, temperature=0.7, seed=0)
+    images = to_uint8(sampler.decode(sampler.unpatchify(sampler.dequantize(tokens))))
+
+Imports numpy, onnxruntime and Pillow only, and nothing of this project: a deployer copies this
+file and the graphs folder. export.py writes the graphs against the interface defined here;
+sample.py drives them (and PyTorch) through the same batch loop.
+
+OnnxSampler.sample_tokens is a step-for-step mirror of TokenBridge.sample_tokens (tokenbridge.py
+§7): the same cosine schedule, order rule and guidance weight, and the same draws from
+numpy.random.default_rng(seed) in the same sequence, so a seed gives the same tokens in both
+runtimes (up to a rare flip where a uniform lands on a near-tie of the CDF). Each step names its
+twin. On GPU the channel loop keeps the KV cache, tokens, uniforms and scores on the device with
+IOBinding, so nothing crosses to the host between channel steps.
+"""
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+# The graphs' file and tensor names: export.py writes them, the sampler below reads them.
+META_FILE, BACKBONE_FILE, HEAD_FILE, VAE_FILE = "tokenbridge.json", "backbone.onnx", "head_step.onnx", "vae_decoder.onnx"
+BACKBONE_INPUTS, BACKBONE_OUTPUTS = ("values", "mask", "labels"), ("cond",)
+HEAD_INPUTS = ("cond", "step", "cache", "tokens", "uniforms", "temperature", "guidance", "score")
+HEAD_OUTPUTS = ("logits", "tokens_out", "score_out", "cache_out")
+HEAD_STATE = ("cache", "tokens", "score")          # fed back: output NAME_out is next step's NAME
+VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
+# The graphs' interface as this loop drives it; export.py records it. 2: the head's KV cache
+# grows a slot per step (1, unversioned: a fixed C-slot cache).
+EXPORT_FORMAT = 2
+# What ORT raises for a graph file it cannot load or a provider that fails: its own exception
+# classes, plain Exception subclasses (not RuntimeError), so they are named one by one.
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
+              ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
+
+
+def one_line(error):
+    """An exception's text on one line (ORT's and torch's span several), for reports and `error: ...`."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def make_session(path, device="auto", threads=0, device_id=0):
+    """An ORT session on CUDA when asked for (or "auto") and it really loads, else CPU.
+
+    threads: ORT's intra-op threads (0 = one per physical core); device_id: which GPU.
+    Returns (session, on_cuda).
+    ORT's own logging is silenced (severity 4): a missing CUDA library
+    otherwise prints a wall of text; callers report it in one line instead.
+    """
+    ort.set_default_logger_severity(4)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        _preload_cuda_libraries()
+        # ORT's CUDA provider uses TF32 by default (fp32 matmuls at 10 mantissa bits); PyTorch does
+        # not, and that much rounding changes sampled tokens, so the fp32 graphs run in fp32
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0", "device_id": str(device_id)}))
+    session = ort.InferenceSession(path, options, providers=providers)
+    # get_providers(), not get_available_providers(): the latter lists CUDA even without its libraries
+    return session, "CUDAExecutionProvider" in session.get_providers()
+
+
+@functools.cache
+def _preload_cuda_libraries():
+    """Load CUDA/cuDNN from the nvidia-* pip packages (as installed beside torch), which the CUDA
+    provider does not search itself. Silent: when they are missing, the caller's one line says so."""
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            ort.preload_dlls()
+
+
+def file_sha256(path):
+    """The checkpoint file's identity, computable without torch (export.py records it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mask_schedule(seq_len, num_iter):
+    """Twin of tokenbridge.mask_schedule, digit for digit (a test compares them)."""
+    left, remaining = [], seq_len
+    for s in range(num_iter):
+        n = math.floor(seq_len * math.cos(math.pi / 2 * (s + 1) / num_iter))
+        remaining = 0 if s == num_iter - 1 else max(1, min(remaining - 1, n))
+        left.append(remaining)
+    return left
+
+
+def guidance_weight(cfg, seq_len, left, schedule="linear", official_clamp=False):
+    """Twin of tokenbridge.guidance_weight."""
+    if schedule == "constant":
+        return cfg
+    return 1.0 + (cfg - 1.0) * (seq_len - max(left, int(official_clamp))) / seq_len
+
+
+class OnnxSampler:
+    """The exported graphs + tokenbridge.json, and the torch-free mirror of TokenBridge.sample_tokens."""
+
+    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0, head_threads=1,
+                 device_id=0):
+        """threads: ORT's intra-op threads for the backbone and the VAE decoder (0 = ORT's default).
+        head_threads: for head_step.onnx, 1 by default: ORT's CPU thread pool synchronises after
+        every operator, and the head step is ~240 small ones, run C times per decoding step, where
+        that costs more than a second thread gains (bench-s, 2 cores: 1.3x faster sampling with
+        --int8, 1.1x in fp32; PyTorch's head is faster with its 2 threads). Raise it for wide heads
+        on many cores. device_id: the GPU (one per process under torchrun)."""
+        meta_path = os.path.join(onnx_dir, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
+        with open(meta_path) as f:
+            try:
+                self.meta = meta = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run export.py") from None
+        if meta.get("format", 1) != EXPORT_FORMAT:
+            raise ValueError(f"{onnx_dir} was written by another export.py (format {meta.get('format', 1)}, "
+                             f"this sample.py reads {EXPORT_FORMAT}); re-run export.py")
+        files = [BACKBONE_FILE, HEAD_FILE] + ([meta["vae"]["file"]] if meta["vae"] else [])
+        missing = [name for name in files if not os.path.isfile(os.path.join(onnx_dir, name))]
+        if missing:
+            raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; re-run export.py")
+        if checkpoint is not None:
+            self._check_checkpoint(checkpoint)
+        sessions = [self._open(onnx_dir, name, device, head_threads if name == HEAD_FILE else threads, device_id)
+                    for name in files]
+        for name, (session, _) in zip(files, sessions):
+            got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
+            if got != meta["fingerprint"]:
+                raise ValueError(f"{name} was exported from other weights (fingerprint {str(got)[:12]}, "
+                                 f"{META_FILE} says {meta['fingerprint'][:12]}); re-run export.py")
+        self.backbone, self.head = sessions[0][0], sessions[1][0]
+        self.vae = sessions[2][0] if meta["vae"] else None
+        self.on_cuda = all(on_cuda for _, on_cuda in sessions)
+        if device == "cuda" and not self.on_cuda:
+            why = ("did not load (no GPU, or CUDA/cuDNN libraries missing)"
+                   if "CUDAExecutionProvider" in ort.get_available_providers() else
+                   "is not in this onnxruntime build (install onnxruntime-gpu)")
+            raise ValueError(f"--device cuda, but onnxruntime's CUDAExecutionProvider {why}; "
+                             "use --device auto (CPU when CUDA does not work) or cpu")
+        self.iobinding = self.on_cuda if iobinding is None else iobinding
+        self.device, self.device_id = ("cuda", device_id) if self.on_cuda else ("cpu", 0)
+
+        config = self.config = meta["config"]
+        self.N, self.C, self.K = (config["image_size"] // config["vae_stride"]) ** 2, config["channels"], config["levels"]
+        self.stride = config["vae_stride"]
+        self.dtype = np.dtype(meta["dtype"])
+        q = meta["quantizer"]
+        self.centers, self.mean, self.std = (np.asarray(q[k], np.float32) for k in ("centers", "mean", "std"))
+        self.order = np.asarray(q["order"], np.int64)
+        h = meta["head"]
+        self.cache_shape = (h["depth"], 2, None, h["heads"], 0, h["head_dim"])  # G*M rows; no slots yet
+        # step indices live on the device once, so the channel loop never uploads them
+        self.steps = [np.array(t, np.int64) for t in range(self.C)]
+        self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, self.device_id) for t in self.steps]
+
+    @staticmethod
+    def _open(onnx_dir, name, device, threads, device_id):
+        """make_session for one graph file; a file ORT cannot load (truncated, corrupt) is one
+        ValueError naming it, not ORT's traceback."""
+        path = os.path.join(onnx_dir, name)
+        try:
+            return make_session(path, device, threads, device_id)
+        except ORT_ERRORS as e:
+            raise ValueError(f"{path} cannot be loaded by onnxruntime ({one_line(e)}); "
+                             f"re-run export.py --run RUN --out {onnx_dir}") from None
+
+    def _check_checkpoint(self, checkpoint):
+        """The run's checkpoint must be the one the graphs came from (file hash: no torch here)."""
+        digest = file_sha256(checkpoint)
+        if digest != self.meta["checkpoint_sha256"]:
+            raise ValueError(f"the ONNX graphs were exported from another checkpoint than {checkpoint} "
+                             f"(sha256 {digest[:12]} != {self.meta['checkpoint_sha256'][:12]}); re-run export.py")
+
+    # --- the pieces of TokenBridge the loop needs, in numpy ------------------------------------
+
+    def dequantize(self, tokens):
+        """Twin of GaussianQuantizer.dequantize: (..., C) int -> (..., C) float32."""
+        return self.centers[tokens] * self.std + self.mean
+
+    def unpatchify(self, tokens):
+        """Twin of TokenBridge.unpatchify: (B, N, C) -> (B, C, H, W)."""
+        g = int(round(math.sqrt(self.N)))
+        return tokens.transpose(0, 2, 1).reshape(len(tokens), self.C, g, g)
+
+    def condition(self, values, mask, labels):
+        """Twin of TokenBridge.condition: backbone.onnx."""
+        feeds = dict(zip(BACKBONE_INPUTS, (values.astype(self.dtype), mask, labels)))
+        return self.backbone.run(None, feeds)[0]                                       # (B, N, D)
+
+    def decode(self, latents):
+        """Twin of export.VAEDecoderGraph: scaled latents (B, C, H, W) -> image in [-1, 1]."""
+        return self.vae.run(None, {VAE_INPUTS[0]: latents.astype(self.dtype)})[0].astype(np.float32)
+
+    def sample_channels(self, cond, uniforms, temperature, guidance=1.0):
+        """Twin of TokenBridge._sample_channels. cond (G, M, D) with G = 2 halves (cond, uncond)
+        for logit-level guidance; uniforms (M, C). Returns tokens (M, C) in VAE channel order and
+        the summed log-probability of each position's tokens."""
+        G, M, _ = cond.shape
+        shape = list(self.cache_shape)
+        shape[2] = G * M
+        feeds = {"cond": cond.astype(self.dtype), "cache": np.zeros(shape, self.dtype),   # empty_cache
+                 "tokens": np.zeros((M, self.C), np.int64), "uniforms": uniforms,
+                 "temperature": np.array(temperature, np.float32), "guidance": np.array(guidance, np.float32),
+                 "score": np.zeros(M, np.float32)}
+        if self.iobinding:
+            generated, score = self._channel_loop_bound(feeds)
+        else:
+            for t in range(self.C):  # head.step + logit guidance + sample_from_logits, in one graph
+                feeds["step"] = self.steps[t]
+                _, feeds["tokens"], feeds["score"], feeds["cache"] = self.head.run(HEAD_OUTPUTS, feeds)
+            generated, score = feeds["tokens"], feeds["score"]
+        tokens = np.empty_like(generated)
+        tokens[:, self.order] = generated                                               # (M, C)
+        return tokens, score
+
+    def _channel_loop_bound(self, feeds):
+        """The same loop with IOBinding: inputs bound once, each step's state outputs stay on the
+        device (ORT allocates them: the cache grows a slot per step) and are bound as the next
+        step's inputs; only the final tokens and scores come back to the host (the logits output
+        is not bound, so never copied). On CPU an OrtValue shares its numpy array's memory, so
+        every array put here is one that `feeds` keeps alive (no temporaries)."""
+        put = lambda a: ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
+        binding = self.head.io_binding()
+        for name in ("cond", "uniforms", "temperature", "guidance"):
+            binding.bind_ortvalue_input(name, put(feeds[name]))
+        state = {n: put(feeds[n]) for n in HEAD_STATE}
+        for t in range(self.C):
+            binding.bind_ortvalue_input("step", self.step_values[t])
+            binding.clear_binding_outputs()  # get_outputs() then lists them in HEAD_STATE order
+            for n in HEAD_STATE:
+                binding.bind_ortvalue_input(n, state[n])
+                binding.bind_output(n + "_out", self.device, self.device_id)
+            self.head.run_with_iobinding(binding)
+            state = dict(zip(HEAD_STATE, binding.get_outputs()))
+        return state["tokens"].numpy().copy(), state["score"].numpy().copy()
+
+    # --- the sampler: twin of TokenBridge.sample_tokens, line by line -------------------------
+
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
+                      cfg_schedule="linear", position_order="random", confidence_noise=1.0):
+        labels = np.asarray(labels, np.int64)
+        k = self.config["num_classes"]
+        check_labels(labels, k, allow_null=True)
+        B, N, C = len(labels), self.N, self.C
+        if not 1 <= num_iter <= N:
+            raise ValueError(f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not cfg >= 0:
+            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        if (cfg_mode not in ("features", "logits") or cfg_schedule not in ("linear", "constant")
+                or position_order not in ("random", "confidence")):
+            raise ValueError(f"cfg_mode must be features|logits, cfg_schedule linear|constant and order "
+                             f"random|confidence, got {cfg_mode!r}, {cfg_schedule!r}, {position_order!r}")
+        rng = np.random.default_rng(seed)
+        if position_order == "random":
+            rank = np.stack([rng.permutation(N) for _ in range(B)]).argsort(-1)          # rank[b, n]
+        guided = cfg != 1.0
+        all_labels = np.concatenate([labels, np.full_like(labels, k)]) if guided else labels
+        tokens = np.zeros((B, N, C), np.int64)
+        mask = np.ones((B, N), bool)
+        for s, left in enumerate(mask_schedule(N, num_iter)):
+            uniforms = rng.random((B, N, C)).astype(np.float32)
+            values = self.dequantize(tokens)
+            reps = 2 if guided else 1
+            cond = self.condition(np.tile(values, (reps, 1, 1)), np.tile(mask, (reps, 1)), all_labels)
+            w = guidance_weight(cfg, N, left, cfg_schedule, self.config["official_compat"])
+            if guided and cfg_mode == "features":                     # guidance on proj(z)
+                cond_c, cond_u = np.split(cond, 2)
+                cond = cond_u + w * (cond_c - cond_u)
+            if position_order == "random":
+                chosen = mask & (rank >= left)
+                candidates = chosen
+            else:
+                candidates = mask
+            halves = cond.reshape(-1, B, N, cond.shape[-1])[:, candidates]             # (G, M, D) = cond[rows]
+            new, score = self.sample_channels(halves, uniforms[candidates], temperature,
+                                              w if guided and cfg_mode == "logits" else 1.0)
+            if position_order == "confidence":
+                gumbel = -np.log(-np.log(rng.random((B, N)).astype(np.float32)))
+                scores = np.full((B, N), -np.inf, np.float32)
+                scores[candidates] = score
+                scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
+                keep = np.argsort(-scores, axis=-1, kind="stable")[:, :int(mask[0].sum()) - left]  # topk
+                chosen = np.zeros_like(mask)
+                np.put_along_axis(chosen, keep, True, axis=1)
+                new = new[chosen[candidates]]
+            tokens[chosen] = new
+            mask = mask & ~chosen
+        return tokens
+
+
+# --- labels and images, for both runtimes ----------------------------------------------------
+
+def check_labels(labels, num_classes, allow_null=False):
+    """Twin of TokenBridge._check_labels (the message too)."""
+    top = num_classes + 1 if allow_null else num_classes
+    if labels.ndim != 1 or not ((labels >= 0) & (labels < top)).all():
+        raise ValueError(f"labels must lie in [0, {top}) for this model's {num_classes} classes"
+                         + (f" ({num_classes}: unconditional)" if allow_null else "")
+                         + f", got {labels.tolist()[:8]}")
+
+
+def to_uint8(images):
+    """Decoder output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as ADM's npz wants."""
+    return np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def latent_preview(latents, stride):
+    """Without a VAE: the first three latent channels as colours, each image scaled on its own."""
+    x = latents[:, :3].astype(np.float32)                                              # (B, 3, h, w)
+    lo, hi = x.min((1, 2, 3), keepdims=True), x.max((1, 2, 3), keepdims=True)
+    x = (x - lo) / np.maximum(hi - lo, 1e-8) * 2 - 1
+    return to_uint8(x.repeat(stride, axis=2).repeat(stride, axis=3))
+
+
+def tile(images, cols=None):
+    """images (B, H, W, 3) uint8 -> one (rows*H, cols*W, 3) image, `cols` per row (default: a square)."""
+    B, H, W, _ = images.shape
+    cols = cols or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / cols)
+    grid = np.zeros((rows * H, cols * W, 3), np.uint8)
+    for i, image in enumerate(images):
+        grid[(i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = image
+    return grid
+
+
+def save_grid(images, path, cols=None):
+    """tile(images, cols) as a PNG."""
+    from PIL import Image
+    Image.fromarray(tile(images, cols)).save(path)
+
+
+
+# --- sampling in batches: progress, resumable, shared between processes ---------------------
+
+def process_slot():
+    """(rank, world, local rank) under torchrun, (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+class Parts:
+    """Finished batches of a sampling job, one .npz each in a folder, written atomically, so a
+    re-run skips them and a crash loses at most the batch in flight. settings.json names what
+    they were sampled with: a folder from other settings is refused, never mixed in."""
+
+    def __init__(self, folder, settings):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "settings.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = json.load(f)
+            if found != settings:
+                changed = sorted(k for k in settings if found.get(k) != settings[k])
+                raise ValueError(f"{folder} holds batches sampled with other settings ({', '.join(changed)}); "
+                                 "delete it, or write to another --npz")
+        else:
+            write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+    def path(self, b):
+        return os.path.join(self.folder, f"batch_{b:06d}.npz")
+
+    def done(self, b):
+        return os.path.isfile(self.path(b))
+
+    def write(self, b, tokens, images, labels):
+        write_atomic(self.path(b), lambda f: np.savez(f, tokens=tokens, images=images, labels=labels))
+
+    def read(self, b):
+        with np.load(self.path(b)) as part:
+            return part["tokens"], part["images"], part["labels"]
+
+
+def write_atomic(path, write):
+    """write(file) into a temp file, then rename: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def batch_seed(seed, b):
+    """Batch b draws from numpy.random.default_rng((seed, b)): its samples do not depend on the
+    batch size of the others, on how processes share the batches, or on a re-run."""
+    return (seed, b)
+
+
+def sample_in_batches(sample, labels, batch_size, seed, parts=None):
+    """This process's share of the batches of `labels` (batch b goes to rank b % world), with a
+    progress bar in images: sample(labels, seed) -> (tokens, images). Finished batches go to
+    `parts` when given. Returns {b: (tokens, images)} of the batches sampled here and not
+    written to parts."""
+    rank, world, _ = process_slot()
+    starts = range(0, len(labels), batch_size)
+    mine = [b for b in range(len(starts)) if b % world == rank]
+    size = lambda b: min(batch_size, len(labels) - starts[b])
+    skipped = [b for b in mine if parts is not None and parts.done(b)]
+    bar = _progress_bar(total=sum(map(size, mine)), initial=sum(map(size, skipped)), unit="img", dynamic_ncols=True,
+               desc="sample" if world == 1 else f"sample (rank {rank})", disable=len(starts) == 1)
+    kept = {}
+    for b in mine:
+        if b in skipped:
+            continue
+        batch_labels = labels[starts[b]:starts[b] + size(b)]
+        tokens, images = sample(batch_labels, batch_seed(seed, b))
+        if parts is None:
+            kept[b] = tokens, images
+        else:
+            parts.write(b, tokens, images, batch_labels)
+        bar.update(size(b))
+    bar.close()
+    return kept
+
+
+def _progress_bar(**kwargs):
+    """tqdm's bar when tqdm is installed (the deployment itself needs only numpy, onnxruntime, Pillow)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return type("NoBar", (), {"update": lambda self, n: None, "close": lambda self: None})()
+    return tqdm(**kwargs)
+
+
+def wait_for(parts, count, poll_s=2.0):
+    """Rank 0 waits for the other ranks' batches (torchrun stops every rank if one fails)."""
+    while not all(parts.done(b) for b in range(count)):
+        time.sleep(poll_s)

@@ -1,0 +1,105 @@
+"""A run folder: what train.py writes and sample.py, export.py, interop.py and reproduce.py read.
+
+    RUN/checkpoint.pt    config, weights (model and EMA), optimizer, step, RNG states, flags
+    RUN/vae/             the frozen VAE, a diffusers AutoencoderKL folder
+    RUN/onnx/            the graphs export.py writes (deploy.py reads them)
+
+One safe loader for torch files (torch.load with weights_only=True: no code in a file can run),
+one VAE loader, and atomic writes (a temp file renamed into place: a crash never leaves half a
+file). Everything here raises ValueError with one line; the scripts print it.
+"""
+import hashlib
+import json
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+
+import tokenbridge as tb
+
+CHECKPOINT, VAE_DIR = "checkpoint.pt", "vae"
+
+
+def read_torch_file(path, what, fix, safe_globals=()):
+    """torch.load(path, weights_only=True) with every failure as one ValueError: `what` the file
+    should have been, `fix` what to do. safe_globals: the only classes it may build."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no {what} at {path}; {fix}")
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(safe_globals)):
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text is a paragraph about its defaults; this is the point
+        raise ValueError(f"{path} is not a {what} (torch.load with weights_only=True refused it: it holds more "
+                         f"than tensors and plain containers, or is not a pickle); {fix}") from None
+    except (RuntimeError, EOFError, KeyError, OSError) as e:  # a truncated zip, an empty or foreign file
+        first = (" ".join(str(e).split()) or type(e).__name__).split(". ")[0]  # torch's first sentence says what
+        raise ValueError(f"{path} is not a {what} (truncated, or not written by torch.save: {first}); {fix}") from None
+
+
+def load_checkpoint(run):
+    """RUN/checkpoint.pt as a dict with at least "config" and "model"."""
+    fix = f"give a run folder written by train.py (or interop.py, for the released weights)"
+    path = Path(run) / CHECKPOINT
+    ckpt = read_torch_file(path, "TokenBridge checkpoint", fix)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
+        raise ValueError(f"{path} is not a TokenBridge checkpoint (it has no \"config\" and \"model\"); {fix}")
+    return ckpt
+
+
+def load_run(run, device="cpu"):
+    """RUN -> (model in eval mode, checkpoint dict), with the EMA weights when the run has them."""
+    ckpt = load_checkpoint(run)
+    model = tb.TokenBridge(tb.TokenBridgeConfig.from_dict(ckpt["config"]))
+    state = dict(ckpt["model"])
+    if ckpt.get("ema") is not None:  # EMA may hold parameters only; buffers come from `model`
+        state.update(ckpt["ema"])
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt
+
+
+def fingerprint(model):
+    """sha256 over the state dict (names, dtypes, shapes, bytes): the identity of the weights,
+    unchanged by re-saving the checkpoint; export.py stores it in the JSON and in every graph."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def has_vae(run):
+    return (Path(run) / VAE_DIR / "config.json").is_file()
+
+
+def load_vae(folder, device="cpu"):
+    """A diffusers AutoencoderKL folder, frozen, in eval mode."""
+    from diffusers import AutoencoderKL
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError(f"{folder} is not a diffusers AutoencoderKL folder (no config.json)")
+    vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: a crash or a full disk never leaves a half file."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj, path):
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _atomic(path, write):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise ValueError(f"could not write {path} ({e.strerror or e}){kept}") from None

@@ -1,0 +1,250 @@
+"""How a TokenBridge model is trained and evaluated: the pieces train.py's main() puts together.
+
+    args = resolve_recipe(args)            # the preset's recipe for every flag left out
+    opt = make_optimizer(model, lr, args.weight_decay)
+    loss = train_step(TrainingLoss(model, args.head_positions), opt, micro_batches, lr, args.grad_clip, device)
+    bits = validation_bits(ema, latents, labels)
+
+Recipes follow the official code (main_tokenbridge.py, util/lr_sched.py, util/misc.py): lr = blr
+x global batch / 256, linear warm-up from 0 then cosine to 0 at every step's fractional epoch,
+AdamW (0.9, 0.95) with weight decay on every parameter but 1-D ones and biases, EMA. A step is
+bit-identical from run to run on the CPU: see clip_grad_norm and README "Deterministic".
+"""
+import functools
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from data import decode
+from deploy import save_grid
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a preset is trained. lr = blr * global_batch / 256 (the official rule); lengths in
+    epochs of the training images, the schedule evaluated at every step's fractional epoch."""
+    global_batch: int
+    blr: float
+    epochs: float
+    warmup_epochs: float
+    lr_schedule: str = "cosine"      # linear warm-up, then cosine to 0 | "constant" after warm-up
+    micro_batch: int = 64            # images per forward pass and process; the rest is accumulation
+    ema: float = 0.9999
+    ema_ramp: bool = False           # official: the EMA rate is constant from the first step
+    weight_decay: float = 0.02
+    grad_clip: float = 3.0
+    head_positions: int = 0          # 0: every masked position through the head (the paper's loss)
+
+
+# TokenBridge-L as the official code trains it (32 GPUs x 64); H trains for 800 epochs.
+OFFICIAL_RECIPE = Recipe(global_batch=2048, blr=5e-5, epochs=400, warmup_epochs=100)
+# The CPU demo: ~1,800 steps of 64 digits in ~7 minutes; a short run needs a higher rate, an EMA
+# that ramps (0.999 constant would still hold 16% of the initial weights at the end) and the
+# head on 8 positions per image (an unbiased estimate of the loss, 4x cheaper on a CPU).
+DEMO_RECIPE = Recipe(global_batch=64, blr=4e-3, epochs=26, warmup_epochs=1.5, ema=0.999, ema_ramp=True,
+                     head_positions=8)
+RECIPES = {"tiny": DEMO_RECIPE, "digits": DEMO_RECIPE, "bench-s": DEMO_RECIPE, "base": OFFICIAL_RECIPE,
+           "large": OFFICIAL_RECIPE, "huge": replace(OFFICIAL_RECIPE, epochs=800)}
+# Flags that default to the preset's recipe; --batch is its global_batch.
+RECIPE_FLAGS = {"batch": "global_batch", **{k: k for k in ("blr", "epochs", "warmup_epochs", "lr_schedule",
+                "micro_batch", "ema", "ema_ramp", "weight_decay", "grad_clip", "head_positions")}}
+
+
+def resolve_recipe(args):
+    """Fill the recipe flags the command line left out from the preset's recipe."""
+    recipe = asdict(RECIPES[args.preset])
+    for flag, field in RECIPE_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, recipe[field])
+    return args
+
+
+def recipe_summary(args, cfg):
+    """The recipe in force, one line: the first thing the log says."""
+    ema = f"EMA {args.ema} " + ("ramped" if args.ema_ramp else "constant from the first step")
+    head = ("every masked position" if args.head_positions == 0 else
+            f"{args.head_positions} masked positions per image")
+    schedule = "cosine to 0" if args.lr_schedule == "cosine" else "then constant"
+    return (f"[recipe] preset {args.preset}: global batch {args.batch}, lr {args.blr * args.batch / 256:g} = blr "
+            f"{args.blr:g} x {args.batch} / 256, {args.epochs:g} epochs, warm-up {args.warmup_epochs:g} epochs, "
+            f"{schedule}; AdamW betas (0.9, 0.95), weight decay {args.weight_decay}, grad clip {args.grad_clip}; "
+            f"{ema}; dropout {cfg.dropout}, label drop {cfg.label_drop_prob}; head on {head}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer, the schedule, the EMA and one step
+# ---------------------------------------------------------------------------------------------
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW with the official rule (MAR's add_weight_decay): no decay for 1-D parameters (norms,
+    biases) and biases; every other parameter decays, embeddings and the mask token included.
+    The head's per-channel classifier biases are stacked into one (C, levels) `out_bias`."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() == 1 or name.endswith("bias") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
+def lr_at(step, lr, warmup_steps, total_steps, schedule="cosine"):
+    """The official schedule in steps (its fractional epochs times the steps per epoch): linear
+    warm-up from 0, then cosine to 0 at the last step, or constant."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    if schedule == "constant":
+        return lr
+    t = (step - warmup_steps) / max(1e-9, total_steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay, ramp=False):
+    """EMA of the weights. ramp: the rate grows as (1 + step) / (10 + step) up to `decay`, so a short
+    run's average is not dominated by the initial weights (the official rate is constant)."""
+    d = min(decay, (1 + step) / (10 + step)) if ramp else decay
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class TrainingLoss(torch.nn.Module):
+    """model(latents, labels, head_positions) as a module of its own, so DDP wraps the call that
+    carries --head-positions (TokenBridge.token_logits says what it does)."""
+
+    def __init__(self, model, positions=0):
+        super().__init__()
+        self.model, self.positions = model, positions
+
+    def forward(self, latents, labels):
+        return self.model(latents, labels, head_positions=self.positions)
+
+
+# PyTorch's first choice on Hopper, cuDNN attention, builds a new graph for every new sequence
+# length (~12 ms of CPU each, measured on an H200), and MAR's encoder drops a random number of
+# tokens every step: training uses the other kernels.
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sum_in_fixed_order(x, width=1024):
+    """x.sum() rounded the same way at any thread count. torch splits the sum of one large tensor
+    between its threads; the sum of each row of `width` is one thread's, so summing rows, then
+    rows of row sums, fixes the order."""
+    x = x.flatten()
+    while x.numel() > width:
+        x = F.pad(x, (0, -x.numel() % width)).view(-1, width).sum(1)
+    return x.sum()
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm):
+    """torch.nn.utils.clip_grad_norm_ with a total norm that does not depend on the thread count."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = sum_in_fixed_order(torch.stack([sum_in_fixed_order(g.float().square()) for g in grads])).sqrt()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+def train_step(loss_fn, opt, micro_batches, lr, clip, device):
+    """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped) over this process's
+    micro-batches [(latents, labels), ...], gradients accumulated (averaged, as DDP averages
+    over processes). Returns the mean loss; a non-finite one skips the update (the caller stops)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, (latents, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and not last else nullcontext()
+        with no_sync:  # DDP averages the gradients once, after the last micro-batch
+            with autocast, sdpa_kernel(TRAINING_ATTENTION):
+                loss = loss_fn(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            (loss / len(micro_batches)).backward()
+        total = total + loss.detach().float()
+    value = total / len(micro_batches)
+    if dist.is_initialized():  # every rank must take the same stop-or-go decision
+        dist.all_reduce(value)
+    value = value.item()
+    if not math.isfinite(value):
+        return value
+    clip_grad_norm(loss_fn.parameters(), clip)
+    opt.step()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: NLL and a sample grid
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def validation_bits(model, latents, labels, seed=0, batch=250):
+    """Validation NLL in bits per token (one token = one channel index) on held-out latents.
+
+    Masks come from a fixed seed inside fork_rng, so the number is comparable across steps and
+    runs and evaluating never moves the training RNG.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for lat, lab in zip(latents.split(batch), labels.split(batch)):
+            mask = model.random_mask(len(lat), device)
+            logits, targets = model.token_logits(lat.to(device), lab.to(device), mask)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+    model.train(was_training)
+    return total / count / math.log(2)
+
+
+def grid_classes(num_classes, rows=10):
+    """At most `rows` classes, evenly spaced: the rows of a sample grid."""
+    return torch.linspace(0, num_classes - 1, min(rows, num_classes)).round().long()
+
+
+@torch.no_grad()
+def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperature=1.0, seed=0):
+    """One row per class (at most 10 classes, evenly spaced), decoded with the VAE; num_iter
+    at most the number of token positions (one position per step)."""
+    classes = grid_classes(model.config.num_classes)
+    labels = classes.repeat_interleave(per_class)
+    was_training = model.training
+    model.eval()  # no dropout in sampling
+    latents = model.generate(labels, num_iter=min(num_iter, model.config.seq_len), cfg=cfg,
+                             temperature=temperature, seed=seed)
+    model.train(was_training)
+    save_grid(decode(vae, latents.cpu()), path, cols=per_class)                # a row per class
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state, for exact resume
+# ---------------------------------------------------------------------------------------------
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
