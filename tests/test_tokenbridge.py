@@ -19,13 +19,6 @@ def tiny(**overrides):
     return tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny", **overrides)).eval()
 
 
-def perturb_(module, scale=0.05):
-    """Random weights everywhere, zero-initialised adaLN and biases included, so they matter."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 # --- 1. quantizer ------------------------------------------------------------------------------
@@ -169,8 +162,8 @@ def naive_backbone(backbone, values, mask, labels):
     return torch.stack(out)
 
 
-def test_backbone_batched_gather_equals_image_by_image():
-    model = perturb_(tiny())
+def test_backbone_batched_gather_equals_image_by_image(perturb):
+    model = perturb(tiny())
     values = torch.randn(3, 64, 16)
     mask = torch.rand(3, 64).argsort(-1) < 40                        # 40 masked in every image
     labels = torch.tensor([1, 10, 4])                                # 10 = the null class
@@ -186,8 +179,8 @@ def test_backbone_refuses_unequal_mask_counts():
         model.backbone(torch.randn(2, 64, 16), mask, torch.tensor([0, 1]))
 
 
-def test_masked_positions_carry_no_information():
-    model = perturb_(tiny())
+def test_masked_positions_carry_no_information(perturb):
+    model = perturb(tiny())
     values, mask = torch.randn(2, 64, 16), torch.rand(2, 64).argsort(-1) < 32
     other = torch.where(mask.unsqueeze(-1), torch.randn(2, 64, 16), values)
     labels = torch.tensor([0, 1])
@@ -206,23 +199,23 @@ def stepwise_logits(head, cond, tokens):
 
 
 @pytest.mark.parametrize("head", ["ar", "parallel"])
-def test_cached_head_equals_teacher_forced(head):
-    model = perturb_(tiny(head=head))
+def test_cached_head_equals_teacher_forced(head, perturb):
+    model = perturb(tiny(head=head))
     cond, tokens = torch.randn(10, 64), torch.randint(0, 64, (10, 16))
     forced = model.head(cond, tokens[:, :-1])                        # (10, 16, 64)
     torch.testing.assert_close(stepwise_logits(model.head, cond, tokens), forced, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.head(cond, tokens[:, :5]), forced[:, :6], atol=1e-5, rtol=1e-5)
 
 
-def test_ar_head_uses_previous_channels_and_parallel_head_ignores_them():
+def test_ar_head_uses_previous_channels_and_parallel_head_ignores_them(perturb):
     cond, a, b = torch.randn(4, 64), torch.randint(0, 64, (4, 15)), torch.randint(0, 64, (4, 15))
-    ar, parallel = perturb_(tiny()), perturb_(tiny(head="parallel"))
+    ar, parallel = perturb(tiny()), perturb(tiny(head="parallel"))
     assert not torch.allclose(ar.head(cond, a)[:, 1:], ar.head(cond, b)[:, 1:])
     torch.testing.assert_close(parallel.head(cond, a), parallel.head(cond, b))
 
 
-def test_greedy_channel_sampling_follows_the_teacher_forced_argmax():
-    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+def test_greedy_channel_sampling_follows_the_teacher_forced_argmax(perturb):
+    model = perturb(tiny()).calibrate(torch.randn(8, 16, 8, 8))
     model.quantizer.order.copy_(torch.randperm(16))
     cond = torch.randn(6, 64)
     tokens, _ = model._sample_channels(cond, torch.rand(6, 16), temperature=0)
@@ -258,8 +251,8 @@ def test_loss_falls_on_a_tiny_fixed_dataset():
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
-def test_loss_is_the_mean_cross_entropy_over_position_channel_pairs():
-    model = perturb_(tiny()).train().calibrate(torch.randn(8, 16, 8, 8))
+def test_loss_is_the_mean_cross_entropy_over_position_channel_pairs(perturb):
+    model = perturb(tiny()).train().calibrate(torch.randn(8, 16, 8, 8))
     latents, labels = torch.randn(3, 16, 8, 8), torch.tensor([1, 5, 9])
     torch.manual_seed(7)
     loss = model(latents, labels)
@@ -281,8 +274,8 @@ def test_guidance_weight_schedules():
     assert all(w(left, schedule="constant") == 3.1 for left in (256, 100, 0))
 
 
-def test_cfg_schedule_and_unconditional_labels_reach_the_sampler():
-    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+def test_cfg_schedule_and_unconditional_labels_reach_the_sampler(perturb):
+    model = perturb(tiny()).calibrate(torch.randn(8, 16, 8, 8))
     kw = dict(num_iter=4, cfg=3.0, seed=0)
     linear = model.sample_tokens([1, 2], **kw)
     assert not torch.equal(linear, model.sample_tokens([1, 2], cfg_schedule="constant", **kw))
@@ -316,29 +309,33 @@ def test_random_mask_follows_the_truncated_normal_ratio():
 
 @pytest.mark.parametrize("kw", [dict(), dict(cfg=3.0), dict(cfg=3.0, cfg_mode="logits"),
                                 dict(position_order="confidence", cfg=2.0)])
-def test_generate_is_deterministic_for_a_seed_and_differs_across_seeds(kw):
-    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+def test_generate_is_deterministic_for_a_seed_and_differs_across_seeds(kw, perturb):
+    model = perturb(tiny()).calibrate(torch.randn(8, 16, 8, 8))
     a = model.generate([1, 2], num_iter=4, seed=0, **kw)
     assert a.shape == (2, 16, 8, 8) and torch.isfinite(a).all()
     assert torch.equal(a, model.generate([1, 2], num_iter=4, seed=0, **kw))
     assert not torch.equal(a, model.generate([1, 2], num_iter=4, seed=1, **kw))
 
 
-def test_guidance_off_makes_cfg_modes_agree():
-    model = perturb_(tiny())
-    feats = model.sample_tokens([3, 4], num_iter=3, cfg=1.0, cfg_mode="features", seed=5)
-    assert torch.equal(feats, model.sample_tokens([3, 4], num_iter=3, cfg=1.0, cfg_mode="logits", seed=5))
+def test_guidance_mode_reaches_the_sampler(perturb):
+    """At cfg 3 guiding the features and guiding the logits are different samplers (the head is
+    not linear), and both differ from no guidance."""
+    model = perturb(tiny())
+    kw = dict(num_iter=3, seed=5)
+    feats = model.sample_tokens([3, 4], cfg=3.0, cfg_mode="features", **kw)
+    logits = model.sample_tokens([3, 4], cfg=3.0, cfg_mode="logits", **kw)
+    assert not torch.equal(feats, logits) and not torch.equal(feats, model.sample_tokens([3, 4], **kw))
 
 
-def test_feature_guidance_commutes_with_the_head_projection():
-    model, w = perturb_(tiny()), 2.7
+def test_feature_guidance_commutes_with_the_head_projection(perturb):
+    model, w = perturb(tiny()), 2.7
     z_c, z_u = torch.randn(5, 64), torch.randn(5, 64)
     p = model.head.project
     torch.testing.assert_close(p(z_u + w * (z_c - z_u)), p(z_u) + w * (p(z_c) - p(z_u)), atol=1e-5, rtol=1e-5)
 
 
-def test_confidence_order_without_noise_keeps_the_most_likely_positions():
-    model = perturb_(tiny()).calibrate(torch.randn(8, 16, 8, 8))
+def test_confidence_order_without_noise_keeps_the_most_likely_positions(perturb):
+    model = perturb(tiny()).calibrate(torch.randn(8, 16, 8, 8))
     # With one step per position the first step keeps exactly one position: the argmax score.
     tokens = model.sample_tokens([0], num_iter=64, position_order="confidence", confidence_noise=0.0, seed=3)
     rng = np.random.default_rng(3)

@@ -517,7 +517,7 @@ def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), cfg=SMALL_CFG, argv=argv(tmp_path / "ddp")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29531", str(script)], env=env, capture_output=True,
+                           "--standalone", str(script)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
