@@ -309,12 +309,13 @@ class OnnxSampler:
 # --- labels and images, for both runtimes ----------------------------------------------------
 
 def check_labels(labels, num_classes, allow_null=False):
-    """Twin of TokenBridge._check_labels (the message too)."""
+    """Twin of TokenBridge._check_labels (the message too); returns the labels."""
     top = num_classes + 1 if allow_null else num_classes
     if labels.ndim != 1 or not ((labels >= 0) & (labels < top)).all():
         raise ValueError(f"labels must lie in [0, {top}) for this model's {num_classes} classes"
                          + (f" ({num_classes}: unconditional)" if allow_null else "")
                          + f", got {labels.tolist()[:8]}")
+    return labels
 
 
 def to_uint8(images):
@@ -404,21 +405,19 @@ def batch_seed(seed, b):
 
 
 def sample_in_batches(sample, labels, batch_size, seed, parts=None):
-    """This process's share of the batches of `labels` (batch b goes to rank b % world), with a
-    progress bar in images: sample(labels, seed) -> (tokens, images). Finished batches go to
-    `parts` when given. Returns {b: (tokens, images)} of the batches sampled here and not
-    written to parts."""
+    """Sample `labels` in batches: sample(labels, seed) -> (tokens, images). Batch b goes to rank
+    b % world, with a progress bar in images; finished batches go to `parts` when given (a re-run
+    skips them). Returns all the tokens and images on rank 0, once every batch is done, and None
+    on the other ranks."""
     rank, world, _ = process_slot()
     starts = range(0, len(labels), batch_size)
     mine = [b for b in range(len(starts)) if b % world == rank]
     size = lambda b: min(batch_size, len(labels) - starts[b])
     skipped = [b for b in mine if parts is not None and parts.done(b)]
     bar = _progress_bar(total=sum(map(size, mine)), initial=sum(map(size, skipped)), unit="img", dynamic_ncols=True,
-               desc="sample" if world == 1 else f"sample (rank {rank})", disable=len(starts) == 1)
+                        desc="sample" if world == 1 else f"sample (rank {rank})", disable=len(starts) == 1)
     kept = {}
-    for b in mine:
-        if b in skipped:
-            continue
+    for b in (b for b in mine if b not in skipped):
         batch_labels = labels[starts[b]:starts[b] + size(b)]
         tokens, images = sample(batch_labels, batch_seed(seed, b))
         if parts is None:
@@ -427,7 +426,12 @@ def sample_in_batches(sample, labels, batch_size, seed, parts=None):
             parts.write(b, tokens, images, batch_labels)
         bar.update(size(b))
     bar.close()
-    return kept
+    if rank != 0:
+        return None
+    if parts is not None:
+        wait_for(parts, len(starts))
+        kept = {b: parts.read(b)[:2] for b in range(len(starts))}
+    return tuple(np.concatenate(x) for x in zip(*(kept[b] for b in range(len(starts)))))
 
 
 def _progress_bar(**kwargs):

@@ -107,9 +107,18 @@ def from_official_state_dict(state_dict, cfg):
         if key in state_dict:
             tb.require(torch.allclose(state_dict[key].float(), ours, atol=1e-4),
                         f"the checkpoint's {key} differ from {cfg.levels}-level Gaussian bins; wrong --levels?")
-    q.use_official_range()
+    use_official_range(q)
     q.order.copy_(torch.tensor(OFFICIAL_ORDER[:cfg.channels]))
     return model
+
+
+@torch.no_grad()
+def use_official_range(quantizer):
+    """The official code's fixed map of [-5, 5] onto [-3, 3] for every channel, instead of
+    per-channel statistics: mean 0, std 5/3."""
+    quantizer.mean.zero_()
+    quantizer.std.fill_(5.0 / quantizer.std_range)
+    return quantizer
 
 
 def load_official_tokenbridge(path, preset, **overrides):

@@ -271,6 +271,30 @@ def part_controls(args, out, results, model, vae):
                            "order_cfg": args.order_cfg, "order_temperature": args.order_temperature}
 
 
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ar", default="runs/digits", help="the default run: AR head, frequency order, 64 levels")
+    p.add_argument("--parallel", default="runs/parallel", help="same, --head parallel")
+    p.add_argument("--default-order", default="runs/default-order", help="same, --order default")
+    p.add_argument("--levels16", default="runs/levels16", help="same, --levels 16")
+    p.add_argument("--seed-run", default="runs/seed1",
+                   help="the default run again with --seed 1: run-to-run noise of the NLL")
+    p.add_argument("--out", default="docs", help="folder for the PNGs and the JSON")
+    p.add_argument("--json", default="results.json", help="file name of the numbers, inside --out")
+    p.add_argument("--parts", default="quant,ablations,controls", help="comma-separated subset to run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=int, default=5, help="samples per class in each grid")
+    p.add_argument("--controls-per-class", type=int, default=4, help="samples per class in the controls grids")
+    p.add_argument("--num-iter", type=int, default=16, help="decoding steps (as train.py's grid)")
+    p.add_argument("--cfg", type=float, default=4.0, help="cfg of the ablation grids (as train.py's grid)")
+    p.add_argument("--temperature", type=float, default=0.7, help="temperature of the ablation grids")
+    p.add_argument("--order-cfg", type=float, default=2.0, help="cfg of the random vs confidence panels")
+    p.add_argument("--order-temperature", type=float, default=1.0, help="temperature of those panels")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p
+
+
 def main(args):
     torch.manual_seed(args.seed)
     if args.threads:
@@ -298,32 +322,9 @@ def main(args):
     return results
 
 
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ar", default="runs/digits", help="the default run: AR head, frequency order, 64 levels")
-    p.add_argument("--parallel", default="runs/parallel", help="same, --head parallel")
-    p.add_argument("--default-order", default="runs/default-order", help="same, --order default")
-    p.add_argument("--levels16", default="runs/levels16", help="same, --levels 16")
-    p.add_argument("--seed-run", default="runs/seed1",
-                   help="the default run again with --seed 1: run-to-run noise of the NLL")
-    p.add_argument("--out", default="docs", help="folder for the PNGs and the JSON")
-    p.add_argument("--json", default="results.json", help="file name of the numbers, inside --out")
-    p.add_argument("--parts", default="quant,ablations,controls", help="comma-separated subset to run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-class", type=int, default=5, help="samples per class in each grid")
-    p.add_argument("--controls-per-class", type=int, default=4, help="samples per class in the controls grids")
-    p.add_argument("--num-iter", type=int, default=16, help="decoding steps (as train.py's grid)")
-    p.add_argument("--cfg", type=float, default=4.0, help="cfg of the ablation grids (as train.py's grid)")
-    p.add_argument("--temperature", type=float, default=0.7, help="temperature of the ablation grids")
-    p.add_argument("--order-cfg", type=float, default=2.0, help="cfg of the random vs confidence panels")
-    p.add_argument("--order-temperature", type=float, default=1.0, help="temperature of those panels")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    return p
-
-
 if __name__ == "__main__":
+    arguments = get_parser().parse_args()
     try:
-        main(get_parser().parse_args())
-    except ValueError as e:  # bad input: one line, not a traceback
+        main(arguments)
+    except ValueError as e:  # a missing run folder or cache: one line, not a traceback
         raise SystemExit(f"error: {e}")

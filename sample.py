@@ -11,7 +11,6 @@ both runtimes: the same seed gives the same tokens with PyTorch and with ONNX Ru
 """
 import argparse
 import hashlib
-import math
 import os
 import shutil
 import sys
@@ -19,10 +18,7 @@ import sys
 import numpy as np
 
 from deploy import (OnnxSampler, Parts, check_labels, latent_preview, process_slot, sample_in_batches, save_grid,
-                    to_uint8, wait_for, write_atomic)
-
-GRID_IMAGES = 100  # the PNG shows the first images; --npz holds them all
-
+                    to_uint8, write_atomic)
 
 def onnx_runtime(args, device_id):
     """(classes, positions, weights' identity, sample(labels, num_iter, seed) -> tokens, images)."""
@@ -41,7 +37,7 @@ def onnx_runtime(args, device_id):
 
 def torch_device(requested, device_id=0):
     """--device auto is CUDA when torch can use it, else the CPU; an explicit cuda it cannot use is refused."""
-    import torch
+    import torch  # here: the ONNX path runs without torch
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, or no "
                          "GPU/driver); use --device auto (CPU when CUDA does not work) or cpu")
@@ -84,13 +80,11 @@ def main(args):
     if not (args.onnx if args.runtime == "onnx" else args.run):
         raise ValueError("--runtime onnx needs --onnx DIR (the folder export.py wrote, e.g. RUN/onnx)"
                          if args.runtime == "onnx" else "--runtime torch needs --run RUN (a folder with checkpoint.pt)")
-    rank, world, local_rank = process_slot()
+    _, world, local_rank = process_slot()
     classes, positions, weights, sample = (onnx_runtime if args.runtime == "onnx" else torch_runtime)(args, local_rank)
-    if args.unconditional:
-        labels = np.full(args.num_images, classes, np.int64)           # the null class
-    else:  # every class as often as the others (50 each for FID-50K on ImageNet)
-        labels = np.arange(args.num_images, dtype=np.int64) % classes if given_labels is None else given_labels
-        check_labels(labels, classes)
+    # default: every class as often as the others (50 each for FID-50K on ImageNet); the null class
+    labels = np.arange(args.num_images, dtype=np.int64) % classes if given_labels is None else given_labels
+    labels = np.full(args.num_images, classes, np.int64) if args.unconditional else check_labels(labels, classes)
     num_iter = min(64, positions) if args.num_iter is None else args.num_iter
     if not 1 <= num_iter <= positions:
         raise ValueError(f"num_iter must be in [1, {positions}] (one position at least per step), got {num_iter}")
@@ -100,24 +94,20 @@ def main(args):
     parts = Parts(args.npz + ".parts", settings) if args.npz else None
     if parts is None and world > 1:
         raise ValueError(f"{world} processes share the work through the batches they write next to --npz; give --npz")
-    kept = sample_in_batches(lambda batch, seed: sample(batch, num_iter, seed), labels, args.batch_size, args.seed,
+    done = sample_in_batches(lambda batch, seed: sample(batch, num_iter, seed), labels, args.batch_size, args.seed,
                              parts)
-    if rank != 0:
+    if done is None:  # another rank: rank 0 writes the outputs
         return None
-    count = math.ceil(len(labels) / args.batch_size)
-    if parts is not None:
-        wait_for(parts, count)
-    tokens, images = (np.concatenate(x) for x in zip(*(parts.read(b)[:2] if parts else kept[b] for b in range(count))))
-    write_outputs(args, tokens, images, labels)
+    write_outputs(args, *done, labels)
     if parts is not None:
         shutil.rmtree(parts.folder)  # all in --npz now
-    return tokens
+    return done[0]
 
 
 def write_outputs(args, tokens, images, labels):
     if args.out:
-        save_grid(images[:GRID_IMAGES], args.out)
-        print(f"wrote {args.out} ({min(len(images), GRID_IMAGES)} of {len(images)} images, {args.runtime})")
+        save_grid(images[:100], args.out)  # the first 100; --npz holds them all
+        print(f"wrote {args.out} ({min(len(images), 100)} of {len(images)} images, {args.runtime})")
     if args.save_tokens:
         write_atomic(args.save_tokens, lambda f: np.save(f, tokens))
     if args.npz:
@@ -173,9 +163,8 @@ def get_parser():
     a("--runtime", choices=["torch", "onnx"], default="torch", help="which runtime samples")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto",
       help="auto: CUDA when it really works, else CPU; cuda: CUDA or an error")
-    a("--autocast", choices=["none", "bf16", "fp16"], default="none",
-      help="torch on CUDA: half-precision matmuls (the official evaluation's fp16; much faster, tokens then "
-           "differ from ONNX Runtime's fp32 ones)")
+    a("--autocast", choices=["none", "bf16", "fp16"], default="none", help="torch on CUDA: half-precision "
+      "matmuls (the official evaluation's fp16; much faster, tokens then differ from ONNX Runtime's)")
     a("--threads", type=int, default=0, help="CPU threads for either runtime (0 = its default)")
     a("--head-threads", type=int, default=1,
       help="ONNX Runtime threads for the head step on CPU (its many tiny operators run best on one)")
@@ -186,22 +175,19 @@ def get_parser():
     a("--unconditional", action="store_true", help="sample --num-images with the null class")
     a("--batch-size", type=int, default=64,
       help="images per sampling call; with --npz each finished batch is kept, and a re-run samples only the missing")
-    a("--num-iter", type=int, default=None, help="decoding steps (default: 64, or N if fewer)")
-    a("--cfg", type=float, default=None,
-      help="classifier-free guidance scale, >= 0 (default 1 = off; with --official the released one)")
+    a("--num-iter", type=int, help="decoding steps (default: 64, or N if fewer)")
+    a("--cfg", type=float, help="classifier-free guidance scale (default 1 = off; --official: the released one)")
     a("--cfg-mode", choices=["features", "logits"], default="features",
       help="guide the backbone features (paper) or the head's logits")
     a("--cfg-schedule", choices=["linear", "constant"], default="linear",
       help="guidance weight per step: from 1 to --cfg as positions are decoded (paper), or --cfg")
-    a("--temperature", type=float, default=None,
-      help="sampling temperature, 0 = greedy (default 1; with --official the released one)")
+    a("--temperature", type=float, help="sampling temperature, 0 = greedy (default 1; --official: the released one)")
     a("--position-order", choices=["random", "confidence"], default="random",
       help="which positions each step keeps: a random order, or the most confident")
     a("--out", default="samples.png", help="PNG grid of the first 100 images ('' for none)")
     a("--save-tokens", help="save the token indices (B, N, C) to this .npy")
     a("--npz", help="ADM-style .npz for FID tools: arr_0 (N, H, W, 3) uint8 and labels")
-    a("--official", help="official TokenBridge checkpoint-last.pth: converted into --run "
-                         "(default runs/official-PRESET), then sampled with the released settings")
+    a("--official", help="official checkpoint-last.pth: converted into --run (default runs/official-PRESET)")
     a("--preset", default="large", help="the size of the --official checkpoint (a preset: large, huge)")
     a("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")
     return p

@@ -1,8 +1,7 @@
 """TokenBridge: post-training quantization of continuous VAE latents + dimension-wise AR head.
 
 Reference implementation of "Bridging Continuous and Discrete Tokens for Autoregressive Visual
-Generation" (TokenBridge, ICCV 2025, arXiv 2503.16430). One file, in the order of the paper's
-method section:
+Generation" (TokenBridge, ICCV 2025, arXiv 2503.16430), in the order of its method section:
 
   1. GaussianQuantizer     post-training, per-channel quantizer (paper Sec. 3.1, Eq. for γ_k)
   2. frequency_order       frequency-based channel ordering (paper Sec. 3.2, "dimension order")
@@ -117,13 +116,6 @@ class GaussianQuantizer(nn.Module):
     def round_trip(self, latents):
         """Latents (B, C, H, W) through the tokens and back: what the VAE decodes from them."""
         return unpatchify(self.dequantize(self.quantize(patchify(latents))), latents.shape[-1])
-
-    @torch.no_grad()
-    def use_official_range(self):
-        """The official code's fixed map of [-5, 5] onto [-3, 3] for every channel (for interop)."""
-        self.mean.zero_()
-        self.std.fill_(5.0 / self.std_range)
-        return self
 
     def quantize(self, tokens):
         """(..., C) float -> (..., C) long in [0, levels)."""
@@ -247,10 +239,8 @@ def _imagenet(**kw):
 PRESETS = {
     # tests; also the official tiny reference configuration (32px, VAE stride 4 -> 8x8 tokens)
     "tiny": TokenBridgeConfig(),
-    # the CPU demo: the digits through a VAE that compresses (stride 8 -> 4x4x16 latents, as kl16
-    # reduces 256px to 16x16x16). Its latents are near Gaussian (0.27% beyond 3 sigma), so 64
-    # levels lose 0.1 dB; a stride-4 VAE copies the sparse strokes into heavy-tailed latents
-    # (0.68%, 0.57 dB), and its 64 positions are also harder to model in ten CPU minutes.
+    # the CPU demo: the digits through a VAE that compresses, as kl16 does (stride 8 -> 4x4x16), so
+    # its latents are near Gaussian, as the bins assume (README: why not stride 4)
     "digits": TokenBridgeConfig(vae_stride=8),
     # 32px images, VAE stride 4 -> 8x8 tokens: the speed benchmark
     "bench-s": TokenBridgeConfig(buffer_size=64, encoder_width=256, encoder_depth=4, encoder_heads=8,
@@ -302,9 +292,7 @@ class Attention(nn.Module):
 
     def forward_cached(self, x, cache):
         """One new slot x (B, 1, D) after the t slots in cache (2, B, h, t, hd): it attends to
-        them and to itself; returns the cache grown by its key and value, (2, B, h, t+1, hd).
-        Growing (rather than writing into a fixed C-slot cache) copies t slots per step, not C,
-        and needs no mask."""
+        them and to itself; returns the cache grown by its key and value, (2, B, h, t+1, hd)."""
         q, k, v = self._qkv(x)
         cache = torch.cat([cache, torch.stack([k, v])], dim=-2)
         return self._attend(q, cache[0], cache[1], None), cache
@@ -410,11 +398,9 @@ class Backbone(nn.Module):
         return torch.where((labels == self.num_classes).unsqueeze(-1), self.fake_latent, known)
 
     def _run(self, blocks, x):
+        recompute = self.grad_checkpointing and self.training  # activations again in backward: less memory
         for block in blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
     def forward(self, values, mask, labels):
@@ -472,8 +458,7 @@ class DimensionwiseARHead(nn.Module):
         return self.condition_proj(z)
 
     def _embed(self, tokens, tables):
-        """Embedding of each token with its own table: tokens (...), tables broadcastable to them.
-        F.embedding rather than indexing: its backward adds repeated tokens in a fixed order."""
+        """Token t of table c (broadcast); F.embedding's backward adds repeats in a fixed order."""
         return F.embedding(tokens + self.levels * tables, self.token_embed.flatten(0, 1))
 
     def _logits(self, x, c, slots):
@@ -502,12 +487,9 @@ class DimensionwiseARHead(nn.Module):
                            device=device, dtype=dtype)
 
     def step(self, cond, prev_token, t, cache):
-        """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long tensor.
-
-        cache holds the t slots before (empty_cache at t=0). Returns logits (M, levels) for
-        channel t and the cache grown to t+1 slots. Equal, to float tolerance, to forward()'s
-        slot t: one token through the blocks instead of the prefix.
-        """
+        """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long tensor,
+        cache the t slots before. Returns logits (M, levels) for channel t, equal to forward()'s
+        slot t to float tolerance, and the cache grown to t+1 slots."""
         if self.parallel:
             token = torch.zeros_like(cond)
         else:  # slot t embeds token t-1 with table t-1 (clamped: slot 0 uses cond instead)
@@ -527,9 +509,8 @@ class DimensionwiseARHead(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def mask_schedule(seq_len, num_iter):
-    """Positions still masked after each step: floor(N cos(π/2 (s+1)/T)), at least 1 and at
-    least one fewer than before, 0 after the last step (MAR's cosine schedule). Pure Python so
-    the ONNX loop can copy it digit for digit."""
+    """Positions still masked after each step: floor(N cos(π/2 (s+1)/T)), at least 1 and one fewer
+    than before, 0 after the last (MAR). Pure Python: the ONNX loop copies it digit for digit."""
     left, remaining = [], seq_len
     for s in range(num_iter):
         n = math.floor(seq_len * math.cos(math.pi / 2 * (s + 1) / num_iter))
@@ -548,11 +529,8 @@ def guidance_weight(cfg, seq_len, left, schedule="linear", official_clamp=False)
 
 
 def sample_from_logits(logits, uniforms, temperature):
-    """Pick a token per row by inverse CDF with supplied uniforms (M,), so both runtimes agree.
-
-    Returns the tokens (M,) and their log-probabilities under the sampling distribution.
-    temperature 0 is greedy (argmax); it may be a tensor, so the ONNX head graph takes it as input.
-    """
+    """Pick a token per row by inverse CDF with supplied uniforms (M,), so both runtimes agree:
+    tokens (M,) and their log-probabilities. temperature 0 is greedy; a tensor in ONNX."""
     temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
     greedy = temperature == 0
     logp = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, temperature), dim=-1)
@@ -645,13 +623,10 @@ class TokenBridge(nn.Module):
         return rank < num_masked
 
     def token_logits(self, latents, labels, mask, head_positions=0):
-        """Backbone + teacher-forced head. Returns logits (M, C, levels) and targets (M, C) for the
-        M masked positions, channels in generation order.
-
-        head_positions > 0 runs the head on that many random masked positions per image only: an
-        unbiased estimate of the same loss (as MAR's diffusion_batch_mul, in reverse), for when the
-        head, C slots per position, dominates the step. 0 = all masked positions (the paper).
-        """
+        """Backbone + teacher-forced head: logits (M, C, levels) and targets (M, C) for the M masked
+        positions, channels in generation order. head_positions > 0 runs the head on that many
+        random masked positions per image: an unbiased estimate of the same loss, for when the
+        head (C slots per position) dominates a step. 0 = every masked position (the paper)."""
         tokens = self.patchify(latents)
         indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
         z = self.backbone(self.quantizer.dequantize(indices), mask, labels)
@@ -718,11 +693,9 @@ class TokenBridge(nn.Module):
         require(1 <= num_iter <= N, f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
         require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
         require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        require(cfg_mode in ("features", "logits"), f"cfg_mode must be 'features' or 'logits', got {cfg_mode!r}")
-        require(cfg_schedule in ("linear", "constant"),
-                 f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
-        require(position_order in ("random", "confidence"),
-                 f"position_order must be 'random' or 'confidence', got {position_order!r}")
+        for name, value, choices in (("cfg_mode", cfg_mode, ("features", "logits")), ("position_order", position_order,
+                                     ("random", "confidence")), ("cfg_schedule", cfg_schedule, ("linear", "constant"))):
+            require(value in choices, f"{name} must be one of {choices}, got {value!r}")
         rng = np.random.default_rng(seed)
         if position_order == "random":
             orders = torch.from_numpy(np.stack([rng.permutation(N) for _ in range(B)])).to(device)

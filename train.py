@@ -5,18 +5,12 @@
     torchrun --nproc_per_node 8 train.py --data DIR --vae kl16.ckpt --preset large --out runs/large
     python train.py --resume runs/demo                # continue a run exactly where it stopped
 
-main() reads top to bottom (TokenBridge, arXiv 2503.16430):
-  1. data         an ImageNet-style folder (ADM centre crop, random flip), or the built-in digits
-  2. VAE          diffusers AutoencoderKL, frozen; the demo trains a small KL-regularised one
-  3. latent cache posterior moments of every image and flip, memory-mapped (data.py)
-  4. calibration  quantizer statistics + frequency order (paper Sec. 3.1-3.2), reconstruction report
-  5. training     the preset's recipe (training.py): AdamW, warm-up + cosine, clip, EMA, gradient
-                  accumulation to the global batch, bf16 on CUDA, DDP under torchrun
-  6. evaluation   validation NLL in bits per token, a sample grid from the EMA weights
-Everything goes to the run folder (--out): vae/, latents.npy + latents.meta.pt, reconstruction
-.json/.png, checkpoint.pt (atomic, loadable with weights_only=True), samples.png, metrics.json.
-On the CPU the same seed, data and flags give bit-identical weights, and a run stopped anywhere
-and resumed ends with the weights of a run straight through.
+train() reads top to bottom (TokenBridge, arXiv 2503.16430): 1. data (an ImageNet-style folder
+or the built-in digits), 2. the frozen VAE (the demo trains a small one), 3. the latent cache
+(data.py), 4. calibration (paper Sec. 3.1-3.2), 5. training with the preset's recipe
+(training.py), 6. evaluation: validation NLL and a sample grid from the EMA weights. Everything
+goes to the run folder (--out). On the CPU the same seed, data and flags give bit-identical
+weights, and a run stopped anywhere and resumed ends as a run straight through.
 """
 import os
 
@@ -42,8 +36,9 @@ from tqdm import tqdm
 import data
 import runs
 import tokenbridge as tb
-from training import (TrainingLoss, lr_at, make_optimizer, recipe_summary, resolve_recipe, rng_state, sample_grid,
-                      set_rng_state, train_step, update_ema, validation_bits)
+from training import (TrainingLoss, barrier, lr_at, make_optimizer, recipe_summary, resolve_recipe, rng_state,
+                      sample_grid, set_rng_state, set_threads, setup_distributed, train_step, update_ema,
+                      validation_bits)
 
 # Flags that may differ on --resume: where and how this launch runs, and what the sample grid
 # shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
@@ -331,40 +326,8 @@ def prepare_latents(args, config, vae, vae_source, images, labels, run_dir, devi
     return cache
 
 
-# ---------------------------------------------------------------------------------------------
-# Processes, devices, threads
-# ---------------------------------------------------------------------------------------------
-
-def setup_distributed(device_arg):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain launch is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device_arg}: CUDA does not work here (torch.cuda.is_available() is False); "
-                         "use --device cpu, or leave --device out to use CUDA only when it works")
-    if device.type == "cuda":
-        device = torch.device("cuda", local if world > 1 else (device.index or 0))
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        from datetime import timedelta  # rank 0 may train the VAE while the others wait
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
-    return {"world": world, "rank": rank, "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", world))}, device
-
-
-def barrier(dist_info):
-    if dist_info["world"] > 1:
-        dist.barrier()
-
-
-def set_threads(requested, local_world):
-    """All cores by default, shared between the processes of this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(requested or max(1, cores // local_world))
-
-
 def log(message, dist_info=None):
-    if dist_info is None or dist_info["rank"] == 0:
+    if dist_info is None or dist_info["rank"] == 0:  # one log, not one per process
         print(message, flush=True)
 
 
@@ -373,8 +336,7 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data", help="ImageNet-style folder (one sub-folder per class); default: the built-in digits")
-    a("--vae", help="diffusers AutoencoderKL folder, or an LDM checkpoint such as MAR's kl16.ckpt; default: "
-                    "train a small one")
+    a("--vae", help="diffusers AutoencoderKL folder or MAR's kl16.ckpt (default: train a small one)")
     a("--out", default="runs/demo", help="run folder")
     a("--resume", help="continue the run in this folder from its checkpoint.pt")
     a("--preset", choices=sorted(tb.PRESETS), help="model configuration and its recipe (default: digits)")

@@ -12,6 +12,7 @@ bit-identical from run to run on the CPU: see clip_grad_norm and README "Determi
 """
 import functools
 import math
+import os
 import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -248,3 +249,35 @@ def set_rng_state(state):
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, devices, threads
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed(device_arg):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain launch is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_arg}: CUDA does not work here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or leave --device out to use CUDA only when it works")
+    if device.type == "cuda":
+        device = torch.device("cuda", local if world > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        from datetime import timedelta  # rank 0 may train the VAE while the others wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+    return {"world": world, "rank": rank, "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", world))}, device
+
+
+def barrier(dist_info):
+    if dist_info["world"] > 1:
+        dist.barrier()
+
+
+def set_threads(requested, local_world):
+    """All cores by default, shared between the processes of this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(requested or max(1, cores // local_world))

@@ -50,7 +50,7 @@ def test_official_quantizer_mode(official):
     assert torch.equal(model.quantizer.quantize(tokens), ref["official_indices"])   # nearest centre
     torch.testing.assert_close(model.quantizer.dequantize(ref["official_indices"]), ref["official_dequantized"],
                                atol=1e-4, rtol=1e-5)
-    bins = tb.GaussianQuantizer(64, assign="bins").use_official_range().quantize(tokens)
+    bins = interop.use_official_range(tb.GaussianQuantizer(64, assign="bins")).quantize(tokens)
     differ = (bins != ref["official_indices"]).float().mean().item()
     assert differ < 0.02                  # bin lookup and nearest centre disagree rarely
     assert torch.equal(model.quantizer.order, ref["channel_order"])
@@ -175,3 +175,13 @@ def test_released_weights_sample_and_export_from_the_command_line(tmp_path):
     export.main(export.get_parser().parse_args(
         ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--run", str(run)]))
     assert (run / "onnx" / "head_step.onnx").is_file() and (run / "onnx" / "vae_decoder.onnx").is_file()
+
+
+def test_official_range_is_the_fixed_affine_map():
+    q = interop.use_official_range(tb.GaussianQuantizer(64, channels=2, assign="nearest"))
+    x = torch.linspace(-6, 6, 999).unsqueeze(-1).expand(-1, 2)
+    u = ((x + 5) / 10 * 6 - 3).clamp(-3, 3)                           # the official formula
+    expected = (u.unsqueeze(-1) - q.centers).abs().argmin(-1)
+    differ = q.quantize(x) != expected
+    midpoints = (q.centers[1:] + q.centers[:-1]) / 2                 # only float near-ties may differ
+    assert differ.sum() <= 4 and ((u[differ].unsqueeze(-1) - midpoints).abs().min(-1).values < 1e-5).all()
