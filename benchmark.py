@@ -21,7 +21,7 @@ import torch
 import tokenbridge as tb
 from deploy import ORT_ERRORS, OnnxSampler, one_line
 from export import export
-from sample import torch_device
+from runs import torch_device
 from training import RECIPES, TrainingLoss, make_optimizer, train_step
 
 

@@ -36,8 +36,11 @@ HEAD_INPUTS = ("cond", "step", "cache", "tokens", "uniforms", "temperature", "gu
 HEAD_OUTPUTS = ("logits", "tokens_out", "score_out", "cache_out")
 HEAD_STATE = ("cache", "tokens", "score")          # fed back: output NAME_out is next step's NAME
 VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
-# The graphs' interface as this loop drives it; export.py records it. 2: the head's KV cache
-# grows a slot per step (1, unversioned: a fixed C-slot cache).
+# In a run folder: the sampling settings its sweep found best (quality.sweep_sampling), which
+# sample.py uses unless told otherwise.
+SAMPLING_FILE = "sampling.json"
+# The version of the graphs' interface this loop drives; export.py records it, and graphs of
+# another version are refused (format 2: the head's KV cache grows a slot per step).
 EXPORT_FORMAT = 2
 # What ORT raises for a graph file it cannot load or a provider that fails: its own exception
 # classes, plain Exception subclasses (not RuntimeError), so they are named one by one.
@@ -116,10 +119,9 @@ class OnnxSampler:
                  device_id=0):
         """threads: ORT's intra-op threads for the backbone and the VAE decoder (0 = ORT's default).
         head_threads: for head_step.onnx, 1 by default: ORT's CPU thread pool synchronises after
-        every operator, and the head step is ~240 small ones, run C times per decoding step, where
-        that costs more than a second thread gains (bench-s, 2 cores: 1.3x faster sampling with
-        --int8, 1.1x in fp32; PyTorch's head is faster with its 2 threads). Raise it for wide heads
-        on many cores. device_id: the GPU (one per process under torchrun)."""
+        every operator, and the head step is a few hundred small ones, run C times per decoding
+        step, where that costs more than a second thread gains (README, Speed). Raise it for wide
+        heads on many cores. device_id: the GPU (one per process under torchrun)."""
         meta_path = os.path.join(onnx_dir, META_FILE)
         if not os.path.isfile(meta_path):
             raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")

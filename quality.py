@@ -356,3 +356,45 @@ def real_floor(n=250, repeats=5, k=K, seed=0, net=None, cache=CACHE):
         scores.append(compare(net, images[a], labels[a], images[b], k))
     floor = {key: float(np.mean([s[key] for s in scores])) for key in ("fd", "class_accuracy", "precision", "recall")}
     return dict(floor, fd_std=float(np.std([s["fd"] for s in scores])), n=n, n_reference=len(images) - n, k=k, repeats=repeats)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling settings a model samples best with
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_CFG, SWEEP_TEMPERATURE, SWEEP_STEPS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0), (0.7, 0.9, 1.0), (16, 8, 4)
+
+
+@torch.no_grad()
+def sweep_sampling(model, vae, cfgs=SWEEP_CFG, temperatures=SWEEP_TEMPERATURE, steps=SWEEP_STEPS, n=1000,
+                   min_accuracy=0.95, seed=0, net=None, cache=CACHE):
+    """Scores of n class-balanced samples of a digits model at every cfg x temperature (with
+    steps[0] decoding steps), then of the best pair with the other step counts. Returns (rows,
+    best): best is the row with the lowest FD among those with class accuracy >= min_accuracy
+    (the most accurate one when none reaches it)."""
+    from tqdm import tqdm
+    net = net if net is not None else load_feature_net(cache)[0]
+    labels, was_training = np.arange(n) % NUM_CLASSES, model.training
+    model.eval()
+    rows = []
+
+    def score(cfg, temperature, num_iter):
+        num_iter = min(num_iter, model.config.seq_len)
+        latents = torch.cat([model.generate(torch.as_tensor(labels[i:i + 250]), num_iter=num_iter, cfg=cfg,
+                                            temperature=temperature, seed=(seed, i)) for i in range(0, n, 250)])
+        rows.append({"cfg": cfg, "temperature": temperature, "num_iter": num_iter,
+                     **evaluate(data.decode(vae, latents.cpu()), labels, net=net)})
+
+    for cfg, temperature in tqdm([(c, t) for c in cfgs for t in temperatures], desc="sampling sweep", leave=False):
+        score(cfg, temperature, steps[0])
+    best = best_sampling(rows, min_accuracy)
+    for num_iter in steps[1:]:
+        score(best["cfg"], best["temperature"], num_iter)
+    model.train(was_training)
+    return rows, best_sampling(rows, min_accuracy)
+
+
+def best_sampling(rows, min_accuracy=0.95):
+    """The lowest FD among rows with class accuracy >= min_accuracy, else the most accurate row."""
+    good = [r for r in rows if r["class_accuracy"] >= min_accuracy]
+    return min(good, key=lambda r: r["fd"]) if good else max(rows, key=lambda r: r["class_accuracy"])

@@ -1,4 +1,4 @@
-"""Reproduce the paper's main claims at small scale on the built-in digits (issue 6).
+"""Reproduce the paper's main claims at small scale on the built-in digits.
 
 Given finished run folders (train.py), writes figures and one JSON of numbers into docs/:
 

@@ -49,6 +49,14 @@ def load_checkpoint(run):
     return ckpt
 
 
+def torch_device(requested, index=0):
+    """--device auto is CUDA when torch can use it, else the CPU; an explicit cuda it cannot use is refused."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, or no "
+                         "GPU/driver); use --device auto (CPU when CUDA does not work) or cpu")
+    return f"cuda:{index}" if requested != "cpu" and torch.cuda.is_available() else "cpu"
+
+
 def load_run(run, device="cpu"):
     """RUN -> (model in eval mode, checkpoint dict), with the EMA weights when the run has them."""
     ckpt = load_checkpoint(run)

@@ -11,13 +11,14 @@ both runtimes: the same seed gives the same tokens with PyTorch and with ONNX Ru
 """
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import sys
 
 import numpy as np
 
-from deploy import (OnnxSampler, Parts, check_labels, latent_preview, process_slot, sample_in_batches, save_grid,
+from deploy import (SAMPLING_FILE, OnnxSampler, Parts, check_labels, latent_preview, process_slot, sample_in_batches, save_grid,
                     to_uint8, write_atomic)
 
 def onnx_runtime(args, device_id):
@@ -35,22 +36,13 @@ def onnx_runtime(args, device_id):
     return sampler.config["num_classes"], sampler.N, sampler.meta["fingerprint"], sample
 
 
-def torch_device(requested, device_id=0):
-    """--device auto is CUDA when torch can use it, else the CPU; an explicit cuda it cannot use is refused."""
-    import torch  # here: the ONNX path runs without torch
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, or no "
-                         "GPU/driver); use --device auto (CPU when CUDA does not work) or cpu")
-    return f"cuda:{device_id}" if requested != "cpu" and torch.cuda.is_available() else "cpu"
-
-
 def torch_runtime(args, device_id):
     """The same as onnx_runtime, with the model and VAE of --run in PyTorch."""
     import torch
     import runs
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch_device(args.device, device_id)
+    device = runs.torch_device(args.device, device_id)
     if args.autocast != "none" and not device.startswith("cuda"):
         raise ValueError(f"--autocast {args.autocast} is for CUDA; on the CPU sampling runs in fp32")
     model, _ = runs.load_run(args.run, device)
@@ -75,6 +67,7 @@ def main(args):
     given_labels = parse_labels(args.labels)
     if args.official:
         use_official(args)
+    use_tuned(args)
     args.cfg = 1.0 if args.cfg is None else args.cfg
     args.temperature = 1.0 if args.temperature is None else args.temperature
     if not (args.onnx if args.runtime == "onnx" else args.run):
@@ -124,6 +117,17 @@ def use_official(args):
             setattr(args, key, value)
 
 
+def use_tuned(args):
+    """--cfg, --temperature, --num-iter left out: the run's best, when its sweep found them."""
+    path = os.path.join(args.run or "", SAMPLING_FILE)
+    if args.run and os.path.isfile(path):
+        with open(path) as f:
+            taken = {k: v for k, v in json.load(f).items() if k in ("cfg", "temperature", "num_iter")
+                     and getattr(args, k) is None}
+        vars(args).update(taken)
+        print(f"sampling as {path} says: " + ", ".join(f"{k} {v}" for k, v in taken.items()) + " (flags override)")
+
+
 def parse_labels(text):
     """--labels "3,3,7" -> int64 array, or None when not given (their range is checked per model)."""
     if not text:
@@ -158,30 +162,26 @@ def check_args(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--run", help="run folder with checkpoint.pt (and vae/): the torch runtime's model")
+    a("--run", help="run folder with checkpoint.pt (and vae/): the torch runtime's model and tuned settings")
     a("--onnx", help="folder written by export.py: the onnx runtime's graphs")
     a("--runtime", choices=["torch", "onnx"], default="torch", help="which runtime samples")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto",
-      help="auto: CUDA when it really works, else CPU; cuda: CUDA or an error")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when it works; cuda: or an error")
     a("--autocast", choices=["none", "bf16", "fp16"], default="none", help="torch on CUDA: half-precision "
       "matmuls (the official evaluation's fp16; much faster, tokens then differ from ONNX Runtime's)")
     a("--threads", type=int, default=0, help="CPU threads for either runtime (0 = its default)")
-    a("--head-threads", type=int, default=1,
-      help="ONNX Runtime threads for the head step on CPU (its many tiny operators run best on one)")
+    a("--head-threads", type=int, default=1, help="ONNX Runtime threads of the head step on CPU (tiny operators)")
     a("--seed", type=int, default=0, help="batch b draws from numpy.random.default_rng((seed, b))")
     a("--num-images", type=int, default=8, help="images when --labels is not given: classes 0, 1, 2, ... "
       "cycling, each as often (50 per class for 50,000 ImageNet images)")
     a("--labels", help="comma-separated class labels")
     a("--unconditional", action="store_true", help="sample --num-images with the null class")
-    a("--batch-size", type=int, default=64,
-      help="images per sampling call; with --npz each finished batch is kept, and a re-run samples only the missing")
-    a("--num-iter", type=int, help="decoding steps (default: 64, or N if fewer)")
-    a("--cfg", type=float, help="classifier-free guidance scale (default 1 = off; --official: the released one)")
-    a("--cfg-mode", choices=["features", "logits"], default="features",
-      help="guide the backbone features (paper) or the head's logits")
+    a("--batch-size", type=int, default=64, help="images per call; with --npz a re-run samples only missing batches")
+    a("--num-iter", type=int, help="decoding steps (default: the run's tuned ones, else 64, or N if fewer)")
+    a("--cfg", type=float, help="guidance scale (default: the run's tuned or the released one, else 1 = off)")
+    a("--cfg-mode", choices=["features", "logits"], default="features", help="guide the features (paper) or logits")
     a("--cfg-schedule", choices=["linear", "constant"], default="linear",
       help="guidance weight per step: from 1 to --cfg as positions are decoded (paper), or --cfg")
-    a("--temperature", type=float, help="sampling temperature, 0 = greedy (default 1; --official: the released one)")
+    a("--temperature", type=float, help="sampling temperature, 0 = greedy (default: the run's tuned one, else 1)")
     a("--position-order", choices=["random", "confidence"], default="random",
       help="which positions each step keeps: a random order, or the most confident")
     a("--out", default="samples.png", help="PNG grid of the first 100 images ('' for none)")

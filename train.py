@@ -36,6 +36,7 @@ from tqdm import tqdm
 import data
 import runs
 import tokenbridge as tb
+from deploy import SAMPLING_FILE
 from training import (TrainingLoss, barrier, lr_at, make_optimizer, recipe_summary, resolve_recipe, rng_state,
                       sample_grid, set_rng_state, set_threads, setup_distributed, train_step, update_ema,
                       validation_bits)
@@ -158,12 +159,21 @@ def train(args, given, dist_info, device):
             save_checkpoint(run_dir, model, ema, opt, done, args, horizons, classes, vae_source, dist_info)
 
     if rank0 and end == args.steps:                                            # 6. evaluation
-        bits = validation_bits(ema, val_modes, val_labels)
-        sample_grid(ema, vae, run_dir / "samples.png", num_iter=args.num_iter, cfg=args.cfg,
-                    temperature=args.temperature, seed=args.seed)
-        runs.write_json({"step": end, "val_bits_per_token": bits, "wall_s": round(time.time() - started, 1)},
-                        run_dir / "metrics.json")
-        log(f"[eval] validation NLL {bits:.4f} bits/token (EMA), samples in {run_dir / 'samples.png'}")
+        metrics = {"step": end, "val_bits_per_token": validation_bits(ema, val_modes, val_labels)}
+        grid = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature}
+        if not args.data:  # the digits: the sampling settings that give the best samples, by measurement
+            import quality
+            rows, best = quality.sweep_sampling(ema, vae, seed=args.seed)
+            grid = {k: best[k] for k in grid}
+            runs.write_json({**best, "sweep": rows}, run_dir / SAMPLING_FILE)
+            metrics.update({k: best[k] for k in ("fd", "class_accuracy", "precision", "recall")})
+            log(f"[eval] best sampling of {len(rows)} tried ({run_dir / SAMPLING_FILE}): cfg {best['cfg']}, temperature "
+                f"{best['temperature']}, {best['num_iter']} steps: FD {best['fd']:.1f}, class accuracy "
+                f"{best['class_accuracy']:.1%}, precision {best['precision']:.2f}, recall {best['recall']:.2f}")
+        sample_grid(ema, vae, run_dir / "samples.png", seed=args.seed, **grid)
+        runs.write_json({**metrics, "wall_s": round(time.time() - started, 1)}, run_dir / "metrics.json")
+        log(f"[eval] validation NLL {metrics['val_bits_per_token']:.4f} bits/token (EMA), samples in "
+            f"{run_dir / 'samples.png'}")
     barrier(dist_info)
     return {"run_dir": str(run_dir), "step": end}
 

@@ -1,4 +1,4 @@
-"""How a TokenBridge model is trained and evaluated: the pieces train.py's main() puts together.
+"""How a TokenBridge model is trained and evaluated: the pieces train.py's train() puts together.
 
     args = resolve_recipe(args)            # the preset's recipe for every flag left out
     opt = make_optimizer(model, lr, args.weight_decay)
@@ -132,8 +132,7 @@ class TrainingLoss(torch.nn.Module):
 
 
 # PyTorch's first choice on Hopper, cuDNN attention, builds a new graph for every new sequence
-# length (~12 ms of CPU each, measured on an H200), and MAR's encoder drops a random number of
-# tokens every step: training uses the other kernels.
+# length, and MAR's encoder drops a random number of tokens every step: training uses the others.
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -528,3 +528,14 @@ def test_processes_share_the_batches_and_rank_0_writes_the_npz(run, tmp_path, mo
     _main(argv + ["--npz", str(npz)])
     assert calls == [1, 0, 2]                                               # rank 0: batches 0 and 2
     np.testing.assert_array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(npz)["arr_0"])
+
+
+def test_a_run_samples_with_its_tuned_settings_unless_told_otherwise(run, tmp_path, capsys):
+    tuned = tmp_path / "tuned"
+    shutil.copytree(run.path, tuned)
+    (tuned / deploy.SAMPLING_FILE).write_text(json.dumps({"cfg": 3.0, "temperature": 0.8, "num_iter": 5, "fd": 1.0}))
+    argv = ["--run", str(tuned), "--out", "", "--labels", "1,2"]
+    tokens = _main(argv)
+    assert "cfg 3.0, temperature 0.8, num_iter 5 (flags override)" in capsys.readouterr().out
+    np.testing.assert_array_equal(tokens, _main(argv + ["--cfg", "3", "--temperature", "0.8", "--num-iter", "5"]))
+    assert not np.array_equal(tokens, _main(argv + ["--cfg", "1"]))           # a flag wins

@@ -226,3 +226,26 @@ def test_bad_input_is_one_line_value_error(trained, heldout):
     one_line_error(quality.real_floor, 250, repeats=0, net=net, match="repeats")
     one_line_error(quality.frechet_distance, np.zeros(3), np.eye(3), np.zeros(4), np.eye(4), match="shape")
     one_line_error(quality.precision_recall, np.zeros((10, 3)), np.zeros((10, 4)), match="same D")
+
+
+# --- the sampling sweep -------------------------------------------------------------------------
+
+def test_best_sampling_is_the_lowest_fd_among_accurate_settings():
+    rows = [{"fd": 10.0, "class_accuracy": 0.90}, {"fd": 30.0, "class_accuracy": 0.97},
+            {"fd": 20.0, "class_accuracy": 0.96}, {"fd": 25.0, "class_accuracy": 0.99}]
+    assert quality.best_sampling(rows) is rows[2]                        # 10 is lower, but 90% accurate
+    assert quality.best_sampling(rows, min_accuracy=0.995) is rows[3]    # none reaches it: the most accurate
+
+
+def test_sweep_scores_every_setting_then_fewer_steps_for_the_best(trained, perturb):
+    import data
+    import tokenbridge as tb
+    torch.manual_seed(0)
+    model = perturb(tb.TokenBridge(tb.TokenBridgeConfig.preset("digits")).calibrate(torch.randn(8, 16, 4, 4)))
+    vae = data.build_small_vae(8, 16, width=8).eval()
+    rows, best = quality.sweep_sampling(model.train(), vae, cfgs=(1.0, 3.0), temperatures=(1.0,), steps=(16, 4),
+                                        n=20, net=trained[0])
+    assert [(r["cfg"], r["num_iter"]) for r in rows[:2]] == [(1.0, 16), (3.0, 16)]
+    assert rows[2]["num_iter"] == 4 and rows[2]["cfg"] == quality.best_sampling(rows[:2])["cfg"]
+    assert best is quality.best_sampling(rows) and all(r["n"] == 20 for r in rows)
+    assert model.training                                                 # the caller's mode is restored
