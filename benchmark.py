@@ -165,11 +165,12 @@ def get_parser():
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when it works")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
     p.add_argument("--head-threads", type=int, default=1, help="ONNX Runtime threads for the head step on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model and of sampling")
     p.add_argument("--cfg", type=float, default=1.0, help="sampling: guidance scale")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling: temperature")
-    p.add_argument("--cfg-mode", choices=["features", "logits"], default="features")
-    p.add_argument("--position-order", choices=["random", "confidence"], default="random")
+    p.add_argument("--cfg-mode", choices=["features", "logits"], default="features", help="sampling: guide features or logits")
+    p.add_argument("--position-order", choices=["random", "confidence"], default="random",
+                   help="sampling: which positions each step keeps")
     p.add_argument("--batch", type=int, default=64, help="training: batch of one step")
     p.add_argument("--steps", type=int, default=3, help="training: timed steps (after 2 warm-up steps)")
     return p

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 import data
 import runs
 import tokenbridge as tb
-from deploy import tile
+from deploy import SAMPLING_FILE, tile
 from training import grid_classes, validation_bits
 
 SWEEP_LEVELS = (8, 16, 32, 64, 128)
@@ -205,6 +205,44 @@ def reconstruction_panel(run, models, n=10):
 
 
 # ---------------------------------------------------------------------------------------------
+# (e) Guidance: sample quality against cfg and temperature, from the run's own sweep
+# ---------------------------------------------------------------------------------------------
+
+def guidance_plot(sweep, path):
+    """FD and class accuracy against cfg, one curve per temperature (the sweep's rows at its most
+    decoding steps), the chosen setting marked (RUN/sampling.json, written by train.py)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, best = sweep["sweep"], sweep
+    steps = max(r["num_iter"] for r in rows)
+    fig, ax = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=90)
+    for temperature in sorted({r["temperature"] for r in rows}):
+        curve = sorted((r for r in rows if r["temperature"] == temperature and r["num_iter"] == steps),
+                       key=lambda r: r["cfg"])
+        for axis, key in zip(ax, ("fd", "class_accuracy")):
+            axis.plot([r["cfg"] for r in curve], [r[key] for r in curve], "o-", label=f"temperature {temperature}")
+    for axis, key in zip(ax, ("fd", "class_accuracy")):
+        axis.plot([best["cfg"]], [best[key]], "k*", ms=12, label=f"chosen ({best['num_iter']} steps)")
+    ax[0].set(xlabel="cfg", ylabel="Fréchet distance (lower is better)", title=f"{steps} decoding steps")
+    ax[1].axhline(0.95, ls="--", c="gray")
+    ax[1].set(xlabel="cfg", ylabel="class accuracy", title="does a 3 look like a 3")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def part_guidance(args, out, results):
+    path = Path(args.ar) / SAMPLING_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: train.py writes it at the end of a digits run")
+    sweep = json.loads(path.read_text())
+    guidance_plot(sweep, out / "guidance.png")
+    results["guidance"] = sweep
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -282,8 +320,8 @@ def get_parser():
                    help="the default run again with --seed 1: run-to-run noise of the NLL")
     p.add_argument("--out", default="docs", help="folder for the PNGs and the JSON")
     p.add_argument("--json", default="results.json", help="file name of the numbers, inside --out")
-    p.add_argument("--parts", default="quant,ablations,controls", help="comma-separated subset to run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", default="quant,ablations,controls,guidance", help="comma-separated subset to run")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the grids")
     p.add_argument("--per-class", type=int, default=5, help="samples per class in each grid")
     p.add_argument("--controls-per-class", type=int, default=4, help="samples per class in the controls grids")
     p.add_argument("--num-iter", type=int, default=16, help="decoding steps (as train.py's grid)")
@@ -312,6 +350,8 @@ def main(args):
     if "controls" in parts:
         model, vae, _ = load(args.ar)
         part_controls(args, out, results, model, vae)
+    if "guidance" in parts:
+        part_guidance(args, out, results)
     results["wall_s"] = round(time.time() - started, 1)
     path = out / args.json
     if path.is_file():  # keep the parts this call did not redo

@@ -37,9 +37,9 @@ import data
 import runs
 import tokenbridge as tb
 from deploy import SAMPLING_FILE
-from training import (TrainingLoss, barrier, lr_at, make_optimizer, recipe_summary, resolve_recipe, rng_state,
-                      sample_grid, set_rng_state, set_threads, setup_distributed, train_step, update_ema,
-                      validation_bits)
+from training import (TrainingLoss, barrier, lr_at, make_optimizer, make_thread_invariant, recipe_summary,
+                      resolve_recipe, rng_state, sample_grid, set_rng_state, set_threads, setup_distributed,
+                      train_step, update_ema, validation_bits)
 
 # Flags that may differ on --resume: where and how this launch runs, and what the sample grid
 # shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
@@ -107,6 +107,8 @@ def train(args, given, dist_info, device):
 
     torch.manual_seed(args.seed)                                               # 4. calibration
     model = data.calibrate(tb.TokenBridge(config), cache, train_idx)
+    if args.deterministic:  # bit-identical at any thread count, not only at this one
+        make_thread_invariant(model)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     model.to(device)
@@ -258,9 +260,9 @@ def restore_state(ckpt, horizon, args, ema, opt, lr_of, dist_info):
             f"{new} (lr at step {start_step}: {before:.3g} -> {lr_of(start_step):.3g})", dist_info)
     if start_step >= args.steps:
         log(f"[resume] {args.out} has finished its {args.steps} steps; give --steps N to train it further", dist_info)
-    if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+    if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads() and not args.deterministic:
         log(f"warning: resuming with {torch.get_num_threads()} threads, saved with {ckpt['threads']}; the run "
-            "continues but not bit-identically (LayerNorm's CPU backward sums per thread)", dist_info)
+            "continues but not bit-identically (train with --deterministic for that)", dist_info)
     return start_step
 
 
@@ -377,7 +379,9 @@ def get_parser():
     a("--ema-ramp", action=argparse.BooleanOptionalAction, help="let the EMA rate grow to --ema (official: no)")
     a("--head-positions", type=int, help="train the AR head on this many masked positions per image (0: all)")
     a("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
-    a("--seed", type=int, default=0)
+    a("--deterministic", action="store_true",
+      help="bit-identical weights at any thread count, not only at a given one (LayerNorm ~10%% slower)")
+    a("--seed", type=int, default=0, help="seed of the initial weights, the data order, masks and label drops")
     a("--device", help="default: cuda if it works, else cpu; an explicit cuda must work")
     a("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
     a("--save-every", type=int, default=500, help="checkpoint interval in steps")

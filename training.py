@@ -146,6 +146,23 @@ def sum_in_fixed_order(x, width=1024):
     return x.sum()
 
 
+class ThreadInvariantLayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm with its affine part as a separate multiply-add: the fused CPU backward sums
+    the weight and bias gradients in one buffer per thread, so they change with the thread
+    count, while autograd's sums over rows do not. Slower, so only for train.py --deterministic."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, eps=self.eps) * self.weight + self.bias
+
+
+def make_thread_invariant(model):
+    """Every affine LayerNorm of `model` computes as ThreadInvariantLayerNorm (the same parameters)."""
+    for m in model.modules():
+        if type(m) is torch.nn.LayerNorm and m.elementwise_affine:
+            m.__class__ = ThreadInvariantLayerNorm
+    return model
+
+
 @torch.no_grad()
 def clip_grad_norm(parameters, max_norm):
     """torch.nn.utils.clip_grad_norm_ with a total norm that does not depend on the thread count."""

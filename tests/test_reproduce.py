@@ -57,3 +57,14 @@ def test_held_out_reads_the_validation_rows_of_the_latent_cache(tmp_path):
     _, val_idx = reproduce.data.split_validation(n, 500)
     assert images.shape == (500, 32, 32, 3) and torch.equal(modes.flatten().long(), val_idx)
     assert torch.equal(labels, val_idx % 10)
+
+
+def test_guidance_plot_draws_the_run_sweep(tmp_path):
+    rows = [{"cfg": c, "temperature": t, "num_iter": 16, "fd": 40 - 5 * c + 10 * t, "class_accuracy": 0.8 + 0.04 * c}
+            for c in (1.0, 2.0, 3.0, 4.0) for t in (0.7, 1.0)] + [{"cfg": 4.0, "temperature": 0.7, "num_iter": 4,
+                                                                     "fd": 10.0, "class_accuracy": 0.97}]
+    reproduce.guidance_plot({**rows[-1], "sweep": rows}, tmp_path / "guidance.png")
+    from PIL import Image
+    assert Image.open(tmp_path / "guidance.png").size == (675, 252)             # 7.5 x 2.8 inches at 90 dpi
+    with pytest.raises(ValueError, match="sampling.json is missing"):
+        reproduce.part_guidance(reproduce.get_parser().parse_args(["--ar", str(tmp_path)]), tmp_path, {})

@@ -586,17 +586,17 @@ DETERMINISM_CFG = {**SMALL_CFG, "head_width": 64}
 
 @pytest.fixture
 def launch(tmp_path, fake_data, vae_dir):
-    """train.py with the small model in a fresh process on 2 threads (the paper's loss: every masked
+    """train.py with the small model in a fresh process (2 threads by default) (the paper's loss: every masked
     position through the head); kill_at_step / kill_in_save make it SIGKILL itself. Returns the
     finished process."""
-    def start(run, *extra, kill_at_step=None, kill_in_save=None):
+    def start(run, *extra, kill_at_step=None, kill_in_save=None, threads=2):
         script = tmp_path / "killable_main.py"
         script.write_text(KILLABLE_SCRIPT.format(root=str(ROOT), cfg=DETERMINISM_CFG, kill_at_step=kill_at_step,
                                                  kill_in_save=kill_in_save))
         argv = list(extra) if "--resume" in extra else \
             run_argv(tmp_path / run, fake_data, vae_dir, "--steps", "8", "--batch", "16", "--save-every", "100",
                      "--head-positions", "0", *extra)
-        return subprocess.run([sys.executable, str(script), *argv, "--threads", "2"], capture_output=True,
+        return subprocess.run([sys.executable, str(script), *argv, "--threads", str(threads)], capture_output=True,
                               text=True, timeout=300)
     return start
 
@@ -619,3 +619,24 @@ def test_two_threads_straight_split_killed_and_resumed_runs_are_bit_identical(tm
     assert weights(tmp_path / "save")[0] == 3                               # the step-3 file is intact
     assert launch(None, "--resume", str(tmp_path / "save")).returncode == 0
     assert_bit_identical(tmp_path / "a", tmp_path / "save")
+
+
+MATMUL_AT_1_AND_2_THREADS = """
+import os, torch
+os.environ["MKL_CBWR"] = "AUTO,STRICT"  # as train.py sets it
+x, dy = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0)), torch.randn(4096, 512)
+torch.set_num_threads(1); one = dy.t() @ x
+torch.set_num_threads(2); print(torch.equal(one, dy.t() @ x))
+"""
+
+
+def test_deterministic_training_is_bit_identical_at_any_thread_count(tmp_path, launch):
+    """--deterministic: 1 thread and 2 threads give the same weights (without it, LayerNorm's
+    fused CPU backward sums its weight gradients per thread). It needs matrix products that round
+    the same at any thread count, which MKL's strict CNR mode gives on Intel AVX2 and later."""
+    probe = subprocess.run([sys.executable, "-c", MATMUL_AT_1_AND_2_THREADS], capture_output=True, text=True)
+    if probe.stdout.strip() != "True":
+        pytest.skip("this CPU's matrix products change with the thread count even in MKL's strict CNR mode")
+    for threads in (1, 2):
+        assert launch(f"t{threads}", "--deterministic", threads=threads).returncode == 0
+    assert_bit_identical(tmp_path / "t1", tmp_path / "t2")
