@@ -48,20 +48,15 @@ def unpatchify(tokens, grid):
     return tokens.transpose(1, 2).unflatten(2, (grid, grid))
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Post-training dimension-wise quantizer
-# ---------------------------------------------------------------------------------------------
+# --- 1. Post-training dimension-wise quantizer ---------------------------------------------------
 
 class GaussianQuantizer(nn.Module):
     """Quantize each channel of a continuous latent into `levels` equiprobable Gaussian bins.
 
-    A channel value x is normalised with its own statistics, u = (x - mean_c) / std_c, clamped to
-    [-r, r], and assigned to the bin b_k <= u < b_{k+1} with b_k = Φ⁻¹(k / levels) (clamped to
-    [-r, r]). A bin is represented by its conditional mean γ_k = E[ξ | b_k <= ξ < b_{k+1}],
-    ξ ~ N(0, 1). No parameters: everything is a buffer, so it travels with checkpoints and ONNX.
-
-    assign="nearest" reproduces the official code, which picks the nearest γ instead of the bin
-    (the two differ for ~0.5% of values). `order` holds the AR generation order of the channels.
+    u = (x - mean_c) / std_c, clamped to [-r, r], falls in the bin b_k <= u < b_{k+1} with
+    b_k = Φ⁻¹(k / levels) (clamped too), represented by its conditional mean γ_k = E[ξ | b_k <= ξ <
+    b_{k+1}], ξ ~ N(0, 1). Buffers only: it travels with checkpoints and ONNX. assign="nearest" is
+    the official code's nearest γ (differs for ~0.5% of values); `order`: the channels' AR order.
     """
 
     def __init__(self, levels=64, std_range=3.0, channels=16, assign="bins"):
@@ -135,20 +130,15 @@ class GaussianQuantizer(nn.Module):
         return self.centers[indices] * self.std + self.mean
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Frequency-based dimension ordering
-# ---------------------------------------------------------------------------------------------
+# --- 2. Frequency-based dimension ordering -------------------------------------------------------
 
 LOW_FREQUENCY_RADIUS = 0.25  # cycles per latent position: half the Nyquist frequency
 
 
 def low_frequency_share(latents, radius=LOW_FREQUENCY_RADIUS):
-    """Per-channel share of spectral energy at low frequency, latents (N, C, H, W) -> (C,).
-
-    Each map's mean is removed first, so the DC term is excluded: a constant offset carries no
-    spatial structure, and counting it would rank channels by their mean instead of their shape.
-    "Low" means |f| <= radius (cycles per position, |f| <= 0.5 is the whole band).
-    """
+    """Per-channel share of spectral energy at |f| <= radius (cycles per position; 0.5 is the whole
+    band), latents (N, C, H, W) -> (C,). Each map's mean is removed first: a constant offset has no
+    spatial structure, and counting it would rank channels by their mean instead of their shape."""
     require(latents.dim() == 4 and min(latents.shape[-2:]) >= 2,
              f"expected latents (N, C, H, W) with H, W >= 2, got {tuple(latents.shape)}")
     require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf")
@@ -169,9 +159,7 @@ def frequency_order(latents, radius=LOW_FREQUENCY_RADIUS):
     return torch.argsort(share, descending=True, stable=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Configuration
-# ---------------------------------------------------------------------------------------------
+# --- 3. Configuration ----------------------------------------------------------------------------
 
 @dataclass
 class TokenBridgeConfig:
@@ -256,9 +244,7 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Transformer blocks
-# ---------------------------------------------------------------------------------------------
+# --- 4. Transformer blocks -----------------------------------------------------------------------
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
@@ -358,18 +344,13 @@ class FinalLayer(nn.Module):
         return modulate(self.norm_final(x), shift, scale)
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Backbone: MAR's masked encoder-decoder over spatial positions
-# ---------------------------------------------------------------------------------------------
+# --- 5. Backbone: MAR's masked encoder-decoder over spatial positions ----------------------------
 
 class Backbone(nn.Module):
-    """Known positions (dequantized tokens) + class -> a feature z for every position.
-
-    As in MAR, in training and in sampling alike, the encoder sees only the class buffer and the
-    known positions; the decoder sees every position, unknown ones as the mask token. Every image
-    of a batch must have as many unknown positions (MAR's masks and the sampler's do), so the
-    known ones gather into a (B, V, D) batch; ONNX keeps that gather (NonZero) in the graph.
-    """
+    """Known positions (dequantized tokens) + class -> a feature z for every position. As in MAR,
+    the encoder sees only the class buffer and the known positions, the decoder every position
+    (unknown ones as the mask token). Every image of a batch has as many unknown positions, so the
+    known ones gather into a (B, V, D) batch, in training, sampling and ONNX (NonZero) alike."""
 
     def __init__(self, config):
         super().__init__()
@@ -421,18 +402,13 @@ class Backbone(nn.Module):
         return x + self.output_pos_embed                                               # (B, N, Dd)
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. Dimension-wise AR head: p(q) = Π_c p(q^c | q^<c, z) at every position
-# ---------------------------------------------------------------------------------------------
+# --- 6. Dimension-wise AR head: p(q) = Π_c p(q^c | q^<c, z) at every position --------------------
 
 class DimensionwiseARHead(nn.Module):
-    """A small causal transformer over C slots per position, in generation order.
-
-    Slot 0 holds proj(z); slot c > 0 holds the embedding of token q^{c-1} (one table per slot);
-    slot c predicts channel c with its own `levels`-way linear head. Every block is adaLN-
-    conditioned on proj(z) + a per-slot embedding. parallel=True is the ablation: slots > 0 get
-    no token, so each channel is predicted from z alone.
-    """
+    """A small causal transformer over C slots per position, in generation order. Slot 0 holds
+    proj(z), slot c > 0 the embedding of token q^{c-1} (a table per slot); slot c predicts channel
+    c with its own `levels`-way classifier; every block is adaLN-conditioned on proj(z) + a slot
+    embedding. parallel=True is the ablation: no tokens in, each channel from z alone."""
 
     def __init__(self, config):
         super().__init__()
@@ -504,9 +480,7 @@ class DimensionwiseARHead(nn.Module):
         return self._logits(x, c, t.view(1))[:, 0], torch.stack(new_cache)
 
 
-# ---------------------------------------------------------------------------------------------
-# 7. TokenBridge: training loss and sampler
-# ---------------------------------------------------------------------------------------------
+# --- 7. TokenBridge: training loss and sampler ---------------------------------------------------
 
 def mask_schedule(seq_len, num_iter):
     """Positions still masked after each step: floor(N cos(π/2 (s+1)/T)), at least 1 and one fewer
@@ -678,10 +652,8 @@ class TokenBridge(nn.Module):
     @torch.no_grad()
     def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
                       cfg_schedule="linear", position_order="random", confidence_noise=1.0):
-        """MAR-style iterative decoding of all positions. Returns token indices (B, N, C).
-
-        labels (B,): classes, or num_classes for unconditional samples (the null class, which
-        guidance leaves unchanged). cfg_schedule: see guidance_weight.
+        """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,): classes,
+        or num_classes for unconditional samples (guidance leaves the null class unchanged).
         Every random number comes from numpy.random.default_rng(seed), in this sequence:
         random order: one permutation of N per image; then per step: uniforms (B, N, C) for the
         channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
