@@ -43,7 +43,7 @@ def convert_state_dict(source, target, mapping, what):
         if value.dim() == dest.dim() + 1 and value.shape[0] == 1:  # official (1, C, D) embeddings
             value = value[0]
         tb.require(value.shape == dest.shape,
-                    f"{what}: {key!r} has shape {tuple(value.shape)} but the model expects "
+                   f"{what}: {key!r} has shape {tuple(value.shape)} but the model expects "
                     f"{tuple(dest.shape)}; another model size (check --preset)?")
         dest.copy_(value)
         filled.add(key)
@@ -106,7 +106,7 @@ def from_official_state_dict(state_dict, cfg):
     for key, ours in (("boundaries", q.boundaries), ("reconstruction_values", q.centers)):
         if key in state_dict:
             tb.require(torch.allclose(state_dict[key].float(), ours, atol=1e-4),
-                        f"the checkpoint's {key} differ from {cfg.levels}-level Gaussian bins; wrong --levels?")
+                       f"the checkpoint's {key} differ from {cfg.levels}-level Gaussian bins; wrong --levels?")
     use_official_range(q)
     q.order.copy_(torch.tensor(OFFICIAL_ORDER[:cfg.channels]))
     return model
@@ -125,7 +125,7 @@ def load_official_tokenbridge(path, preset, **overrides):
     """checkpoint-last.pth of the official code -> our TokenBridge, EMA weights when present."""
     ckpt = load_checkpoint(path)
     tb.require(isinstance(ckpt, dict) and ("model_ema" in ckpt or "model" in ckpt),
-                f"{path} has neither 'model_ema' nor 'model': not an official TokenBridge checkpoint")
+               f"{path} has neither 'model_ema' nor 'model': not an official TokenBridge checkpoint")
     return from_official_state_dict(ckpt.get("model_ema", ckpt.get("model")), official_config(preset, **overrides))
 
 
@@ -189,7 +189,7 @@ def from_ldm_state_dict(state_dict, **config):
         tb.require(module in renames, f"LDM VAE checkpoint: unexpected key {key!r}; another architecture?")
         mapping[key] = (f"{renames[module]}.{param}", None)
     tb.require(set(v for v, _ in mapping.values()) == set(target),
-                "LDM VAE checkpoint: the model has tensors the checkpoint does not fill: "
+               "LDM VAE checkpoint: the model has tensors the checkpoint does not fill: "
                 f"{sorted(set(target) - set(v for v, _ in mapping.values()))[:1]}")
     # LDM attention projections are 1x1 convolutions; diffusers uses linear layers.
     source = {k: v.flatten(1) if v.dim() == 4 and target[mapping[k][0]].dim() == 2 else v
@@ -214,11 +214,11 @@ def load_ldm_vae(path, latent_channels=None):
     ckpt = load_checkpoint(path)
     state_dict = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     tb.require(isinstance(state_dict, dict) and "encoder.conv_in.weight" in state_dict
-                and "post_quant_conv.weight" in state_dict,
+               and "post_quant_conv.weight" in state_dict,
                 f"{path} is not an LDM/MAR VAE checkpoint (no encoder.conv_in.weight under 'model')")
     config = ldm_config_from_state_dict(state_dict)
     tb.require(latent_channels is None or config["embed_dim"] == latent_channels,
-                f"{path} has {config['embed_dim']} latent channels but the model expects {latent_channels}")
+               f"{path} has {config['embed_dim']} latent channels but the model expects {latent_channels}")
     return from_ldm_state_dict(state_dict, **config)
 
 

@@ -40,6 +40,7 @@ def torch_runtime(args, device_id):
     """The same as onnx_runtime, with the model and VAE of --run in PyTorch."""
     import torch
     import runs
+    import tokenbridge as tb
     if args.threads:
         torch.set_num_threads(args.threads)
     device = runs.torch_device(args.device, device_id)
@@ -54,7 +55,7 @@ def torch_runtime(args, device_id):
         with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):  # the backbone and head only
             tokens = model.sample_tokens(labels, num_iter, args.cfg, args.temperature, seed, args.cfg_mode,
                                          args.cfg_schedule, args.position_order)
-        latents = model.unpatchify(model.quantizer.dequantize(tokens))
+        latents = tb.unpatchify(model.quantizer.dequantize(tokens), model.config.grid)
         if vae is None:
             return tokens.cpu().numpy(), latent_preview(latents.cpu().numpy(), model.config.vae_stride)
         images = vae.decode(latents / vae.config.scaling_factor).sample
@@ -112,9 +113,8 @@ def use_official(args):
     """--official: convert the released weights into a run folder; released sampling defaults."""
     import interop
     args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
-    for key, value in interop.RELEASED_SAMPLING.get(args.preset, {}).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    released = interop.RELEASED_SAMPLING.get(args.preset, {})
+    vars(args).update({k: v for k, v in released.items() if getattr(args, k) is None})
 
 
 def use_tuned(args):

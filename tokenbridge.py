@@ -81,9 +81,8 @@ class GaussianQuantizer(nn.Module):
         self.register_buffer("order", torch.arange(channels))                  # (C,) AR slot -> channel
 
     def _check_tokens(self, tokens):
-        require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels,
-                 f"expected channel-last tokens (..., {self.channels}), got shape {tuple(tokens.shape)}; "
-                 "for (B, C, H, W) latents use TokenBridge.patchify first")
+        require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels, f"expected channel-last tokens (..., "
+                f"{self.channels}), got {tuple(tokens.shape)}; for (B, C, H, W) latents use tokenbridge.patchify")
         require(tokens.is_floating_point(), f"expected float tokens, got {tokens.dtype}")
         require(bool(torch.isfinite(tokens).all()), "tokens contain NaN or inf; check the VAE output")
 
@@ -124,9 +123,9 @@ class GaussianQuantizer(nn.Module):
     def dequantize(self, indices):
         """(..., C) long -> (..., C) float, each index replaced by its bin's conditional mean."""
         require(not indices.is_floating_point() and indices.shape[-1] == self.channels,
-                 f"expected integer indices (..., {self.channels}), got {indices.dtype} {tuple(indices.shape)}")
+                f"expected integer indices (..., {self.channels}), got {indices.dtype} {tuple(indices.shape)}")
         require(bool(((indices >= 0) & (indices < self.levels)).all()),
-                 f"indices must lie in [0, {self.levels})")
+                f"indices must lie in [0, {self.levels})")
         return self.centers[indices] * self.std + self.mean
 
 
@@ -140,7 +139,7 @@ def low_frequency_share(latents, radius=LOW_FREQUENCY_RADIUS):
     band), latents (N, C, H, W) -> (C,). Each map's mean is removed first: a constant offset has no
     spatial structure, and counting it would rank channels by their mean instead of their shape."""
     require(latents.dim() == 4 and min(latents.shape[-2:]) >= 2,
-             f"expected latents (N, C, H, W) with H, W >= 2, got {tuple(latents.shape)}")
+            f"expected latents (N, C, H, W) with H, W >= 2, got {tuple(latents.shape)}")
     require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf")
     power = 0.0                                                                 # -> (C, H, W)
     for chunk in latents.split(1024):  # float64 and complex copies of one chunk at a time
@@ -190,10 +189,9 @@ class TokenBridgeConfig:
     def __post_init__(self):
         require(self.levels >= 2, f"levels must be >= 2 (got {self.levels})")
         require(self.image_size % self.vae_stride == 0,
-                 f"image_size {self.image_size} must be divisible by vae_stride {self.vae_stride}")
+                f"image_size {self.image_size} must be divisible by vae_stride {self.vae_stride}")
         require(self.head in ("ar", "parallel"), f"head must be 'ar' or 'parallel' (got {self.head!r})")
-        require(self.order in ("frequency", "default"),
-                 f"order must be 'frequency' or 'default' (got {self.order!r})")
+        require(self.order in ("frequency", "default"), f"order must be 'frequency' or 'default' (got {self.order!r})")
         for part in ("encoder", "decoder", "head"):
             width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
             require(width % heads == 0, f"{part}_width {width} must be divisible by {part}_heads {heads}")
@@ -220,8 +218,7 @@ class TokenBridgeConfig:
 
 
 def _imagenet(**kw):
-    return TokenBridgeConfig(image_size=256, vae_stride=16, num_classes=1000, buffer_size=64,
-                             dropout=0.1, **kw)
+    return TokenBridgeConfig(image_size=256, vae_stride=16, num_classes=1000, buffer_size=64, dropout=0.1, **kw)
 
 
 PRESETS = {
@@ -268,8 +265,7 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, mask):
         B, _, L, _ = q.shape
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, L, -1)))            # (B, L, D)
 
     def forward(self, x, mask=None):
@@ -459,8 +455,7 @@ class DimensionwiseARHead(nn.Module):
 
     def empty_cache(self, rows, device=None, dtype=torch.float32):
         """The KV cache before channel 0: (depth, 2, rows, heads, 0 slots, head_dim)."""
-        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim,
-                           device=device, dtype=dtype)
+        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim, device=device, dtype=dtype)
 
     def step(self, cond, prev_token, t, cache):
         """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long tensor,
@@ -547,18 +542,11 @@ class TokenBridge(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    # --- layout and input checks -------------------------------------------------------------
-
-    def patchify(self, latents):
-        return patchify(latents)                                                      # (B, N, C)
-
-    def unpatchify(self, tokens):
-        return unpatchify(tokens, self.config.grid)                                      # (B, C, H, W)
-
+    # --- input checks ----------------------------------------------------------------------------
     def _check_latents(self, latents):
         c, g = self.config.channels, self.config.grid
         require(latents.dim() == 4 and tuple(latents.shape[1:]) == (c, g, g),
-                 f"expected latents (B, {c}, {g}, {g}) for image_size {self.config.image_size} / vae_stride "
+                f"expected latents (B, {c}, {g}, {g}) for image_size {self.config.image_size} / vae_stride "
                  f"{self.config.vae_stride}, got {tuple(latents.shape)}; check the VAE and the config")
         require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf; check the VAE output")
 
@@ -566,25 +554,24 @@ class TokenBridge(nn.Module):
         """allow_null: in sampling, label num_classes is the null class (unconditional)."""
         k = self.config.num_classes
         require(labels.dim() == 1 and not labels.is_floating_point(),
-                 f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+                f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         require(batch is None or labels.shape[0] == batch,
-                 f"got {labels.shape[0]} labels for a batch of {batch} latents")
+                f"got {labels.shape[0]} labels for a batch of {batch} latents")
         top = k + 1 if allow_null else k
         require(bool(((labels >= 0) & (labels < top)).all()),
-                 f"labels must lie in [0, {top}) for this model's {k} classes"
+                f"labels must lie in [0, {top}) for this model's {k} classes"
                  + (f" ({k}: unconditional)" if allow_null else "") + f", got {labels.tolist()[:8]}")
 
     @torch.no_grad()
     def calibrate(self, latents):
         """Fit the quantizer's per-channel statistics and the channel order, latents (N, C, H, W)."""
         self._check_latents(latents)
-        self.quantizer.calibrate(self.patchify(latents))
+        self.quantizer.calibrate(patchify(latents))
         order = frequency_order(latents) if self.config.order == "frequency" else torch.arange(self.config.channels)
         self.quantizer.order.copy_(order)
         return self
 
     # --- training ------------------------------------------------------------------------------
-
     def random_mask(self, batch, device):
         """MAR masking: one ratio per batch ~ truncated N(1, 0.25) on [mask_ratio_min, 1], a random
         order per image. Returns mask (B, N), True = masked (to predict)."""
@@ -601,7 +588,7 @@ class TokenBridge(nn.Module):
         positions, channels in generation order. head_positions > 0 runs the head on that many
         random masked positions per image: an unbiased estimate of the same loss, for when the
         head (C slots per position) dominates a step. 0 = every masked position (the paper)."""
-        tokens = self.patchify(latents)
+        tokens = patchify(latents)                                                    # (B, N, C)
         indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
         z = self.backbone(self.quantizer.dequantize(indices), mask, labels)
         if 0 < head_positions < self.config.seq_len:
@@ -623,7 +610,6 @@ class TokenBridge(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     # --- sampling ------------------------------------------------------------------------------
-
     def condition(self, values, mask, labels):
         """Backbone + the head's input projection: (B, N, C) known values -> (B, N, D)."""
         return self.head.project(self.backbone(values, mask, labels))
@@ -711,4 +697,4 @@ class TokenBridge(nn.Module):
     def generate(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, **kwargs):
         """Sample images' latents (B, C, H, W), dequantized, ready for the VAE decoder."""
         tokens = self.sample_tokens(labels, num_iter, cfg, temperature, seed, **kwargs)
-        return self.unpatchify(self.quantizer.dequantize(tokens))
+        return unpatchify(self.quantizer.dequantize(tokens), self.config.grid)

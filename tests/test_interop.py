@@ -46,7 +46,7 @@ def test_official_model_reproduces_greedy_tokens_with_the_slot0_quirk(official):
 
 def test_official_quantizer_mode(official):
     model, ref = official
-    tokens = model.patchify(ref["latents"])
+    tokens = tb.patchify(ref["latents"])
     assert torch.equal(model.quantizer.quantize(tokens), ref["official_indices"])   # nearest centre
     torch.testing.assert_close(model.quantizer.dequantize(ref["official_indices"]), ref["official_dequantized"],
                                atol=1e-4, rtol=1e-5)
