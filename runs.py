@@ -41,7 +41,7 @@ def read_torch_file(path, what, fix, safe_globals=()):
 
 def load_checkpoint(run):
     """RUN/checkpoint.pt as a dict with at least "config" and "model"."""
-    fix = f"give a run folder written by train.py (or interop.py, for the released weights)"
+    fix = "give a run folder written by train.py (or interop.py, for the released weights)"
     path = Path(run) / CHECKPOINT
     ckpt = read_torch_file(path, "TokenBridge checkpoint", fix)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):

@@ -4,10 +4,9 @@
     python sample.py --onnx runs/demo/onnx --runtime onnx               # ONNX Runtime (export.py first)
     torchrun --nproc_per_node 8 sample.py --run RUN --num-images 50000 --npz fid.npz   # FID-50K
 
-Sampling runs in batches (--batch-size) with a progress bar. With --npz every finished batch is
-kept on disk, so a re-run samples only the missing ones, and under torchrun the processes share
-the batches (deploy.sample_in_batches). Batch b draws from numpy.random.default_rng((seed, b)) in
-both runtimes: the same seed gives the same tokens with PyTorch and with ONNX Runtime.
+Sampling runs in batches with a progress bar; with --npz finished batches are kept, a re-run
+samples only the missing ones, and torchrun's processes share them (deploy.sample_in_batches).
+Batch b draws from default_rng((seed, b)) in both runtimes: a seed gives the same tokens in each.
 """
 import argparse
 import hashlib
@@ -39,6 +38,7 @@ def onnx_runtime(args, device_id):
 def torch_runtime(args, device_id):
     """The same as onnx_runtime, with the model and VAE of --run in PyTorch."""
     import torch
+    import data
     import runs
     import tokenbridge as tb
     if args.threads:
@@ -58,8 +58,7 @@ def torch_runtime(args, device_id):
         latents = tb.unpatchify(model.quantizer.dequantize(tokens), model.config.grid)
         if vae is None:
             return tokens.cpu().numpy(), latent_preview(latents.cpu().numpy(), model.config.vae_stride)
-        images = vae.decode(latents / vae.config.scaling_factor).sample
-        return tokens.cpu().numpy(), to_uint8(images.float().cpu().numpy())
+        return tokens.cpu().numpy(), data.decode(vae, latents)
     return model.config.num_classes, model.config.seq_len, runs.fingerprint(model), sample
 
 
@@ -125,7 +124,8 @@ def use_tuned(args):
             taken = {k: v for k, v in json.load(f).items() if k in ("cfg", "temperature", "num_iter")
                      and getattr(args, k) is None}
         vars(args).update(taken)
-        print(f"sampling as {path} says: " + ", ".join(f"{k} {v}" for k, v in taken.items()) + " (flags override)")
+        if taken:
+            print(f"sampling as {path} says: " + ", ".join(f"{k} {v}" for k, v in taken.items()) + " (flags override)")
 
 
 def parse_labels(text):

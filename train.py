@@ -34,6 +34,7 @@ from torch.utils.data import Subset, TensorDataset
 from tqdm import tqdm
 
 import data
+import quality
 import runs
 import tokenbridge as tb
 from deploy import SAMPLING_FILE
@@ -164,7 +165,6 @@ def train(args, given, dist_info, device):
         metrics = {"step": end, "val_bits_per_token": validation_bits(ema, val_modes, val_labels)}
         grid = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature}
         if not args.data:  # the digits: the sampling settings that give the best samples, by measurement
-            import quality
             rows, best = quality.sweep_sampling(ema, vae, seed=args.seed)
             grid = {k: best[k] for k in grid}
             runs.write_json({**best, "sweep": rows}, run_dir / SAMPLING_FILE)
