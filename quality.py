@@ -35,6 +35,7 @@ These numbers do NOT compare with ImageNet FIDs (or any published FID): another 
 another data set, and samples of hundreds rather than 50,000.
 """
 import contextlib
+import functools
 import hashlib
 import time
 import warnings
@@ -366,6 +367,18 @@ SWEEP_CFG, SWEEP_TEMPERATURE, SWEEP_STEPS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0), (0.7
 
 
 @torch.no_grad()
+def sample_scores(model, vae, n=1000, seed=0, net=None, cache=CACHE, **sampling):
+    """Scores (evaluate) of n class-balanced samples of a digits model (labels 0, 1, ..., 9, 0, ...)
+    decoded by its VAE, with the sampling settings it is given (generate's keywords; num_iter at
+    most the number of positions), and those settings. The 250 samples from offset i draw with
+    seed (seed, i): the same seed gives every model the same sampling noise."""
+    sampling["num_iter"] = min(sampling.get("num_iter", model.config.seq_len), model.config.seq_len)
+    labels = np.arange(n) % NUM_CLASSES
+    latents = torch.cat([model.generate(torch.as_tensor(labels[i:i + 250]), seed=(seed, i), **sampling)
+                         for i in range(0, n, 250)])
+    return {**sampling, **evaluate(data.decode(vae, latents.cpu()), labels, net=net, cache=cache)}
+
+
 def sweep_sampling(model, vae, cfgs=SWEEP_CFG, temperatures=SWEEP_TEMPERATURE, steps=SWEEP_STEPS, n=1000,
                    min_accuracy=0.95, seed=0, net=None, cache=CACHE):
     """Scores of n class-balanced samples of a digits model at every cfg x temperature (with
@@ -374,22 +387,13 @@ def sweep_sampling(model, vae, cfgs=SWEEP_CFG, temperatures=SWEEP_TEMPERATURE, s
     (the most accurate one when none reaches it)."""
     from tqdm import tqdm
     net = net if net is not None else load_feature_net(cache)[0]
-    labels, was_training = np.arange(n) % NUM_CLASSES, model.training
+    was_training = model.training
     model.eval()
-    rows = []
-
-    def score(cfg, temperature, num_iter):
-        num_iter = min(num_iter, model.config.seq_len)
-        latents = torch.cat([model.generate(torch.as_tensor(labels[i:i + 250]), num_iter=num_iter, cfg=cfg,
-                                            temperature=temperature, seed=(seed, i)) for i in range(0, n, 250)])
-        rows.append({"cfg": cfg, "temperature": temperature, "num_iter": num_iter,
-                     **evaluate(data.decode(vae, latents.cpu()), labels, net=net)})
-
-    for cfg, temperature in tqdm([(c, t) for c in cfgs for t in temperatures], desc="sampling sweep", leave=False):
-        score(cfg, temperature, steps[0])
+    score = functools.partial(sample_scores, model, vae, n=n, seed=seed, net=net)
+    rows = [score(cfg=c, temperature=t, num_iter=steps[0])
+            for c, t in tqdm([(c, t) for c in cfgs for t in temperatures], desc="sampling sweep", leave=False)]
     best = best_sampling(rows, min_accuracy)
-    for num_iter in steps[1:]:
-        score(best["cfg"], best["temperature"], num_iter)
+    rows += [score(cfg=best["cfg"], temperature=best["temperature"], num_iter=s) for s in steps[1:]]
     model.train(was_training)
     return rows, best_sampling(rows, min_accuracy)
 

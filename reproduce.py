@@ -1,28 +1,37 @@
-"""Reproduce the paper's main claims at small scale on the built-in digits.
+"""Reproduce the paper's tables and figures at small scale on the built-in digits, from run folders.
 
-Given finished run folders (train.py), writes figures and one JSON of numbers into docs/:
+    python reproduce.py --train-missing     # trains the run folders below that are missing, then all parts
+    python reproduce.py                     # every table and figure from the run folders there are
+    python reproduce.py --parts reconstruction,guidance
 
-  (a) post-training quantization: PSNR/MSE of decoded held-out digits, continuous vs 8..128
-      levels, a rate-distortion plot, and the per-channel token entropy vs log2(levels);
-  (b) dimension-wise AR head vs parallel head: validation NLL (bits/token) and sample grids;
-  (c) frequency vs default channel order: validation NLL in bits/image and grids;
-      16 vs 64 levels: reconstructions and sample grids (their NLLs do not compare);
-  (d) sampling controls for one model and one seed: cfg x temperature, random vs confidence order.
+Every run is `python train.py` (the demo: AR head, frequency order, 64 levels, seed 0) or the
+demo with one flag changed and the demo's frozen VAE (`--vae runs/demo/vae`), so only the
+model differs; RUNS lists them. Writes into --out (docs/):
 
-    python train.py --out runs/digits
-    python train.py --vae runs/digits/vae --head parallel --out runs/parallel
-    python train.py --vae runs/digits/vae --order default --out runs/default-order
-    python train.py --vae runs/digits/vae --levels 16 --out runs/levels16
-    python train.py --vae runs/digits/vae --seed 1 --out runs/seed1     # NLL noise between runs
-    python reproduce.py --ar runs/digits --parallel runs/parallel \\
-        --default-order runs/default-order --levels16 runs/levels16 --out docs
+  reconstruction   PSNR and rFD (quality.py's Fréchet distance) of the 500 held-out digits
+                   through continuous latents and 128 ... 8 levels; rd_quantization.png,
+                   reconstruction_levels.png
+  generation       the paper's ablations (AR vs parallel head, frequency vs default order, 64 vs
+                   16 levels, random vs confidence order) by sample quality and NLL, two seeds
+                   each; ablation_samples.png
+  budget           the AR and the parallel head at 1x, 2x and 4x the demo's training, and the
+                   head trained on every position
+  guidance         FD and class accuracy against cfg at three temperatures (the demo's sweep);
+                   guidance.png
 
-A missing run folder skips the comparison that needs it. Everything runs on CPU in minutes.
+Each run is scored at the sampling settings its own sweep chose (RUN/sampling.json, written by
+train.py) and unguided (cfg 1, temperature 1, one position per step), each with 1,000 fresh
+class-balanced samples: the same sampling seeds for every run, other seeds than the sweeps'
+(a sweep's best score is the minimum of 20 noisy ones). The numbers go to results.json, the
+tables to results.md (the README's Results copy them).
 """
 import argparse
 import json
 import math
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +39,79 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import quality
 import runs
 import tokenbridge as tb
 from deploy import SAMPLING_FILE, tile
 from training import grid_classes, validation_bits
 
-SWEEP_LEVELS = (8, 16, 32, 64, 128)
-CONTROLS_CFG, CONTROLS_TEMPERATURE = (1.0, 2.0, 4.0), (0.7, 1.0)
+# run folder name -> train.py flags; every run but the demo also gets --vae <runs>/demo/vae
+RUNS = {
+    "demo": [], "ar-s1": ["--seed", "1"],
+    "parallel": ["--head", "parallel"], "parallel-s1": ["--head", "parallel", "--seed", "1"],
+    "default-order": ["--order", "default"], "default-order-s1": ["--order", "default", "--seed", "1"],
+    "levels16": ["--levels", "16"], "levels16-s1": ["--levels", "16", "--seed", "1"],
+    "ar-52ep": ["--epochs", "52"], "parallel-52ep": ["--head", "parallel", "--epochs", "52"],
+    "ar-104ep": ["--epochs", "104"], "parallel-104ep": ["--head", "parallel", "--epochs", "104"],
+    "head-all": ["--head-positions", "0"], "head-all-s1": ["--head-positions", "0", "--seed", "1"],
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    runs: tuple                 # folder names in RUNS, one per training seed
+    sampling: tuple = ()        # extra generate() keywords, as (name, value) pairs
+    paper: str = ""             # what the paper reports for this row (ImageNet 256, gFID)
+    paper_sign: int = 0         # +1: the paper finds this ablation worse than the first row
+
+
+GENERATION = (
+    Row("dimension-wise AR head, frequency order, 64 levels (the demo)", ("demo", "ar-s1"),
+        paper="1.89 (frequency order)"),
+    Row("parallel head", ("parallel", "parallel-s1"), paper="15.7 vs AR 1.94", paper_sign=+1),
+    Row("default channel order 0...15", ("default-order", "default-order-s1"),
+        paper="1.94 vs frequency 1.89", paper_sign=+1),
+    Row("16 levels", ("levels16", "levels16-s1"), paper="2.03 vs 64 levels 1.94", paper_sign=+1),
+    Row("confidence-guided position order (sampling only)", ("demo", "ar-s1"), (("position_order", "confidence"),),
+        paper="no number: cleaner backgrounds"),
+)
+BUDGET = (
+    Row("AR head, 26 epochs (the demo)", ("demo", "ar-s1")),
+    Row("parallel head, 26 epochs", ("parallel", "parallel-s1")),
+    Row("AR head, 52 epochs", ("ar-52ep",)),
+    Row("parallel head, 52 epochs", ("parallel-52ep",)),
+    Row("AR head, 104 epochs", ("ar-104ep",)),
+    Row("parallel head, 104 epochs", ("parallel-104ep",)),
+    Row("AR head trained on all 16 positions, 26 epochs", ("head-all", "head-all-s1")),
+)
+LEVELS = ("continuous", 128, 64, 32, 16, 8)
+UNGUIDED = {"cfg": 1.0, "temperature": 1.0, "num_iter": 16}
+EVAL_SEED = 1000          # sampling seed of every evaluation (the sweeps use the training seed)
+SCORES = ("fd", "class_accuracy", "precision", "recall")
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: the held-out digits and their cached latents, exactly as train.py split them
+# Run folders
 # ---------------------------------------------------------------------------------------------
+
+def train_command(root, name):
+    vae = [] if name == "demo" else ["--vae", str(Path(root) / "demo" / runs.VAE_DIR)]
+    return [sys.executable, "train.py", "--out", str(Path(root) / name), *vae, *RUNS[name]]
+
+
+def is_finished(run):
+    return all((Path(run) / f).is_file() for f in (runs.CHECKPOINT, SAMPLING_FILE, "metrics.json"))
+
+
+def train_missing(root, names):
+    """Train the named runs that are not finished, the demo first (the others reuse its VAE)."""
+    for name in sorted(set(names), key=list(RUNS).index):
+        if not is_finished(Path(root) / name):
+            command = train_command(root, name)
+            print("[train]", " ".join(command[1:]), flush=True)
+            subprocess.run(command, check=True)
+
 
 def held_out(run, val_size=500):
     """(uint8 images (B, H, W, 3), posterior modes, labels) of train.py's validation split, from the run's
@@ -58,8 +128,15 @@ def held_out(run, val_size=500):
     return data.channels_last(images[val_idx]), cache.read(val_idx, 0, moment=0), cache.labels[val_idx]
 
 
+def load(run):
+    """(EMA model in eval mode, its VAE, the sampling settings its sweep chose)."""
+    model, _ = runs.load_run(run)
+    best = json.loads((Path(run) / SAMPLING_FILE).read_text())
+    return model, runs.load_vae(Path(run) / runs.VAE_DIR), {k: best[k] for k in ("cfg", "temperature", "num_iter")}
+
+
 # ---------------------------------------------------------------------------------------------
-# (a) Post-training quantization sweep
+# Reconstruction: one frozen VAE, one calibration, only the number of bins changes
 # ---------------------------------------------------------------------------------------------
 
 def token_entropy(tokens, levels):
@@ -70,150 +147,167 @@ def token_entropy(tokens, levels):
     return -(p * torch.log2(p.clamp_min(1e-300))).sum(1)   # 0 * log 0 = 0
 
 
-def quantization_sweep(model, vae, images, modes, levels_list=SWEEP_LEVELS):
-    """PSNR/MSE for continuous and each level count, and the token entropy per channel.
+def reconstructions(model, vae, modes, levels):
+    """The VAE's decoding of the modes, continuous or through `levels` tokens per channel."""
+    return data.decode(vae, modes if levels == "continuous" else model.quantizer.with_levels(levels).round_trip(modes))
 
-    The same calibrated per-channel mean/std at every bin count (GaussianQuantizer.with_levels),
-    so this is exactly post-training quantization of one frozen VAE.
-    """
-    psnr, mse = data.psnr(images, data.decode(vae, modes))
-    rows = [{"levels": "continuous", "psnr": psnr, "mse": mse}]
-    for levels in levels_list:
-        q = model.quantizer.with_levels(levels)
-        psnr, mse = data.psnr(images, data.decode(vae, q.round_trip(modes)))
-        h = token_entropy(q.quantize(tb.patchify(modes)), levels)
-        rows.append({"levels": levels, "bits_per_channel": math.log2(levels), "psnr": psnr, "mse": mse,
-                     "entropy_mean": h.mean().item(), "entropy_min": h.min().item(),
-                     "entropy_max": h.max().item(), "entropy_per_channel": [round(x, 4) for x in h.tolist()]})
+
+def reconstruction_rows(model, vae, images, modes, labels, net):
+    """PSNR, MSE, rFD (the reconstructions against the originals), class accuracy, and the
+    per-channel token entropy, for continuous latents and each level count."""
+    rows = []
+    for levels in LEVELS:
+        decoded = reconstructions(model, vae, modes, levels)
+        psnr, mse = data.psnr(images, decoded)
+        scores = quality.evaluate(decoded, labels.numpy(), reference=images, net=net)
+        row = {"levels": levels, "psnr": psnr, "mse": mse, **{k: scores[k] for k in SCORES}}
+        if levels != "continuous":
+            h = token_entropy(model.quantizer.with_levels(levels).quantize(tb.patchify(modes)), levels)
+            row.update(bits_per_channel=math.log2(levels), entropy_mean=h.mean().item(), entropy_min=h.min().item(),
+                       entropy_max=h.max().item())
+        rows.append(row)
     return rows
 
 
-def clipped_share(model, modes):
-    """Share of latent values beyond +-std_range sigma: they all land in the two end bins."""
-    u = (tb.patchify(modes) - model.quantizer.mean) / model.quantizer.std
-    return (u.abs() > model.quantizer.std_range).double().mean().item()
-
-
 def gaussianity(model, modes):
-    """Why the token entropy falls short of log2(levels): per-channel skewness, and the most
-    frequent 64-level bin's share in units of the Gaussian 1/64 (the black-background spike)."""
-    tokens = tb.patchify(modes)
-    u = ((tokens - model.quantizer.mean) / model.quantizer.std).reshape(-1, tokens.shape[-1])
+    """How close the calibrated latents are to the N(0, 1) the bins assume: per-channel skewness,
+    the share beyond +-std_range (clipped into the end bins), and the most frequent bin's share
+    in units of the Gaussian 1/levels."""
     q = model.quantizer
+    tokens = tb.patchify(modes)
+    u = ((tokens - q.mean) / q.std).reshape(-1, q.channels)
     counts = torch.stack([torch.bincount(c, minlength=q.levels) for c in q.quantize(tokens).reshape(-1, q.channels).T])
-    top = counts.max(1).values.double() / counts.sum(1) * q.levels
-    ends = (counts[:, 0] + counts[:, -1]).sum().item() / counts.sum().item()   # Gaussian: 2 / levels
-    return {"skewness": [round(x, 3) for x in (u ** 3).mean(0).tolist()], "end_bins_share": ends,
-            "top_bin_share_x_levels": [round(x, 2) for x in top.tolist()], "levels": q.levels}
+    return {"skewness": [round(x, 3) for x in (u ** 3).mean(0).tolist()],
+            "clipped_share": (u.abs() > q.std_range).double().mean().item(), "std_range": q.std_range,
+            "top_bin_share_x_levels": [round(x, 2) for x in (counts.max(1).values.double() / counts.sum(1) * q.levels).tolist()]}
 
 
-def rate_distortion_plot(rows, path):
-    """PSNR vs bits per channel, with the continuous PSNR as a dashed line (matplotlib, Agg:
-    it comes with mlxtend, which the demo already needs)."""
+def part_reconstruction(args, out, results, net):
+    run = Path(args.runs) / "demo"
+    model, vae, _ = load(run)
+    images, modes, labels = held_out(run)
+    rows = reconstruction_rows(model, vae, images, modes, labels, net)
+    results["reconstruction"] = {"run": str(run), "images": len(images), "rows": rows,
+                                 "gaussianity": gaussianity(model, modes),
+                                 "low_frequency_share": [round(x, 3) for x in tb.low_frequency_share(modes).tolist()],
+                                 "frequency_order": model.quantizer.order.tolist()}
+    reconstruction_plot(rows, out / "rd_quantization.png")
+    pick = torch.stack([torch.nonzero(labels == k)[0, 0] for k in range(10)])      # the first of each class
+    panel = tile(np.concatenate([images[pick]] + [reconstructions(model, vae, modes[pick], lv) for lv in LEVELS]), cols=10)
+    titled_row([panel], ["original/continuous/" + "/".join(map(str, LEVELS[1:]))], out / "reconstruction_levels.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: each run scored by its samples, rows as the mean of their runs
+# ---------------------------------------------------------------------------------------------
+
+def score_run(args, run, sampling, net, cache):
+    """NLL and sample scores (tuned: the run's own sweep choice; unguided) of one run with extra
+    sampling keywords; cached per (run, sampling) so a run shared by two rows is sampled once."""
+    key = (run, sampling)
+    if key not in cache:
+        model, vae, tuned = load(Path(args.runs) / run)
+        _, modes, labels = held_out(Path(args.runs) / run)
+        score = lambda settings: quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED, net=net,
+                                                       **settings, **dict(sampling))
+        cache[key] = {"run": run, "nll": validation_bits(model, modes, labels), "tuned": score(tuned),
+                      "unguided": score(UNGUIDED)}
+        print(f"[score] {run} {dict(sampling) or ''}: NLL {cache[key]['nll']:.3f}, tuned FD {cache[key]['tuned']['fd']:.1f}"
+              f" / {cache[key]['tuned']['class_accuracy']:.1%}, unguided FD {cache[key]['unguided']['fd']:.1f}", flush=True)
+    return cache[key]
+
+
+def mean_spread(values):
+    """Mean and half the range (two seeds: mean +- spread covers both)."""
+    return float(np.mean(values)), (max(values) - min(values)) / 2
+
+
+def row_scores(args, row, net, cache):
+    per_run = [score_run(args, run, row.sampling, net, cache) for run in row.runs]
+    summary = {"label": row.label, "runs": list(row.runs), "sampling": dict(row.sampling), "paper": row.paper,
+               "per_run": per_run, "nll": mean_spread([r["nll"] for r in per_run])}
+    for kind in ("tuned", "unguided"):
+        summary[kind] = {k: mean_spread([r[kind][k] for r in per_run]) for k in SCORES}
+    summary["settings"] = [{k: r["tuned"][k] for k in ("cfg", "temperature", "num_iter")} for r in per_run]
+    return summary
+
+
+def sign_verdict(baseline, row, paper_sign):
+    """Does the ablation row differ from the baseline in the paper's direction? Separated when
+    the ranges of the two rows' runs (tuned FD) do not overlap."""
+    base = [r["tuned"]["fd"] for r in baseline["per_run"]]
+    ours = [r["tuned"]["fd"] for r in row["per_run"]]
+    if min(ours) > max(base):
+        return "agrees" if paper_sign > 0 else "ours worse"
+    if max(ours) < min(base):
+        return "reversed" if paper_sign > 0 else "ours better"
+    return "not separated (ranges overlap)"
+
+
+def part_table(args, results, net, cache, name, rows):
+    missing = sorted({run for row in rows for run in row.runs if not is_finished(Path(args.runs) / run)})
+    for run in missing:
+        print(f"[{name}] skipping the rows of {run}: not finished; make it with: {' '.join(train_command(args.runs, run)[1:])}")
+    summaries = [row_scores(args, row, net, cache) for row in rows if not set(row.runs) & set(missing)]
+    if name == "generation" and summaries and summaries[0]["label"] == rows[0].label:
+        for row, summary in zip(rows[1:], summaries[1:]):
+            summary["sign"] = sign_verdict(summaries[0], summary, row.paper_sign)
+    results[name] = summaries
+    return summaries
+
+
+def ablation_samples(args, out, rows, per_class=5):
+    """One panel per generation row (its seed-0 run at its tuned settings), classes by row."""
+    panels, titles = [], []
+    for row in rows:
+        run = Path(args.runs) / row.runs[0]
+        if not is_finished(run):
+            continue
+        model, vae, tuned = load(run)
+        latents = model.generate(grid_classes(10).repeat_interleave(per_class), seed=0, **tuned, **dict(row.sampling))
+        panels.append(tile(data.decode(vae, latents), cols=per_class))
+        titles.append(row.runs[0] + (" confidence" if row.sampling else ""))
+    if panels:
+        titled_row(panels, titles, out / "ablation_samples.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    quant = [r for r in rows if r["levels"] != "continuous"]
-    fig, ax = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=90)
-    ax[0].plot([r["bits_per_channel"] for r in quant], [r["psnr"] for r in quant], "o-", label="quantized")
-    ax[0].axhline(rows[0]["psnr"], ls="--", c="gray", label="continuous")
-    ax[0].set(xlabel="bits per channel = log2(levels)", ylabel="PSNR (dB)", title="reconstruction")
-    ax[0].legend(fontsize=8)
+    return plt
+
+
+def reconstruction_plot(rows, path):
+    """PSNR, rFD and token entropy against bits per channel; continuous as a dashed line."""
+    plt = pyplot()
+    quant, continuous = [r for r in rows if r["levels"] != "continuous"], rows[0]
     bits = [r["bits_per_channel"] for r in quant]
-    ax[1].plot(bits, bits, "--", c="gray", label="log2(levels)")
-    ax[1].errorbar(bits, [r["entropy_mean"] for r in quant],
+    fig, ax = plt.subplots(1, 3, figsize=(10, 2.8), dpi=90)
+    for axis, key, label in ((ax[0], "psnr", "PSNR (dB)"), (ax[1], "fd", "rFD (lower is better)")):
+        axis.plot(bits, [r[key] for r in quant], "o-", label="tokens")
+        axis.axhline(continuous[key], ls="--", c="gray", label="continuous")
+        axis.set(xlabel="bits per channel = log2(levels)", ylabel=label)
+        axis.legend(fontsize=8)
+    ax[2].plot(bits, bits, "--", c="gray", label="log2(levels)")
+    ax[2].errorbar(bits, [r["entropy_mean"] for r in quant], fmt="o-", capsize=3,
                    yerr=[[r["entropy_mean"] - r["entropy_min"] for r in quant],
-                         [r["entropy_max"] - r["entropy_mean"] for r in quant]], fmt="o-", capsize=3,
-                   label="token entropy (mean, min-max over channels)")
-    ax[1].set(xlabel="bits per channel = log2(levels)", ylabel="bits", title="token histogram entropy")
-    ax[1].legend(fontsize=7)
+                         [r["entropy_max"] - r["entropy_mean"] for r in quant]], label="token entropy (min-max over channels)")
+    ax[2].set(xlabel="bits per channel = log2(levels)", ylabel="bits")
+    ax[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pictures: sample panels with titles, side by side (Pillow only)
-# ---------------------------------------------------------------------------------------------
-
-def sample_panel(model, vae, per_class=5, seed=0, **sampling):
-    """Rows of classes 0..9, per_class samples each, as one (H, W, 3) uint8 array."""
-    classes = grid_classes(model.config.num_classes)
-    latents = model.generate(classes.repeat_interleave(per_class), seed=seed, **sampling)
-    return tile(data.decode(vae, latents), cols=per_class)
-
-
-def save_small(image, path):
-    """Digits are grey (the VAE's three output channels differ by a level or two): one channel
-    and PNG optimisation keep docs/ small."""
-    image.convert("L").save(path, optimize=True)
-
-
-def titled_row(panels, titles, path, gap=6, title_h=14):
-    """Panels (H, W, 3) left to right on white, a title over each (Pillow's default font)."""
-    H = max(p.shape[0] for p in panels)
-    W = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
-    canvas = Image.new("RGB", (W, H + title_h), "white")
-    draw, x = ImageDraw.Draw(canvas), 0
-    for panel, title in zip(panels, titles):
-        canvas.paste(Image.fromarray(panel), (x, title_h))
-        draw.text((x + 1, 1), title, fill="black")
-        x += panel.shape[1] + gap
-    save_small(canvas, path)
-
-
-def stack_rows(paths, path, gap=6):
-    """Stack row images (already titled) vertically into one PNG, then delete the parts."""
-    parts = [Image.open(p).convert("RGB") for p in paths]
-    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts) + gap * (len(parts) - 1)), "white")
-    y = 0
-    for p in parts:
-        canvas.paste(p, (0, y))
-        y += p.height + gap
-    save_small(canvas, path)
-    for p in paths:
-        Path(p).unlink()
-
-
-# ---------------------------------------------------------------------------------------------
-# (b), (c) Ablations: validation NLL and grids
-# ---------------------------------------------------------------------------------------------
-
-def load(run):
-    """(EMA model in eval mode, its VAE, the checkpoint dict) of a run folder."""
-    model, ckpt = runs.load_run(run)
-    return model, runs.load_vae(Path(run) / runs.VAE_DIR), ckpt
-
-
-def nll(model, run):
-    """validation_bits on the run's own held-out latents; also bits per image (N * C tokens)."""
-    _, modes, labels = held_out(run)
-    bits = validation_bits(model, modes, labels)
-    return {"bits_per_token": bits, "bits_per_image": bits * model.config.seq_len * model.config.channels,
-            "levels": model.config.levels, "head": model.config.head, "order": model.config.order,
-            "uniform_bits_per_token": math.log2(model.config.levels)}
-
-
-def reconstruction_panel(run, models, n=10):
-    """Rows: original, continuous, and one row per (name, model) quantizer; n held-out digits."""
-    images, modes, _ = held_out(run)
-    vae = runs.load_vae(Path(run) / runs.VAE_DIR)
-    pick = torch.linspace(0, len(images) - 1, n).long()                    # spread over classes
-    rows = [images[pick], data.decode(vae, modes[pick])]
-    rows += [data.decode(vae, m.quantizer.with_levels(m.config.levels).round_trip(modes[pick])) for m in models]
-    return tile(np.concatenate(rows), cols=n)
-
-
-# ---------------------------------------------------------------------------------------------
-# (e) Guidance: sample quality against cfg and temperature, from the run's own sweep
-# ---------------------------------------------------------------------------------------------
-
 def guidance_plot(sweep, path):
     """FD and class accuracy against cfg, one curve per temperature (the sweep's rows at its most
     decoding steps), the chosen setting marked (RUN/sampling.json, written by train.py)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows, best = sweep["sweep"], sweep
     steps = max(r["num_iter"] for r in rows)
     fig, ax = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=90)
@@ -234,7 +328,7 @@ def guidance_plot(sweep, path):
 
 
 def part_guidance(args, out, results):
-    path = Path(args.ar) / SAMPLING_FILE
+    path = Path(args.runs) / "demo" / SAMPLING_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing: train.py writes it at the end of a digits run")
     sweep = json.loads(path.read_text())
@@ -242,123 +336,129 @@ def part_guidance(args, out, results):
     results["guidance"] = sweep
 
 
+def titled_row(panels, titles, path, gap=6, title_h=14):
+    """Panels (H, W, 3) left to right on white, a title over each (Pillow's default font), saved
+    as one grey channel (the digits are grey) to keep docs/ small."""
+    H = max(p.shape[0] for p in panels)
+    W = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (W, H + title_h), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for panel, title in zip(panels, titles):
+        canvas.paste(Image.fromarray(panel), (x, title_h))
+        draw.text((x + 1, 1), title, fill="black")
+        x += panel.shape[1] + gap
+    canvas.convert("L").save(path, optimize=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown tables (results.md; the README copies them)
+# ---------------------------------------------------------------------------------------------
+
+def pm(value_spread, fmt="{:.1f}", percent=False):
+    value, spread = value_spread
+    scale = 100 if percent else 1
+    text = fmt.format(value * scale) + ("%" if percent else "")
+    return text if spread == 0 else f"{text} ± {fmt.format(spread * scale)}"
+
+
+def settings_text(settings):
+    return "; ".join(f"cfg {s['cfg']:g}, T {s['temperature']:g}, {s['num_iter']} steps" for s in settings)
+
+
+def reconstruction_table(rec):
+    lines = ["| levels | bits/channel | PSNR (dB) | rFD | class accuracy | token entropy (bits), mean [min, max] |",
+             "|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        entropy = (f"{r['entropy_mean']:.3f} [{r['entropy_min']:.3f}, {r['entropy_max']:.3f}]"
+                   if "entropy_mean" in r else "–")
+        bits = f"{r['bits_per_channel']:g}" if "bits_per_channel" in r else "–"
+        lines.append(f"| {r['levels']} | {bits} | {r['psnr']:.2f} | {r['fd']:.1f} "
+                     f"| {r['class_accuracy']:.1%} | {entropy} |")
+    return "\n".join(lines)
+
+
+def generation_table(summaries, paper=True):
+    head = "| configuration | runs | gFD | class accuracy | precision | recall | unguided gFD | NLL (bits/token) | sampling (the sweep's choice) |"
+    lines = [head + (" paper (gFID) | sign |" if paper else ""), "|" + "---|" * (9 + 2 * paper)]
+    for s in summaries:
+        t, u = s["tuned"], s["unguided"]
+        cells = [s["label"], ", ".join(s["runs"]), pm(t["fd"]), pm(t["class_accuracy"], percent=True),
+                 pm(t["precision"], "{:.2f}"), pm(t["recall"], "{:.2f}"), pm(u["fd"]), pm(s["nll"], "{:.3f}"),
+                 settings_text(s["settings"])]
+        if paper:
+            cells += [s["paper"], s.get("sign", "–")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(results, path):
+    parts = []
+    if "reconstruction" in results:
+        parts += ["## Reconstruction", reconstruction_table(results["reconstruction"])]
+    if "generation" in results:
+        parts += ["## Generation", generation_table(results["generation"])]
+    if "budget" in results:
+        parts += ["## Training budget", generation_table(results["budget"], paper=False)]
+    floor = results.get("floor")
+    if floor:
+        parts.append(f"Real digits, {floor['n']} vs {floor['n_reference']}: FD {floor['fd']:.1f} ± {floor['fd_std']:.1f}, "
+                     f"class accuracy {floor['class_accuracy']:.1%}, precision {floor['precision']:.2f}, "
+                     f"recall {floor['recall']:.2f}.")
+    path.write_text("\n\n".join(parts) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
-def part_quantization(args, out, results):
-    model, vae, _ = load(args.ar)
-    images, modes, _ = held_out(args.ar)
-    rows = quantization_sweep(model, vae, images, modes)
-    results["quantization"] = {"run": str(args.ar), "images": len(images), "rows": rows,
-                               "clipped_share": clipped_share(model, modes),
-                               "gaussianity": gaussianity(model, modes),
-                               # what the frequency order ranks (held-out latents; calibration uses the training ones)
-                               "low_frequency_share": [round(x, 3) for x in tb.low_frequency_share(modes).tolist()],
-                               "frequency_order": model.quantizer.order.tolist(),
-                               "latent_std_range": model.quantizer.std_range}
-    rate_distortion_plot(rows, out / "rd_quantization.png")
-    for r in rows:
-        print(f"[quant] {r['levels']!s:>10}: PSNR {r['psnr']:.2f} dB, MSE {r['mse']:.5f}"
-              + (f", entropy {r['entropy_mean']:.3f}/{r['bits_per_channel']:.0f} bits" if "entropy_mean" in r else ""))
-
-
-def part_ablations(args, out, results, sampling):
-    """NLL of every run present, and side-by-side grids for each comparison."""
-    runs = {"ar_frequency_64": args.ar, "parallel": args.parallel,
-            "default_order": args.default_order, "levels16": args.levels16, "ar_seed1": args.seed_run}
-    runs = {k: Path(v) for k, v in runs.items() if v and (Path(v) / "checkpoint.pt").is_file()}
-    models, panels = {}, {}
-    for name, run in runs.items():
-        model, vae, ckpt = load(run)
-        models[name] = model
-        results.setdefault("nll", {})[name] = {"run": str(run), "step": ckpt["step"], **nll(model, run)}
-        if name != "ar_seed1":  # the seed run only measures run-to-run NLL noise: no grid
-            panels[name] = sample_panel(model, vae, per_class=args.per_class, seed=args.seed, **sampling)
-        print(f"[nll] {name}: {results['nll'][name]['bits_per_token']:.4f} bits/token, "
-              f"{results['nll'][name]['bits_per_image']:.1f} bits/image (step {ckpt['step']})")
-    label = {"ar_frequency_64": "AR head, freq. order, 64", "parallel": "parallel head",
-             "default_order": "default order", "levels16": "16 levels"}
-    for pair, path in ((("ar_frequency_64", "parallel"), "ablation_head.png"),
-                       (("ar_frequency_64", "default_order"), "ablation_order.png"),
-                       (("ar_frequency_64", "levels16"), "ablation_levels_samples.png")):
-        if all(p in panels for p in pair):
-            titled_row([panels[p] for p in pair], [label[p] for p in pair], out / path)
-    if "levels16" in models:
-        recon = reconstruction_panel(args.ar, [models["ar_frequency_64"], models["levels16"]])
-        titled_row([recon], ["rows: original / continuous / 64 levels / 16 levels"],
-                   out / "ablation_levels_reconstruction.png")
-    return models
-
-
-def part_controls(args, out, results, model, vae):
-    """cfg x temperature for one model and one seed, then random vs confidence order."""
-    rows = []
-    for t in CONTROLS_TEMPERATURE:
-        panels = [sample_panel(model, vae, per_class=args.controls_per_class, seed=args.seed, num_iter=args.num_iter,
-                               cfg=c, temperature=t) for c in CONTROLS_CFG]
-        rows.append(out / f"_controls_t{t}.png")
-        titled_row(panels, [f"cfg {c:g}, temp {t:g}" for c in CONTROLS_CFG], rows[-1])
-    stack_rows(rows, out / "controls_cfg_temperature.png")
-    base = dict(num_iter=args.num_iter, cfg=args.order_cfg, temperature=args.order_temperature)
-    panels = [sample_panel(model, vae, per_class=args.controls_per_class, seed=args.seed, position_order=o, **base)
-              for o in ("random", "confidence")]
-    titled_row(panels, [f"{o} order" for o in ("random", "confidence")], out / "controls_order.png")
-    results["controls"] = {"run": str(args.ar), "seed": args.seed, "num_iter": args.num_iter,
-                           "cfg": list(CONTROLS_CFG), "temperature": list(CONTROLS_TEMPERATURE),
-                           "order_cfg": args.order_cfg, "order_temperature": args.order_temperature}
+PARTS = ("reconstruction", "generation", "budget", "guidance")
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ar", default="runs/digits", help="the default run: AR head, frequency order, 64 levels")
-    p.add_argument("--parallel", default="runs/parallel", help="same, --head parallel")
-    p.add_argument("--default-order", default="runs/default-order", help="same, --order default")
-    p.add_argument("--levels16", default="runs/levels16", help="same, --levels 16")
-    p.add_argument("--seed-run", default="runs/seed1",
-                   help="the default run again with --seed 1: run-to-run noise of the NLL")
-    p.add_argument("--out", default="docs", help="folder for the PNGs and the JSON")
-    p.add_argument("--json", default="results.json", help="file name of the numbers, inside --out")
-    p.add_argument("--parts", default="quant,ablations,controls,guidance", help="comma-separated subset to run")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of the grids")
-    p.add_argument("--per-class", type=int, default=5, help="samples per class in each grid")
-    p.add_argument("--controls-per-class", type=int, default=4, help="samples per class in the controls grids")
-    p.add_argument("--num-iter", type=int, default=16, help="decoding steps (as train.py's grid)")
-    p.add_argument("--cfg", type=float, default=4.0, help="cfg of the ablation grids (as train.py's grid)")
-    p.add_argument("--temperature", type=float, default=0.7, help="temperature of the ablation grids")
-    p.add_argument("--order-cfg", type=float, default=2.0, help="cfg of the random vs confidence panels")
-    p.add_argument("--order-temperature", type=float, default=1.0, help="temperature of those panels")
+    p.add_argument("--runs", default="runs", help="folder of the run folders (names as in RUNS)")
+    p.add_argument("--out", default="docs", help="folder for the figures, results.json and results.md")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
+    p.add_argument("--samples", type=int, default=1000, help="samples per run and setting")
+    p.add_argument("--train-missing", action="store_true",
+                   help="first train the run folders the parts need that are missing (sequentially)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p
 
 
 def main(args):
-    torch.manual_seed(args.seed)
+    parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown --parts {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if args.samples < quality.MIN_IMAGES:
+        raise ValueError(f"--samples must be at least {quality.MIN_IMAGES}, got {args.samples}")
+    tables = {"generation": GENERATION, "budget": BUDGET}
+    if args.train_missing:
+        train_missing(args.runs, ["demo"] + [run for name in parts for row in tables.get(name, ()) for run in row.runs])
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out, started = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    results, started = {"seed": args.seed}, time.time()
-    parts = set(args.parts.split(","))
-    sampling = dict(num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature)
-    results["sampling"] = sampling
-    if "quant" in parts:
-        part_quantization(args, out, results)
-    if "ablations" in parts:
-        part_ablations(args, out, results, sampling)
-    if "controls" in parts:
-        model, vae, _ = load(args.ar)
-        part_controls(args, out, results, model, vae)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}    # the parts this call does not redo stay
+    net = quality.load_feature_net()[0]
+    results["floor"] = quality.real_floor(250, net=net)
+    cache = {}
+    if "reconstruction" in parts:
+        part_reconstruction(args, out, results, net)
+    for name in ("generation", "budget"):
+        if name in parts:
+            part_table(args, results, net, cache, name, tables[name])
+    if "generation" in parts:
+        ablation_samples(args, out, GENERATION)
     if "guidance" in parts:
         part_guidance(args, out, results)
     results["wall_s"] = round(time.time() - started, 1)
-    path = out / args.json
-    if path.is_file():  # keep the parts this call did not redo
-        old = json.loads(path.read_text())
-        results = {**old, **results}
     runs.write_json(results, path)
-    print(f"wrote {path} and figures in {out} ({results['wall_s']} s)")
+    write_tables(results, out / "results.md")
+    print(f"wrote {path}, {out / 'results.md'} and figures in {out} ({results['wall_s']} s)")
     return results
 
 
@@ -366,5 +466,5 @@ if __name__ == "__main__":
     arguments = get_parser().parse_args()
     try:
         main(arguments)
-    except ValueError as e:  # a missing run folder or cache: one line, not a traceback
+    except (ValueError, subprocess.CalledProcessError) as e:  # a missing run folder, a failed training: one line
         raise SystemExit(f"error: {e}")

@@ -1,4 +1,5 @@
-"""Shared by every test file: the project root on the import path, and random weights."""
+"""Shared by every test file: the project root on the import path, random weights, and the
+digits' feature network (trained once per session)."""
 import sys
 from pathlib import Path
 
@@ -20,3 +21,12 @@ def perturb():
                 p.add_(scale * torch.randn(p.shape, generator=g))
         return module
     return perturb_
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(net, info, cache path): quality.py's feature net at its default recipe, trained into a tmp cache."""
+    import quality
+    cache = tmp_path_factory.mktemp("quality") / "features.pt"
+    net, info = quality.load_feature_net(cache)
+    return net, info, cache

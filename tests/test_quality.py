@@ -20,14 +20,6 @@ import runs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """(net, info, cache path): the feature net at the default recipe, trained into a tmp cache."""
-    cache = tmp_path_factory.mktemp("quality") / "features.pt"
-    net, info = quality.load_feature_net(cache)
-    return net, info, cache
-
-
-@pytest.fixture(scope="session")
 def heldout():
     return quality.heldout_digits()
 

@@ -1,15 +1,15 @@
-"""reproduce.py against naive truths: token entropy vs a numpy histogram, held_out vs the rows it
-must read from a latent cache (tiny, no runs needed)."""
+"""reproduce.py against naive truths: token entropy and PSNR vs numpy, held_out vs the rows it
+must read from a latent cache, the tables' means and spreads vs a recomputation from the runs,
+each (run, sampling) scored once, the sign verdicts, and the training commands. Fake run folders:
+perturbed digits models and a tiny VAE stand in for trained runs."""
+import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import reproduce  # noqa: E402
+import reproduce
 
 
 def naive_entropy(tokens, levels):
@@ -67,4 +67,115 @@ def test_guidance_plot_draws_the_run_sweep(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / "guidance.png").size == (675, 252)             # 7.5 x 2.8 inches at 90 dpi
     with pytest.raises(ValueError, match="sampling.json is missing"):
-        reproduce.part_guidance(reproduce.get_parser().parse_args(["--ar", str(tmp_path)]), tmp_path, {})
+        reproduce.part_guidance(reproduce.get_parser().parse_args(["--runs", str(tmp_path)]), tmp_path, {})
+
+
+# --- fake runs -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fake_runs():
+    """name -> (model, vae, tuned settings): perturbed digits models, one tiny VAE, 12 held-out latents."""
+    import data
+    torch.manual_seed(0)
+    vae = data.build_small_vae(8, 16, width=8).eval()
+    modes = torch.randn(12, 16, 4, 4)
+    models = {}
+    for i, name in enumerate(reproduce.RUNS):
+        levels = 16 if name.startswith("levels16") else 64
+        config = reproduce.tb.TokenBridgeConfig.preset("digits", levels=levels)
+        model = reproduce.tb.TokenBridge(config).calibrate(modes)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        models[name] = (model.eval(), vae, {"cfg": 1.0 + i % 3, "temperature": 1.0, "num_iter": 4})
+    return models, modes
+
+
+@pytest.fixture
+def patched(fake_runs, trained, monkeypatch, tmp_path):
+    """reproduce with the fake runs (all finished but `missing`), counting every sample_scores call."""
+    models, modes = fake_runs
+    calls, missing = [], set()
+    monkeypatch.setattr(reproduce, "load", lambda run: models[run.name])
+    monkeypatch.setattr(reproduce, "held_out", lambda run: (None, modes, torch.arange(len(modes)) % 10))
+    monkeypatch.setattr(reproduce, "is_finished", lambda run: run.name not in missing)
+    monkeypatch.setattr(reproduce.quality, "load_feature_net", lambda *a, **k: trained[:2])
+    real_scores = reproduce.quality.sample_scores
+
+    def counted(model, *args, **kwargs):
+        calls.append((id(model), tuple(sorted(kwargs.items()))))
+        return real_scores(model, *args, **kwargs)
+    monkeypatch.setattr(reproduce.quality, "sample_scores", counted)
+    return calls, missing
+
+
+def test_tables_are_the_mean_and_spread_of_their_runs_each_scored_once(patched, tmp_path, capsys):
+    calls, missing = patched
+    missing.add("head-all-s1")
+    args = reproduce.get_parser().parse_args(["--runs", str(tmp_path), "--out", str(tmp_path / "docs"),
+                                              "--parts", "generation,budget", "--samples", "20"])
+    results = reproduce.main(args)
+    assert "make it with: train.py --out" in capsys.readouterr().out          # the skipped row says how
+    assert [s["label"] for s in results["budget"]] == [r.label for r in reproduce.BUDGET[:-1]]
+    assert len(calls) == len(set(calls))                                       # no (model, settings) twice
+    scored = {(run, row.sampling) for name in ("generation", "budget") for row in getattr(reproduce, name.upper())
+              if not set(row.runs) & missing for run in row.runs}
+    assert len(calls) == 2 * len(scored)                                       # tuned + unguided
+    for summary in results["generation"] + results["budget"]:
+        fds = [r["tuned"]["fd"] for r in summary["per_run"]]
+        assert summary["tuned"]["fd"] == pytest.approx([np.mean(fds), (max(fds) - min(fds)) / 2])
+        assert [r["tuned"]["n"] for r in summary["per_run"]] == [20] * len(fds)
+        tuned = [reproduce.load(tmp_path / run)[2] for run in summary["runs"]]
+        assert summary["settings"] == tuned
+    assert all("sign" in s for s in results["generation"][1:])
+    assert results["generation"][-1]["per_run"][0]["tuned"]["position_order"] == "confidence"
+    table = (tmp_path / "docs" / "results.md").read_text()
+    assert all(row.label in table for row in reproduce.GENERATION)
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["generation"][1]["label"] == "parallel head"
+    assert (tmp_path / "docs" / "ablation_samples.png").is_file()
+
+
+def test_sign_verdict_needs_the_runs_ranges_apart():
+    def summary(*fds):
+        return {"per_run": [{"tuned": {"fd": f}} for f in fds]}
+    base = summary(20.0, 22.0)
+    assert reproduce.sign_verdict(base, summary(23.0, 30.0), +1) == "agrees"
+    assert reproduce.sign_verdict(base, summary(15.0, 19.0), +1) == "reversed"
+    assert reproduce.sign_verdict(base, summary(21.0, 30.0), +1).startswith("not separated")
+    assert reproduce.pm((0.9712, 0.004), percent=True) == "97.1% ± 0.4" and reproduce.pm((3.0, 0.0)) == "3.0"
+
+
+def test_reconstruction_rows_against_numpy(fake_runs, trained):
+    models, modes = fake_runs
+    model, vae, _ = models["demo"]
+    images = reproduce.data.decode(vae, modes.flip(0))                          # some other images
+    rows = reproduce.reconstruction_rows(model, vae, images, modes, torch.arange(12) % 10, trained[0])
+    assert [r["levels"] for r in rows] == list(reproduce.LEVELS)
+    for row in rows:
+        decoded = reproduce.reconstructions(model, vae, modes, row["levels"]).astype(np.float64) / 255
+        mse = np.mean((decoded - images.astype(np.float64) / 255) ** 2)
+        assert row["mse"] == pytest.approx(mse, rel=1e-6) and row["psnr"] == pytest.approx(-10 * np.log10(mse), rel=1e-6)
+        if row["levels"] != "continuous":
+            tokens = model.quantizer.with_levels(row["levels"]).quantize(reproduce.tb.patchify(modes)).numpy()
+            assert row["entropy_mean"] == pytest.approx(naive_entropy(tokens, row["levels"]).mean())
+    same = reproduce.reconstruction_rows(model, vae, reproduce.reconstructions(model, vae, modes, "continuous"),
+                                         modes, torch.arange(12) % 10, trained[0])
+    assert same[0]["mse"] == 0 and same[0]["fd"] == pytest.approx(0, abs=1e-2)              # itself: no distance
+
+
+def test_train_missing_runs_the_demo_first_with_the_commands_of_runs(monkeypatch, tmp_path):
+    commands = []
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda command, check: commands.append(command))
+    (tmp_path / "parallel").mkdir()
+    for f in (reproduce.runs.CHECKPOINT, reproduce.SAMPLING_FILE, "metrics.json"):
+        (tmp_path / "parallel" / f).write_text("{}")                            # finished: not retrained
+    reproduce.train_missing(tmp_path, ["levels16", "parallel", "demo", "levels16"])
+    assert [c[1:] for c in commands] == [
+        ["train.py", "--out", str(tmp_path / "demo")],
+        ["train.py", "--out", str(tmp_path / "levels16"), "--vae", str(tmp_path / "demo" / "vae"), "--levels", "16"]]
+
+
+def test_bad_parts_and_sample_counts_are_one_line_errors(tmp_path):
+    for argv, match in ((["--parts", "generation,nll"], "unknown --parts nll"), (["--samples", "3"], "--samples")):
+        with pytest.raises(ValueError, match=match):
+            reproduce.main(reproduce.get_parser().parse_args(["--out", str(tmp_path), *argv]))
