@@ -2,7 +2,7 @@
 
     python reproduce.py --train-missing     # trains the run folders below that are missing, then all parts
     python reproduce.py                     # every table and figure from the run folders there are
-    python reproduce.py --parts reconstruction,guidance
+    python reproduce.py --parts reconstruction,demo
 
 Every run is `python train.py` (the demo: AR head, frequency order, 64 levels, seed 0) or the
 demo with one flag changed and the demo's frozen VAE (`--vae runs/demo/vae`), so only the
@@ -16,8 +16,8 @@ model differs; RUNS lists them. Writes into --out (docs/):
                    each; ablation_samples.png
   budget           the AR and the parallel head at 1x, 2x and 4x the demo's training, and the
                    head trained on every position
-  guidance         FD and class accuracy against cfg at three temperatures (the demo's sweep);
-                   guidance.png
+  demo             FD and class accuracy against cfg at three temperatures (the demo's sweep):
+                   guidance.png; the demo's samples and reconstructions: demo_*.png
 
 Each run is scored at the sampling settings its own sweep chose (RUN/sampling.json, written by
 train.py) and unguided (cfg 1, temperature 1, one position per step), each with 1,000 fresh
@@ -327,13 +327,17 @@ def guidance_plot(sweep, path):
     plt.close(fig)
 
 
-def part_guidance(args, out, results):
-    path = Path(args.runs) / "demo" / SAMPLING_FILE
+def part_demo(args, out, results):
+    """The guidance curves from the demo's sweep, and its grids as docs pictures (one grey channel)."""
+    run = Path(args.runs) / "demo"
+    path = run / SAMPLING_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing: train.py writes it at the end of a digits run")
     sweep = json.loads(path.read_text())
     guidance_plot(sweep, out / "guidance.png")
     results["guidance"] = sweep
+    for name in ("samples", "reconstruction"):
+        Image.open(run / f"{name}.png").convert("L").save(out / f"demo_{name}.png", optimize=True)
 
 
 def titled_row(panels, titles, path, gap=6, title_h=14):
@@ -391,8 +395,25 @@ def generation_table(summaries, paper=True):
     return "\n".join(lines)
 
 
+def demo_table(results):
+    """The demo's samples next to the floors: real digits and the VAE's own reconstructions."""
+    rec = {r["levels"]: r for r in results["reconstruction"]["rows"]}
+    demo = next(r for r in results["generation"][0]["per_run"] if r["run"] == "demo")
+    rows = [("real held-out digits, 250 vs 250 (the floor at that size)", results["floor"]),
+            ("the VAE's reconstructions of the 500 held-out digits, continuous", rec["continuous"]),
+            ("the same through 64-level tokens (rFD)", rec[64]),
+            (f"**the demo's samples**, 1,000 at its chosen settings ({settings_text([demo['tuned']])})", demo["tuned"]),
+            ("unguided: cfg 1, T 1, 16 steps", demo["unguided"])]
+    lines = ["| | Fréchet distance | class accuracy | precision | recall |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {r['fd']:.1f} | {r['class_accuracy']:.1%} | {r['precision']:.2f} | {r['recall']:.2f} |"
+              for label, r in rows]
+    return "\n".join(lines) + f"\n\ngFD / rFD at 64 levels = {demo['tuned']['fd'] / rec[64]['fd']:.2f}"
+
+
 def write_tables(results, path):
     parts = []
+    if "reconstruction" in results and "generation" in results:
+        parts += ["## The demo", demo_table(results)]
     if "reconstruction" in results:
         parts += ["## Reconstruction", reconstruction_table(results["reconstruction"])]
     if "generation" in results:
@@ -411,7 +432,7 @@ def write_tables(results, path):
 # Main
 # ---------------------------------------------------------------------------------------------
 
-PARTS = ("reconstruction", "generation", "budget", "guidance")
+PARTS = ("reconstruction", "generation", "budget", "demo")
 
 
 def get_parser():
@@ -453,8 +474,8 @@ def main(args):
             part_table(args, results, net, cache, name, tables[name])
     if "generation" in parts:
         ablation_samples(args, out, GENERATION)
-    if "guidance" in parts:
-        part_guidance(args, out, results)
+    if "demo" in parts:
+        part_demo(args, out, results)
     results["wall_s"] = round(time.time() - started, 1)
     runs.write_json(results, path)
     write_tables(results, out / "results.md")

@@ -67,7 +67,7 @@ def test_guidance_plot_draws_the_run_sweep(tmp_path):
     from PIL import Image
     assert Image.open(tmp_path / "guidance.png").size == (675, 252)             # 7.5 x 2.8 inches at 90 dpi
     with pytest.raises(ValueError, match="sampling.json is missing"):
-        reproduce.part_guidance(reproduce.get_parser().parse_args(["--runs", str(tmp_path)]), tmp_path, {})
+        reproduce.part_demo(reproduce.get_parser().parse_args(["--runs", str(tmp_path)]), tmp_path, {})
 
 
 # --- fake runs -----------------------------------------------------------------------------------
