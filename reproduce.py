@@ -16,6 +16,8 @@ model differs; RUNS lists them. Writes into --out (docs/):
                    each; ablation_samples.png
   budget           the AR and the parallel head at 1x, 2x and 4x the demo's training, and the
                    head trained on every position
+  channels         the AR and the parallel head channel by channel: validation NLL of each
+                   channel slot, and sample quality with a lower temperature on some slots
   demo             FD and class accuracy against cfg at three temperatures (the demo's sweep):
                    guidance.png; the demo's samples and reconstructions: demo_*.png
 
@@ -26,6 +28,8 @@ class-balanced samples: the same sampling seeds for every run, other seeds than 
 tables to results.md (the README's Results copy them).
 """
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import subprocess
@@ -85,6 +89,10 @@ BUDGET = (
     Row("parallel head, 104 epochs", ("parallel-104ep",)),
     Row("AR head trained on all 16 positions, 26 epochs", ("head-all", "head-all-s1")),
 )
+CHANNEL_ROWS = GENERATION[:2]     # per-channel NLL and temperature schedules: AR vs parallel head
+SCHEDULES = {"1.0 on every channel": (1.0,) * 16, "0.5 on the first 2 channels": (0.5,) * 2 + (1.0,) * 14,
+             "0.5 on the first 4": (0.5,) * 4 + (1.0,) * 12, "0.5 on the first 8": (0.5,) * 8 + (1.0,) * 8,
+             "0.5 on the last 8": (1.0,) * 8 + (0.5,) * 8, "0.5 on every channel": (0.5,) * 16}
 LEVELS = ("continuous", 128, 64, 32, 16, 8)
 UNGUIDED = {"cfg": 1.0, "temperature": 1.0, "num_iter": 16}
 EVAL_SEED = 1000          # sampling seed of every evaluation (the sweeps use the training seed)
@@ -256,6 +264,46 @@ def part_table(args, results, net, cache, name, rows):
     return summaries
 
 
+@contextlib.contextmanager
+def channel_temperatures(schedule):
+    """Sample channel slot t (generation order) at temperature schedule[t], whatever temperature
+    generate() is given. An experiment, not a sampling option (both runtimes take one
+    temperature), so it wraps tokenbridge's sampler while it runs: the head calls it once per
+    slot, in order."""
+    sample, slot = tb.sample_from_logits, itertools.count()
+    tb.sample_from_logits = lambda logits, uniforms, _: sample(logits, uniforms, schedule[next(slot) % len(schedule)])
+    try:
+        yield
+    finally:
+        tb.sample_from_logits = sample
+
+
+def part_channels(args, results, net):
+    """Where the heads differ, channel by channel: the validation NLL of each channel slot, and
+    unguided sample quality when only some slots are sampled at a lower temperature."""
+    summary = []
+    for row in CHANNEL_ROWS:
+        if any(not is_finished(Path(args.runs) / run) for run in row.runs):
+            print(f"[channels] skipping {row.label}: a run of {', '.join(row.runs)} is not finished")
+            continue
+        per_run = []
+        for run in row.runs:
+            model, vae, _ = load(Path(args.runs) / run)
+            _, modes, labels = held_out(Path(args.runs) / run)
+            fds = {}
+            for name, schedule in SCHEDULES.items():
+                with channel_temperatures(schedule):
+                    fds[name] = quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED, net=net, **UNGUIDED)
+            per_run.append({"run": run, "bits": validation_bits(model, modes, labels, per_channel=True).tolist(),
+                            "schedules": fds})
+            print(f"[channels] {run}: " + ", ".join(f"{k} FD {v['fd']:.1f}" for k, v in fds.items()), flush=True)
+        summary.append({"label": row.label, "runs": list(row.runs), "per_run": per_run,
+                        "bits": [mean_spread(slot) for slot in zip(*(r["bits"] for r in per_run))],
+                        "schedules": {name: {k: mean_spread([r["schedules"][name][k] for r in per_run]) for k in SCORES}
+                                      for name in SCHEDULES}})
+    results["channels"] = summary
+
+
 def ablation_samples(args, out, rows, per_class=5):
     """One panel per generation row (its seed-0 run at its tuned settings), classes by row."""
     panels, titles = [], []
@@ -410,6 +458,18 @@ def demo_table(results):
     return "\n".join(lines) + f"\n\ngFD / rFD at 64 levels = {demo['tuned']['fd'] / rec[64]['fd']:.2f}"
 
 
+def channel_tables(summaries):
+    slots = len(summaries[0]["bits"])
+    lines = ["| head | " + " | ".join(str(t + 1) for t in range(slots)) + " | mean |", "|---" * (slots + 2) + "|"]
+    lines += [f"| {s['label']} | " + " | ".join(f"{b[0]:.2f}" for b in s["bits"])
+              + f" | {np.mean([b[0] for b in s['bits']]):.3f} |" for s in summaries]
+    lines += ["", "| unguided (cfg 1, 16 steps), temperature | " + " | ".join(s["label"] for s in summaries) + " |",
+              "|---" * (len(summaries) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{pm(s['schedules'][name]['fd'])} / {pm(s['schedules'][name]['class_accuracy'], percent=True)}"
+                                        for s in summaries) + " |" for name in SCHEDULES]
+    return "\n".join(lines)
+
+
 def write_tables(results, path):
     parts = []
     if "reconstruction" in results and "generation" in results:
@@ -420,6 +480,8 @@ def write_tables(results, path):
         parts += ["## Generation", generation_table(results["generation"])]
     if "budget" in results:
         parts += ["## Training budget", generation_table(results["budget"], paper=False)]
+    if results.get("channels"):
+        parts += ["## Channel by channel", channel_tables(results["channels"])]
     floor = results.get("floor")
     if floor:
         parts.append(f"Real digits, {floor['n']} vs {floor['n_reference']}: FD {floor['fd']:.1f} ± {floor['fd_std']:.1f}, "
@@ -432,7 +494,7 @@ def write_tables(results, path):
 # Main
 # ---------------------------------------------------------------------------------------------
 
-PARTS = ("reconstruction", "generation", "budget", "demo")
+PARTS = ("reconstruction", "generation", "budget", "channels", "demo")
 
 
 def get_parser():
@@ -455,7 +517,7 @@ def main(args):
         raise ValueError(f"unknown --parts {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if args.samples < quality.MIN_IMAGES:
         raise ValueError(f"--samples must be at least {quality.MIN_IMAGES}, got {args.samples}")
-    tables = {"generation": GENERATION, "budget": BUDGET}
+    tables = {"generation": GENERATION, "budget": BUDGET, "channels": CHANNEL_ROWS}
     if args.train_missing:
         train_missing(args.runs, ["demo"] + [run for name in parts for row in tables.get(name, ()) for run in row.runs])
     if args.threads:
@@ -474,6 +536,8 @@ def main(args):
             part_table(args, results, net, cache, name, tables[name])
     if "generation" in parts:
         ablation_samples(args, out, GENERATION)
+    if "channels" in parts:
+        part_channels(args, results, net)
     if "demo" in parts:
         part_demo(args, out, results)
     results["wall_s"] = round(time.time() - started, 1)

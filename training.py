@@ -205,8 +205,9 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def validation_bits(model, latents, labels, seed=0, batch=250):
-    """Validation NLL in bits per token (one token = one channel index) on held-out latents.
+def validation_bits(model, latents, labels, seed=0, batch=250, per_channel=False):
+    """Validation NLL in bits per token (one token = one channel index) on held-out latents;
+    per_channel: a (C,) tensor, one NLL per channel slot in generation order, instead.
 
     Masks come from a fixed seed inside fork_rng, so the number is comparable across steps and
     runs and evaluating never moves the training RNG.
@@ -214,16 +215,17 @@ def validation_bits(model, latents, labels, seed=0, batch=250):
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count = torch.zeros(model.config.channels, dtype=torch.float64), 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for lat, lab in zip(latents.split(batch), labels.split(batch)):
             mask = model.random_mask(len(lat), device)
-            logits, targets = model.token_logits(lat.to(device), lab.to(device), mask)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
+            logits, targets = model.token_logits(lat.to(device), lab.to(device), mask)    # (M, C, levels), (M, C)
+            total += F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none").sum(0).double().cpu()
+            count += len(targets)
     model.train(was_training)
-    return total / count / math.log(2)
+    bits = total / count / math.log(2)
+    return bits if per_channel else bits.mean().item()
 
 
 def grid_classes(num_classes, rows=10):

@@ -135,6 +135,36 @@ def test_tables_are_the_mean_and_spread_of_their_runs_each_scored_once(patched, 
     assert (tmp_path / "docs" / "ablation_samples.png").is_file()
 
 
+def test_channel_temperatures_sample_each_slot_at_its_own(fake_runs):
+    model = fake_runs[0]["demo"][0]
+    labels = torch.arange(6) % 10
+    plain = model.sample_tokens(labels, num_iter=4, temperature=0.7, seed=3)
+    with reproduce.channel_temperatures((0.7,) * 16):                        # generate's own temperature is ignored
+        assert torch.equal(model.sample_tokens(labels, num_iter=4, temperature=5.0, seed=3), plain)
+    one_step = model.sample_tokens(labels, num_iter=1, temperature=0.7, seed=3)   # every position from one context
+    with reproduce.channel_temperatures((0.7,) * 15 + (0.0,)):              # the last slot greedy
+        last_greedy = model.sample_tokens(labels, num_iter=1, temperature=0.7, seed=3)
+    assert reproduce.tb.sample_from_logits.__name__ == "sample_from_logits"  # restored
+    last, plain = model.quantizer.order[-1], one_step
+    assert torch.equal(last_greedy[..., model.quantizer.order[:1]], plain[..., model.quantizer.order[:1]])
+    assert not torch.equal(last_greedy[..., last], plain[..., last])
+
+
+def test_channels_part_per_slot_nll_and_schedules(patched, fake_runs, tmp_path):
+    args = reproduce.get_parser().parse_args(["--runs", str(tmp_path), "--out", str(tmp_path / "docs"),
+                                              "--parts", "channels", "--samples", "20"])
+    results = reproduce.main(args)
+    assert [s["label"] for s in results["channels"]] == [r.label for r in reproduce.CHANNEL_ROWS]
+    _, modes = fake_runs
+    for summary in results["channels"]:
+        for r in summary["per_run"]:
+            model = fake_runs[0][r["run"]][0]
+            overall = reproduce.validation_bits(model, modes, torch.arange(len(modes)) % 10)
+            assert np.mean(r["bits"]) == pytest.approx(overall)                # slots average to the NLL
+        assert set(summary["schedules"]) == set(reproduce.SCHEDULES)
+    assert "| 16 | mean |" in (tmp_path / "docs" / "results.md").read_text()
+
+
 def test_sign_verdict_needs_the_runs_ranges_apart():
     def summary(*fds):
         return {"per_run": [{"tuned": {"fd": f}} for f in fds]}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +225,15 @@ def test_validation_bits_of_a_uniform_model_is_log2_levels(small_cfg, monkeypatc
     state = torch.get_rng_state()
     training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long))
     assert torch.equal(state, torch.get_rng_state())  # evaluating never moves the training RNG
+
+    def sure_of_slot_0(latents, labels, mask):                      # slot 0 certain: 0 bits, the others 4
+        logits, targets = uniform(latents, labels, mask)
+        logits[:, 0] = 100.0 * F.one_hot(targets[:, 0], small_cfg.levels)
+        return logits, targets
+    monkeypatch.setattr(model, "token_logits", sure_of_slot_0)
+    bits = training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long), per_channel=True)
+    assert torch.allclose(bits, torch.tensor([0.0] + [4.0] * (small_cfg.channels - 1), dtype=torch.float64), atol=1e-6)
+    assert training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long)) == pytest.approx(bits.mean().item())
 
 
 def test_psnr_against_hand_computed_value():
