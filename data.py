@@ -370,12 +370,17 @@ def psnr(a, b):
     return 10 * math.log10(1.0 / max(mse, 1e-12)), mse
 
 
+def decode_levels(vae, quantizer, modes, levels):
+    """The VAE's decoding of latents, "continuous" or through `levels` tokens per channel (the
+    quantizer's calibration with that many bins): uint8 (B, H, W, 3)."""
+    return decode(vae, modes if levels == "continuous" else quantizer.with_levels(levels).round_trip(modes))
+
+
 def reconstruction_report(vae, quantizer, images, modes, levels, run_dir, rows=8):
     """PSNR/MSE of images (B, H, W, 3) decoded from continuous vs quantized latents (JSON + one
     PNG: rows of original | continuous | 64 levels | 16 levels)."""
-    report, decoded = {"images": len(images)}, {"continuous": decode(vae, modes)}
-    for k in sorted({16, 64, levels}):
-        decoded[k] = decode(vae, quantizer.with_levels(k).round_trip(modes))
+    report = {"images": len(images)}
+    decoded = {k: decode_levels(vae, quantizer, modes, k) for k in ["continuous", *sorted({16, 64, levels})]}
     for name, rec in decoded.items():
         p, mse = psnr(images, rec)
         report[f"{name}" if name == "continuous" else f"levels_{name}"] = {"psnr": p, "mse": mse}

@@ -155,17 +155,12 @@ def token_entropy(tokens, levels):
     return -(p * torch.log2(p.clamp_min(1e-300))).sum(1)   # 0 * log 0 = 0
 
 
-def reconstructions(model, vae, modes, levels):
-    """The VAE's decoding of the modes, continuous or through `levels` tokens per channel."""
-    return data.decode(vae, modes if levels == "continuous" else model.quantizer.with_levels(levels).round_trip(modes))
-
-
 def reconstruction_rows(model, vae, images, modes, labels, net):
     """PSNR, MSE, rFD (the reconstructions against the originals), class accuracy, and the
     per-channel token entropy, for continuous latents and each level count."""
     rows = []
     for levels in LEVELS:
-        decoded = reconstructions(model, vae, modes, levels)
+        decoded = data.decode_levels(vae, model.quantizer, modes, levels)
         psnr, mse = data.psnr(images, decoded)
         scores = quality.evaluate(decoded, labels.numpy(), reference=images, net=net)
         row = {"levels": levels, "psnr": psnr, "mse": mse, **{k: scores[k] for k in SCORES}}
@@ -201,7 +196,7 @@ def part_reconstruction(args, out, results, net):
                                  "frequency_order": model.quantizer.order.tolist()}
     reconstruction_plot(rows, out / "rd_quantization.png")
     pick = torch.stack([torch.nonzero(labels == k)[0, 0] for k in range(10)])      # the first of each class
-    panel = tile(np.concatenate([images[pick]] + [reconstructions(model, vae, modes[pick], lv) for lv in LEVELS]), cols=10)
+    panel = tile(np.concatenate([images[pick]] + [data.decode_levels(vae, model.quantizer, modes[pick], lv) for lv in LEVELS]), cols=10)
     titled_row([panel], ["original/continuous/" + "/".join(map(str, LEVELS[1:]))], out / "reconstruction_levels.png")
 
 

@@ -182,13 +182,13 @@ def test_reconstruction_rows_against_numpy(fake_runs, trained):
     rows = reproduce.reconstruction_rows(model, vae, images, modes, torch.arange(12) % 10, trained[0])
     assert [r["levels"] for r in rows] == list(reproduce.LEVELS)
     for row in rows:
-        decoded = reproduce.reconstructions(model, vae, modes, row["levels"]).astype(np.float64) / 255
+        decoded = reproduce.data.decode_levels(vae, model.quantizer, modes, row["levels"]).astype(np.float64) / 255
         mse = np.mean((decoded - images.astype(np.float64) / 255) ** 2)
         assert row["mse"] == pytest.approx(mse, rel=1e-6) and row["psnr"] == pytest.approx(-10 * np.log10(mse), rel=1e-6)
         if row["levels"] != "continuous":
             tokens = model.quantizer.with_levels(row["levels"]).quantize(reproduce.tb.patchify(modes)).numpy()
             assert row["entropy_mean"] == pytest.approx(naive_entropy(tokens, row["levels"]).mean())
-    same = reproduce.reconstruction_rows(model, vae, reproduce.reconstructions(model, vae, modes, "continuous"),
+    same = reproduce.reconstruction_rows(model, vae, reproduce.data.decode_levels(vae, model.quantizer, modes, "continuous"),
                                          modes, torch.arange(12) % 10, trained[0])
     assert same[0]["mse"] == 0 and same[0]["fd"] == pytest.approx(0, abs=1e-2)              # itself: no distance
 
