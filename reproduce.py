@@ -309,7 +309,7 @@ def ablation_samples(args, out, rows, per_class=5):
         model, vae, tuned = load(run)
         latents = model.generate(grid_classes(10).repeat_interleave(per_class), seed=0, **tuned, **dict(row.sampling))
         panels.append(tile(data.decode(vae, latents), cols=per_class))
-        titles.append(row.runs[0] + (" confidence" if row.sampling else ""))
+        titles.append(row.runs[0] + (", confidence order" if row.sampling else ""))
     if panels:
         titled_row(panels, titles, out / "ablation_samples.png")
 
@@ -466,7 +466,11 @@ def channel_tables(summaries):
 
 
 def write_tables(results, path):
-    parts = []
+    floor = results["floor"]
+    parts = ["## Real digits (the floor)",
+             f"Held-out digits, {floor['n']} vs the other {floor['n_reference']}: FD {floor['fd']:.1f} ± {floor['fd_std']:.1f} "
+             f"(over {floor['repeats']} splits), class accuracy {floor['class_accuracy']:.1%}, precision "
+             f"{floor['precision']:.2f}, recall {floor['recall']:.2f}."]
     if "reconstruction" in results and "generation" in results:
         parts += ["## The demo", demo_table(results)]
     if "reconstruction" in results:
@@ -477,11 +481,6 @@ def write_tables(results, path):
         parts += ["## Training budget", generation_table(results["budget"], paper=False)]
     if results.get("channels"):
         parts += ["## Channel by channel", channel_tables(results["channels"])]
-    floor = results.get("floor")
-    if floor:
-        parts.append(f"Real digits, {floor['n']} vs {floor['n_reference']}: FD {floor['fd']:.1f} ± {floor['fd_std']:.1f}, "
-                     f"class accuracy {floor['class_accuracy']:.1%}, precision {floor['precision']:.2f}, "
-                     f"recall {floor['recall']:.2f}.")
     path.write_text("\n\n".join(parts) + "\n")
 
 

@@ -113,7 +113,7 @@ def test_tables_are_the_mean_and_spread_of_their_runs_each_scored_once(patched, 
     calls, missing = patched
     missing.add("head-all-s1")
     args = reproduce.get_parser().parse_args(["--runs", str(tmp_path), "--out", str(tmp_path / "docs"),
-                                              "--parts", "generation,budget", "--samples", "20"])
+                                              "--parts", "generation,budget", "--samples", "10"])
     results = reproduce.main(args)
     assert "make it with: train.py --out" in capsys.readouterr().out          # the skipped row says how
     assert [s["label"] for s in results["budget"]] == [r.label for r in reproduce.BUDGET[:-1]]
@@ -124,7 +124,7 @@ def test_tables_are_the_mean_and_spread_of_their_runs_each_scored_once(patched, 
     for summary in results["generation"] + results["budget"]:
         fds = [r["tuned"]["fd"] for r in summary["per_run"]]
         assert summary["tuned"]["fd"] == pytest.approx([np.mean(fds), (max(fds) - min(fds)) / 2])
-        assert [r["tuned"]["n"] for r in summary["per_run"]] == [20] * len(fds)
+        assert [r["tuned"]["n"] for r in summary["per_run"]] == [10] * len(fds)
         tuned = [reproduce.load(tmp_path / run)[2] for run in summary["runs"]]
         assert summary["settings"] == tuned
     assert all("sign" in s for s in results["generation"][1:])
@@ -152,7 +152,7 @@ def test_channel_temperatures_sample_each_slot_at_its_own(fake_runs):
 
 def test_channels_part_per_slot_nll_and_schedules(patched, fake_runs, tmp_path):
     args = reproduce.get_parser().parse_args(["--runs", str(tmp_path), "--out", str(tmp_path / "docs"),
-                                              "--parts", "channels", "--samples", "20"])
+                                              "--parts", "channels", "--samples", "10"])
     results = reproduce.main(args)
     assert [s["label"] for s in results["channels"]] == [r.label for r in reproduce.CHANNEL_ROWS]
     _, modes = fake_runs
