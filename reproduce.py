@@ -188,6 +188,9 @@ def gaussianity(model, modes):
 
 def part_reconstruction(args, out, results, net):
     run = Path(args.runs) / "demo"
+    if not is_finished(run):
+        raise ValueError(f"{run} is not a finished run: make it with `python train.py --out {run}`, or every run with "
+                         "`python reproduce.py --train-missing`")
     model, vae, _ = load(run)
     images, modes, labels = held_out(run)
     rows = reconstruction_rows(model, vae, images, modes, labels, net)

@@ -206,6 +206,7 @@ def test_train_missing_runs_the_demo_first_with_the_commands_of_runs(monkeypatch
 
 
 def test_bad_parts_and_sample_counts_are_one_line_errors(tmp_path):
-    for argv, match in ((["--parts", "generation,nll"], "unknown --parts nll"), (["--samples", "3"], "--samples")):
+    for argv, match in ((["--parts", "generation,nll"], "unknown --parts nll"), (["--samples", "3"], "--samples"),
+                        (["--parts", "reconstruction", "--runs", str(tmp_path)], "not a finished run.*--train-missing")):
         with pytest.raises(ValueError, match=match):
             reproduce.main(reproduce.get_parser().parse_args(["--out", str(tmp_path), *argv]))
