@@ -188,9 +188,6 @@ def gaussianity(model, modes):
 
 def part_reconstruction(args, out, results, net):
     run = Path(args.runs) / "demo"
-    if not is_finished(run):
-        raise ValueError(f"{run} is not a finished run: make it with `python train.py --out {run}`, or every run with "
-                         "`python reproduce.py --train-missing`")
     model, vae, _ = load(run)
     images, modes, labels = held_out(run)
     rows = reconstruction_rows(model, vae, images, modes, labels, net)
@@ -518,6 +515,10 @@ def main(args):
     tables = {"generation": GENERATION, "budget": BUDGET, "channels": CHANNEL_ROWS}
     if args.train_missing:
         train_missing(args.runs, ["demo"] + [run for name in parts for row in tables.get(name, ()) for run in row.runs])
+    demo = Path(args.runs) / "demo"
+    if not is_finished(demo):                      # every part needs it: check before anything is loaded
+        raise ValueError(f"{demo} is not a finished run: make it with `python train.py --out {demo}`, or every run "
+                         "with `python reproduce.py --train-missing`")
     if args.threads:
         torch.set_num_threads(args.threads)
     out, started = Path(args.out), time.time()
