@@ -247,16 +247,21 @@ def sign_verdict(baseline, row, paper_sign):
     return "not separated (ranges overlap)"
 
 
-def part_table(args, results, net, cache, name, rows):
+def unfinished(args, rows, part):
+    """The runs of these rows that are not finished, each reported with the command that makes it."""
     missing = sorted({run for row in rows for run in row.runs if not is_finished(Path(args.runs) / run)})
     for run in missing:
-        print(f"[{name}] skipping the rows of {run}: not finished; make it with: {' '.join(train_command(args.runs, run)[1:])}")
-    summaries = [row_scores(args, row, net, cache) for row in rows if not set(row.runs) & set(missing)]
+        print(f"[{part}] skipping the rows of {run}: not finished; make it with: {' '.join(train_command(args.runs, run)[1:])}")
+    return set(missing)
+
+
+def part_table(args, results, net, cache, name, rows):
+    missing = unfinished(args, rows, name)
+    summaries = [row_scores(args, row, net, cache) for row in rows if not set(row.runs) & missing]
     if name == "generation" and summaries and summaries[0]["label"] == rows[0].label:
         for row, summary in zip(rows[1:], summaries[1:]):
             summary["sign"] = sign_verdict(summaries[0], summary, row.paper_sign)
     results[name] = summaries
-    return summaries
 
 
 @contextlib.contextmanager
@@ -276,10 +281,9 @@ def channel_temperatures(schedule):
 def part_channels(args, results, net):
     """Where the heads differ, channel by channel: the validation NLL of each channel slot, and
     unguided sample quality when only some slots are sampled at a lower temperature."""
-    summary = []
+    summary, missing = [], unfinished(args, CHANNEL_ROWS, "channels")
     for row in CHANNEL_ROWS:
-        if any(not is_finished(Path(args.runs) / run) for run in row.runs):
-            print(f"[channels] skipping {row.label}: a run of {', '.join(row.runs)} is not finished")
+        if set(row.runs) & missing:
             continue
         per_run = []
         for run in row.runs:
