@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import onnxruntime as ort
@@ -31,6 +32,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 # The graphs' file and tensor names: export.py writes them, the sampler below reads them.
 META_FILE, BACKBONE_FILE, HEAD_FILE, VAE_FILE = "tokenbridge.json", "backbone.onnx", "head_step.onnx", "vae_decoder.onnx"
+# A graph's weights over 1 GiB live beside it in NAME.onnx.data (ONNX external data; ORT finds it)
+DATA_SUFFIX = ".data"
 BACKBONE_INPUTS, BACKBONE_OUTPUTS = ("values", "mask", "labels"), ("cond",)
 HEAD_INPUTS = ("cond", "step", "cache", "tokens", "uniforms", "temperature", "guidance", "score")
 HEAD_OUTPUTS = ("logits", "tokens_out", "score_out", "cache_out")
@@ -124,7 +127,7 @@ class OnnxSampler:
         heads on many cores. device_id: the GPU (one per process under torchrun)."""
         meta_path = os.path.join(onnx_dir, META_FILE)
         if not os.path.isfile(meta_path):
-            raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run RUN --out {onnx_dir} first")
+            raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run-dir RUN --out {onnx_dir} first")
         with open(meta_path) as f:
             try:
                 self.meta = meta = json.load(f)
@@ -180,7 +183,7 @@ class OnnxSampler:
             return make_session(path, device, threads, device_id)
         except ORT_ERRORS as e:
             raise ValueError(f"{path} cannot be loaded by onnxruntime ({one_line(e)}); "
-                             f"re-run export.py --run RUN --out {onnx_dir}") from None
+                             f"re-run export.py --run-dir RUN --out {onnx_dir}") from None
 
     def _check_checkpoint(self, checkpoint):
         """The run's checkpoint must be the one the graphs came from (file hash: no torch here)."""
@@ -359,24 +362,73 @@ def process_slot():
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
+def check_launcher(parent):
+    """Under torchrun, stop when the launcher that started this process (pid `parent`) is gone.
+    torchrun starts each worker in a session of its own, so killing the launcher (a scheduler's
+    time limit, kill -9 of its process group) would otherwise leave the ranks running, writing
+    beside the next launch."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != parent:
+        raise SystemExit(f"error: the torchrun launcher (pid {parent}) is gone; this rank stops")
+
+
+@contextlib.contextmanager
+def exclusive(path, what):
+    """Hold an exclusive lock on PATH.lock while the block runs, so one process at a time writes
+    `what`. A second writer stops with one line naming the holder's pid. The kernel releases
+    the lock of a process that dies, so a lock left by a killed process is simply taken over.
+    (Where fcntl does not exist, on Windows, nothing is locked.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(f"{path}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ValueError(f"{what} is being written by another process (pid {holder}); "
+                             "wait for it to finish, or stop it") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
 class Parts:
     """Finished batches of a sampling job, one .npz each in a folder, written atomically, so a
     re-run skips them and a crash loses at most the batch in flight. settings.json names what
-    they were sampled with: a folder from other settings is refused, never mixed in."""
+    they were sampled with: a folder from other settings is refused, never mixed in.
+
+    Used as a context manager: rank 0 holds the folder's lock (one job at a time writes it) and
+    writes settings.json; the other ranks read it (no two processes write one file)."""
 
     def __init__(self, folder, settings):
-        self.folder = folder
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "settings.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                found = json.load(f)
-            if found != settings:
-                changed = sorted(k for k in settings if found.get(k) != settings[k])
-                raise ValueError(f"{folder} holds batches sampled with other settings ({', '.join(changed)}); "
-                                 "delete it, or write to another --npz")
-        else:
-            write_atomic(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        self.folder, self.settings = folder, settings
+        self._held = contextlib.ExitStack()
+
+    def __enter__(self, poll_s=0.2):
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, "settings.json")
+        if process_slot()[0] == 0:
+            self._held.enter_context(exclusive(os.path.join(self.folder, "job"),
+                                               f"the sampling job in {self.folder}"))
+            if not os.path.isfile(path):
+                write_atomic(path, lambda f: f.write(json.dumps(self.settings, indent=1).encode()))
+        while not os.path.isfile(path):
+            time.sleep(poll_s)
+        with open(path) as f:
+            found = json.load(f)
+        if found != self.settings:
+            self._held.close()
+            changed = sorted(k for k in self.settings if found.get(k) != self.settings[k])
+            raise ValueError(f"{self.folder} holds batches sampled with other settings "
+                             f"({', '.join(changed)}); delete it, or write to another --npz")
+        return self
+
+    def __exit__(self, *exc):
+        self._held.close()
 
     def path(self, b):
         return os.path.join(self.folder, f"batch_{b:06d}.npz")
@@ -392,12 +444,69 @@ class Parts:
             return part["tokens"], part["images"], part["labels"]
 
 
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary file written under a temp name of this process, renamed into place when the block
+    ends without error, removed when it fails: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_atomic(path, write):
-    """write(file) into a temp file, then rename: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    """write(file) into atomic_file(path)."""
+    with atomic_file(path) as f:
         write(f)
-    os.replace(tmp, path)
+
+
+class RowWriter:
+    """An array of `count` rows written batch by batch in .npy format (the header from the first
+    batch's row shape and dtype, then each batch's bytes): never held whole in memory."""
+
+    def __init__(self, file, count):
+        self.file, self.count, self.written = file, count, 0
+
+    def write(self, rows):
+        if self.written == 0:
+            header = {"descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False,
+                      "shape": (self.count, *rows.shape[1:])}
+            np.lib.format.write_array_header_1_0(self.file, header)
+        self.file.write(np.ascontiguousarray(rows).tobytes())
+        self.written += len(rows)
+
+    def check_complete(self):
+        if self.written != self.count:
+            raise ValueError(f"{self.written} rows written of the {self.count} announced")
+
+
+@contextlib.contextmanager
+def npy_writer(path, count):
+    """Yields write(rows): a .npy of `count` rows written batch by batch, atomically."""
+    with atomic_file(path) as f:
+        rows = RowWriter(f, count)
+        yield rows.write
+        rows.check_complete()
+
+
+@contextlib.contextmanager
+def npz_writer(path, count):
+    """Yields add(images, labels): ADM's sample layout (arr_0 (count, H, W, 3) uint8, labels)
+    written batch by batch, atomically. arr_0 streams into an uncompressed zip64 member, as
+    np.savez writes it: 50,000 images at 256 px (9.8 GB) are never held in memory."""
+    labels = []
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", allowZip64=True) as archive:
+        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+            images = RowWriter(member, count)
+            yield lambda batch_images, batch_labels: (images.write(batch_images),
+                                                      labels.append(batch_labels))
+            images.check_complete()
+        with archive.open("labels.npy", "w") as member:
+            np.lib.format.write_array(member, np.concatenate(labels))
 
 
 def batch_seed(seed, b):
@@ -409,31 +518,34 @@ def batch_seed(seed, b):
 def sample_in_batches(sample, labels, batch_size, seed, parts=None):
     """Sample `labels` in batches: sample(labels, seed) -> (tokens, images). Batch b goes to rank
     b % world, with a progress bar in images; finished batches go to `parts` when given (a re-run
-    skips them). Returns all the tokens and images on rank 0, once every batch is done, and None
-    on the other ranks."""
+    skips them). On rank 0, once every batch is done, returns the batches in order as
+    (tokens, images, labels), read back from `parts` one at a time when given (a job of any
+    size is never held whole); None on the other ranks."""
     rank, world, _ = process_slot()
+    launcher = os.getppid()
     starts = range(0, len(labels), batch_size)
     mine = [b for b in range(len(starts)) if b % world == rank]
     size = lambda b: min(batch_size, len(labels) - starts[b])
     skipped = [b for b in mine if parts is not None and parts.done(b)]
     bar = _progress_bar(total=sum(map(size, mine)), initial=sum(map(size, skipped)), unit="img", dynamic_ncols=True,
                         desc="sample" if world == 1 else f"sample (rank {rank})", disable=len(starts) == 1)
-    kept = {}
+    kept = []
     for b in (b for b in mine if b not in skipped):
+        check_launcher(launcher)
         batch_labels = labels[starts[b]:starts[b] + size(b)]
         tokens, images = sample(batch_labels, batch_seed(seed, b))
         if parts is None:
-            kept[b] = tokens, images
+            kept.append((tokens, images, batch_labels))
         else:
             parts.write(b, tokens, images, batch_labels)
         bar.update(size(b))
     bar.close()
     if rank != 0:
         return None
-    if parts is not None:
-        wait_for(parts, len(starts))
-        kept = {b: parts.read(b)[:2] for b in range(len(starts))}
-    return tuple(np.concatenate(x) for x in zip(*(kept[b] for b in range(len(starts)))))
+    if parts is None:
+        return kept
+    wait_for(parts, len(starts))
+    return (parts.read(b) for b in range(len(starts)))
 
 
 def _progress_bar(**kwargs):

@@ -1,8 +1,8 @@
 """Export a trained TokenBridge run to ONNX, for the torch-free sampler in deploy.py.
 
-    python export.py --run runs/demo                 # -> runs/demo/onnx/
-    python export.py --run runs/demo --fp16          # half-precision graphs, for GPU
-    python export.py --run runs/demo --int8          # int8 matmuls in backbone and head, for CPU
+    python export.py --run-dir runs/demo             # -> runs/demo/onnx/
+    python export.py --run-dir runs/demo --fp16      # half-precision graphs, for GPU
+    python export.py --run-dir runs/demo --int8      # int8 matmuls in backbone and head, for CPU
 
 Writes three graphs and one JSON (DESIGN.md §3):
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
@@ -13,6 +13,8 @@ Writes three graphs and one JSON (DESIGN.md §3):
                      whole channel loop can stay on the device
   vae_decoder.onnx   scaled latents (B, C, H, W) -> image (B, 3, H', W') in [-1, 1]
   tokenbridge.json   config, quantizer tables, channel order, graph I/O names, fingerprint
+A graph with over 1 GiB of weights (TokenBridge-H's backbone) keeps them beside it in one
+NAME.onnx.data file (ONNX external data); ONNX Runtime finds it there.
 
 Every graph passes onnx.checker and is compared with PyTorch on random inputs before export
 reports success. Exporter: the TorchScript tracer (`dynamo=False`). With torch 2.13 the dynamo
@@ -28,6 +30,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 
 import numpy as np
@@ -37,8 +41,8 @@ import torch.nn as nn
 
 import tokenbridge as tb
 import runs
-from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, EXPORT_FORMAT, HEAD_FILE, HEAD_INPUTS,
-                    HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session)
+from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, DATA_SUFFIX, EXPORT_FORMAT, HEAD_FILE,
+                    HEAD_INPUTS, HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session)
 
 OPSET = 17
 
@@ -167,31 +171,79 @@ def _quantize_int8(path):
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # and it prints shape-inference chatter
             quantize_dynamic(path, path, weight_type=QuantType[INT8_SETTINGS["weight_type"]],
-                             per_channel=INT8_SETTINGS["per_channel"], reduce_range=INT8_SETTINGS["reduce_range"],
-                             op_types_to_quantize=INT8_SETTINGS["op_types"])
+                             per_channel=INT8_SETTINGS["per_channel"],
+                             reduce_range=INT8_SETTINGS["reduce_range"],
+                             op_types_to_quantize=INT8_SETTINGS["op_types"],
+                             use_external_data_format=_has_external_data(path))
     finally:
         root.setLevel(level)
 
 
+def _has_external_data(path):
+    return any(name != os.path.basename(path) for name in os.listdir(os.path.dirname(path)))
+
+
 def _export(module, example, path, inputs, outputs, dynamic_axes, meta, precision):
+    """Trace module to path at a precision of PRECISIONS, then onnx.checker (by path: the only
+    check that reads external data)."""
+    traced = os.path.join(os.path.dirname(path), "traced", os.path.basename(path))
+    os.makedirs(os.path.dirname(traced))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes: the checks below decide
-        torch.onnx.export(module, example, path, input_names=list(inputs), output_names=list(outputs),
-                          dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
+        # over 2 GB of weights the tracer writes one loose file per tensor beside the graph: its
+        # own folder keeps them apart, and _save gathers them into one file
+        torch.onnx.export(module, example, traced, input_names=list(inputs),
+                          output_names=list(outputs), dynamic_axes=dynamic_axes,
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
     if precision == "int8":
-        _quantize_int8(path)
-    graph = onnx.load(path)
+        _quantize_int8(traced)
     if precision == "fp16":
         # Tracing a half model on CPU leaves fp32/fp16 mixes (LayerNorm upcasts) that the checker
-        # rejects; ORT's own converter rewrites the fp32 graph instead. keep_io_types: inputs and
-        # outputs stay fp32 (cast at the edges), so the loop and the sampler's uniforms do not change.
+        # rejects; ORT's own converter rewrites the fp32 graph instead (given a path, it infers
+        # shapes by path, which works past 2 GB). keep_io_types: inputs and outputs stay fp32
+        # (cast at the edges), so the loop and the sampler's uniforms do not change.
         from onnxruntime.transformers.float16 import convert_float_to_float16
-        graph = _toposort(convert_float_to_float16(graph, keep_io_types=True))
+        graph = _toposort(convert_float_to_float16(traced, keep_io_types=True))
+    else:
+        graph = onnx.load(traced)
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, path)
+    _save(graph, path)
+    shutil.rmtree(os.path.dirname(traced))
     onnx.checker.check_model(path, full_check=True)
+
+
+# Weights above this many bytes go to one external data file beside the graph (NAME.onnx.data):
+# protobuf cannot serialize a message of 2 GB, and TokenBridge-H's backbone holds 3 GB in fp32.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _save(graph, path):
+    weights = sum(len(t.raw_data) for t in graph.graph.initializer)
+    external = weights > EXTERNAL_DATA_BYTES
+    onnx.save_model(graph, path, save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + DATA_SUFFIX, size_threshold=1024)
+
+
+def _check_memory(model, say):
+    """One line up front when the export will not fit: the model, its traced graph and the
+    parity check's ORT session each hold the weights once."""
+    need = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    have = _available_memory()
+    if have is not None and have < need:
+        say(f"warning: exporting this model needs about {need / 2**30:.0f} GiB of memory and "
+            f"{have / 2**30:.0f} GiB is available; it may be killed (free memory or use a larger "
+            f"machine)")
+
+
+def _available_memory():
+    """MemAvailable from /proc/meminfo in bytes (Linux); None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _max_diff(module, examples, path, inputs, outputs, relative):
@@ -222,73 +274,99 @@ def _max_diff(module, examples, path, inputs, outputs, relative):
 
 def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     """Export RUN to OUT (default RUN/onnx) at a precision of PRECISIONS (the VAE decoder stays
-    fp32 under int8). Returns the metadata dict written to the JSON."""
+    fp32 under int8). Returns the metadata dict written to the JSON.
+
+    Everything is written to a staging folder inside OUT first and moved into place only once
+    every graph has passed its check: a failed export leaves OUT as it was."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    say = print if verbose else (lambda *a: None)
     out = out or os.path.join(run, "onnx")
-    model, ckpt = runs.load_run(run)  # first: a run that cannot be exported leaves no empty folder behind
+    # first: a run that cannot be exported leaves no empty folder behind
+    model, ckpt = runs.load_run(run)
+    _check_memory(model, say)
     vae = runs.load_vae(os.path.join(run, runs.VAE_DIR)) if runs.has_vae(run) else None
+    created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=".export-", dir=out)
     except OSError as e:  # a regular file in the way, no permission
-        raise ValueError(f"cannot create the output folder {out} ({e.strerror}); choose another --out") from None
-    if not os.access(out, os.W_OK):
-        raise ValueError(f"cannot write to the output folder {out}; choose another --out")
+        raise ValueError(f"cannot write the output folder {out} ({e.strerror}); "
+                         "choose another --out") from None
+    try:
+        limits = {**PRECISIONS[precision], **({"tolerance": tolerance} if tolerance else {})}
+        report = _export_graphs(model, vae, stage, precision, limits, say)
+        info = _metadata(run, model, ckpt, vae, precision, report)
+        with open(os.path.join(stage, META_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not os.listdir(out):
+            os.rmdir(out)
+    say(f"exported {run} -> {out} (fingerprint {info['fingerprint'][:12]})")
+    return info
+
+
+def _export_graphs(model, vae, folder, precision, limits, say):
+    """Every graph into folder, each checked against PyTorch; returns {file: max difference}."""
     cfg = model.config
-    limits = {**PRECISIONS[precision], **({"tolerance": tolerance} if tolerance else {})}
-    say = print if verbose else (lambda *a: None)
-    fp = runs.fingerprint(model)
-    meta = {"fingerprint": fp}
+    meta = {"fingerprint": runs.fingerprint(model)}
     gen = torch.Generator().manual_seed(0)
     report = {}
 
     def run_export(name, module, examples, inputs, outputs, axes, graph_precision=precision):
-        path = os.path.join(out, name)
-        tmp = path + ".tmp"  # a graph that failed its check never sits under the real name
-        _export(module, examples[0], tmp, inputs, outputs, axes, meta, graph_precision)
+        # torch.onnx.export restores the training flag it found, recursively: a wrapper left in
+        # training mode would switch the model's dropout back on for the parity check
+        module.eval()
+        path = os.path.join(folder, name)
+        _export(module, examples[0], path, inputs, outputs, axes, meta, graph_precision)
         relative = graph_precision != "fp32"
-        diff, wrong = _max_diff(module, examples, tmp, inputs, outputs, relative)
+        diff, wrong = _max_diff(module, examples, path, inputs, outputs, relative)
         say(f"{name}: onnx.checker ok, {graph_precision}, max |torch - onnxruntime| = {diff:.2e}"
-            + (" (relative)" if relative else "") + (f", {wrong:.1%} of sampled tokens differ" if wrong else ""))
+            + (" (relative)" if relative else "")
+            + (f", {wrong:.1%} of sampled tokens differ" if wrong else ""))
         if diff > limits["tolerance"] or wrong > limits["token_flips"]:
-            os.remove(tmp)
-            raise ValueError(f"{name} differs from PyTorch by {diff:.2e} (tolerance {limits['tolerance']:.0e}, "
-                             f"{wrong:.1%} of tokens differ); not exported")
-        os.replace(tmp, path)
+            raise ValueError(f"{name} differs from PyTorch by {diff:.2e} (tolerance "
+                             f"{limits['tolerance']:.0e}, {wrong:.1%} of tokens differ); "
+                             "not exported")
         report[name] = diff
 
     # traced in fp32 at every precision: --fp16 / --int8 convert the traced graphs (see _export)
-    module = BackboneGraph(model)
     examples = [backbone_inputs(cfg, b, gen) for b in (2, 3)]
-    run_export(BACKBONE_FILE, module, examples, BACKBONE_INPUTS, BACKBONE_OUTPUTS,
-               {"values": {0: "batch"}, "mask": {0: "batch"}, "labels": {0: "batch"}, "cond": {0: "batch"}})
+    run_export(BACKBONE_FILE, BackboneGraph(model), examples, BACKBONE_INPUTS, BACKBONE_OUTPUTS,
+               {"values": {0: "batch"}, "mask": {0: "batch"}, "labels": {0: "batch"},
+                "cond": {0: "batch"}})
 
-    module = HeadStepGraph(model)
     # trace at a middle step with guidance, check at the first/last step and without guidance too
     examples = [head_inputs(model, 2, 5, 3, gen), head_inputs(model, 1, 7, 0, gen),
                 head_inputs(model, 2, 3, cfg.channels - 1, gen)]
-    run_export(HEAD_FILE, module, examples, HEAD_INPUTS, HEAD_OUTPUTS,
+    run_export(HEAD_FILE, HeadStepGraph(model), examples, HEAD_INPUTS, HEAD_OUTPUTS,
                {"cond": {0: "halves", 1: "rows"}, "cache": {2: "cache_rows", 4: "slots"},
-                "tokens": {0: "rows"}, "uniforms": {0: "rows"}, "score": {0: "rows"}, "logits": {0: "rows"},
-                "tokens_out": {0: "rows"}, "score_out": {0: "rows"},
+                "tokens": {0: "rows"}, "uniforms": {0: "rows"}, "score": {0: "rows"},
+                "logits": {0: "rows"}, "tokens_out": {0: "rows"}, "score_out": {0: "rows"},
                 "cache_out": {2: "cache_rows", 4: "slots_out"}})
 
-    scaling = None
-    if vae is not None:
-        scaling = float(vae.config.scaling_factor)
-        module = VAEDecoderGraph(vae)
-        g = cfg.grid
-        examples = [(torch.randn(b, cfg.channels, g, g, generator=gen),) for b in (2, 1)]
-        run_export(VAE_FILE, module, examples, VAE_INPUTS, VAE_OUTPUTS,
-                   {"latents": {0: "batch"}, "image": {0: "batch"}},
-                   "fp32" if precision == "int8" else precision)  # convolutions: no int8 gain here
-    else:
+    if vae is None:
         say("no VAE in the run (RUN/vae): vae_decoder.onnx not written")
+        return report
+    g = cfg.grid
+    examples = [(torch.randn(b, cfg.channels, g, g, generator=gen),) for b in (2, 1)]
+    run_export(VAE_FILE, VAEDecoderGraph(vae), examples, VAE_INPUTS, VAE_OUTPUTS,
+               {"latents": {0: "batch"}, "image": {0: "batch"}},
+               "fp32" if precision == "int8" else precision)  # convolutions: no int8 gain here
+    return report
 
-    q = model.quantizer
-    info = {
+
+def _metadata(run, model, ckpt, vae, precision, report):
+    """tokenbridge.json: what deploy.OnnxSampler needs besides the graphs."""
+    cfg, q, head = model.config, model.quantizer, model.head
+    graphs = {BACKBONE_FILE: (BACKBONE_INPUTS, BACKBONE_OUTPUTS), HEAD_FILE: (HEAD_INPUTS, HEAD_OUTPUTS),
+              **({VAE_FILE: (VAE_INPUTS, VAE_OUTPUTS)} if vae is not None else {})}
+    scaling = float(vae.config.scaling_factor) if vae is not None else None
+    return {
         "format": EXPORT_FORMAT,
-        "fingerprint": fp,
+        "fingerprint": runs.fingerprint(model),
         "checkpoint_sha256": file_sha256(os.path.join(run, runs.CHECKPOINT)),
         "config": cfg.to_dict(),
         "dtype": "float32",   # of the graphs' inputs and outputs
@@ -297,19 +375,25 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
         "weights": "ema" if ckpt.get("ema") is not None else "model",
         "quantizer": {"centers": q.centers.tolist(), "mean": q.mean.tolist(), "std": q.std.tolist(),
                       "order": q.order.tolist()},
-        "head": {"depth": len(model.head.blocks), "heads": model.head.heads, "head_dim": model.head.head_dim},
+        "head": {"depth": len(head.blocks), "heads": head.heads, "head_dim": head.head_dim},
         "vae": {"file": VAE_FILE, "scaling_factor": scaling} if vae is not None else None,
-        "graphs": {BACKBONE_FILE: {"inputs": list(BACKBONE_INPUTS), "outputs": list(BACKBONE_OUTPUTS)},
-                   HEAD_FILE: {"inputs": list(HEAD_INPUTS), "outputs": list(HEAD_OUTPUTS)},
-                   **({VAE_FILE: {"inputs": list(VAE_INPUTS), "outputs": list(VAE_OUTPUTS)}} if vae else {})},
+        "graphs": {name: {"inputs": list(i), "outputs": list(o)} for name, (i, o) in graphs.items()},
         "max_abs_diff": report,
-        "torch": torch.__version__, "opset": OPSET,
+        "torch": torch.__version__,
+        "opset": OPSET,
     }
-    with open(os.path.join(out, META_FILE + ".tmp"), "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(os.path.join(out, META_FILE + ".tmp"), os.path.join(out, META_FILE))
-    say(f"exported {run} -> {out} (fingerprint {fp[:12]})")
-    return info
+
+
+def _publish(stage, out):
+    """Move the checked files into out: data files before the graphs that name them, the JSON
+    last (a reader that finds it finds everything); data files of an earlier export that this one
+    does not have are removed."""
+    names = sorted(os.listdir(stage), key=lambda n: (n == META_FILE, not n.endswith(DATA_SUFFIX)))
+    for graph in (n for n in (BACKBONE_FILE, HEAD_FILE, VAE_FILE) if n + DATA_SUFFIX not in names):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, graph + DATA_SUFFIX))
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
 
 
 def main(args):
@@ -317,14 +401,15 @@ def main(args):
         import interop
         args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
     if not args.run:
-        raise ValueError("give --run RUN (a folder with checkpoint.pt) or --official CHECKPOINT.pth")
+        raise ValueError("give --run-dir RUN (a folder with checkpoint.pt) or --official CHECKPOINT.pth")
     export(args.run, args.out, precision=args.precision)
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", help="run folder holding checkpoint.pt (and vae/, a diffusers AutoencoderKL)")
-    p.add_argument("--official", help="official TokenBridge checkpoint-last.pth: converted into --run "
+    p.add_argument("--run-dir", dest="run",
+                   help="run folder holding checkpoint.pt (and vae/, a diffusers AutoencoderKL)")
+    p.add_argument("--official", help="official TokenBridge checkpoint-last.pth: converted into --run-dir "
                                       "(default runs/official-PRESET), then exported")
     p.add_argument("--preset", choices=sorted(tb.PRESETS), default="large", help="size of the --official checkpoint")
     p.add_argument("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")

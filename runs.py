@@ -30,13 +30,25 @@ def read_torch_file(path, what, fix, safe_globals=()):
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(safe_globals)):
             warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _load(path)
     except pickle.UnpicklingError:  # torch's text is a paragraph about its defaults; this is the point
         raise ValueError(f"{path} is not a {what} (torch.load with weights_only=True refused it: it holds more "
                          f"than tensors and plain containers, or is not a pickle); {fix}") from None
     except (RuntimeError, EOFError, KeyError, OSError) as e:  # a truncated zip, an empty or foreign file
         first = (" ".join(str(e).split()) or type(e).__name__).split(". ")[0]  # torch's first sentence says what
         raise ValueError(f"{path} is not a {what} (truncated, or not written by torch.save: {first}); {fix}") from None
+
+
+def _load(path):
+    """torch.load memory-mapped: tensors stay in the file until used, so what a caller does not
+    read (the optimizer state, when sampling) never reaches memory. Files in torch's legacy
+    format (not a zip) cannot be mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(run):
@@ -57,12 +69,15 @@ def torch_device(requested, index=0):
     return f"cuda:{index}" if requested != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def load_run(run, device="cpu"):
-    """RUN -> (model in eval mode, checkpoint dict), with the EMA weights when the run has them."""
+def load_run(run, device="cpu", weights="ema"):
+    """RUN -> (model in eval mode, checkpoint dict). weights: "ema", the EMA weights when the run
+    has them (else the raw ones), or "raw", the optimizer's own (to look at a young run)."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be ema or raw, got {weights!r}")
     ckpt = load_checkpoint(run)
     model = tb.TokenBridge(tb.TokenBridgeConfig.from_dict(ckpt["config"]))
     state = dict(ckpt["model"])
-    if ckpt.get("ema") is not None:  # EMA may hold parameters only; buffers come from `model`
+    if weights == "ema" and ckpt.get("ema") is not None:  # EMA may hold parameters only; buffers come from `model`
         state.update(ckpt["ema"])
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt

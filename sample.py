@@ -1,14 +1,17 @@
 """Sample images from a TokenBridge run, with PyTorch or with ONNX Runtime (no torch needed).
 
-    python sample.py --run runs/demo --cfg 4 --temperature 0.7          # PyTorch, a PNG grid
+    python sample.py --run-dir runs/demo --cfg 4 --temperature 0.7      # PyTorch, a PNG grid
     python sample.py --onnx runs/demo/onnx --runtime onnx               # ONNX Runtime (export.py first)
-    torchrun --nproc_per_node 8 sample.py --run RUN --num-images 50000 --npz fid.npz   # FID-50K
+    torchrun --nproc_per_node 8 sample.py --run-dir RUN --num-images 50000 --npz fid.npz   # FID-50K
 
 Sampling runs in batches with a progress bar; with --npz finished batches are kept, a re-run
 samples only the missing ones, and torchrun's processes share them (deploy.sample_in_batches).
 Batch b draws from default_rng((seed, b)) in both runtimes: a seed gives the same tokens in each.
+The run folder is --run-dir, not --run: torchrun reads `--run` as an abbreviation of its own
+--run-path and stops ("ambiguous option").
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -17,8 +20,9 @@ import sys
 
 import numpy as np
 
-from deploy import (SAMPLING_FILE, OnnxSampler, Parts, check_labels, latent_preview, process_slot, sample_in_batches, save_grid,
-                    to_uint8, write_atomic)
+from deploy import (SAMPLING_FILE, OnnxSampler, Parts, check_labels, latent_preview, npy_writer, npz_writer,
+                    process_slot, sample_in_batches, save_grid, to_uint8)
+
 
 def onnx_runtime(args, device_id):
     """(classes, positions, weights' identity, sample(labels, num_iter, seed) -> tokens, images)."""
@@ -36,7 +40,7 @@ def onnx_runtime(args, device_id):
 
 
 def torch_runtime(args, device_id):
-    """The same as onnx_runtime, with the model and VAE of --run in PyTorch."""
+    """The same as onnx_runtime, with the model and VAE of --run-dir in PyTorch."""
     import torch
     import data
     import runs
@@ -46,19 +50,22 @@ def torch_runtime(args, device_id):
     device = runs.torch_device(args.device, device_id)
     if args.autocast != "none" and not device.startswith("cuda"):
         raise ValueError(f"--autocast {args.autocast} is for CUDA; on the CPU sampling runs in fp32")
-    model, _ = runs.load_run(args.run, device)
+    model, _ = runs.load_run(args.run, device, args.weights)
     vae = runs.load_vae(os.path.join(args.run, runs.VAE_DIR), device) if runs.has_vae(args.run) else None
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
 
     @torch.no_grad()
     def sample(labels, num_iter, seed):
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):  # the backbone and head only
-            tokens = model.sample_tokens(labels, num_iter, args.cfg, args.temperature, seed, args.cfg_mode,
-                                         args.cfg_schedule, args.position_order)
-        latents = tb.unpatchify(model.quantizer.dequantize(tokens), model.config.grid)
-        if vae is None:
-            return tokens.cpu().numpy(), latent_preview(latents.cpu().numpy(), model.config.vae_stride)
-        return tokens.cpu().numpy(), data.decode(vae, latents)
+        # the official evaluation runs the model and the VAE decoder under autocast
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            tokens = model.sample_tokens(labels, num_iter, args.cfg, args.temperature, seed,
+                                         args.cfg_mode, args.cfg_schedule, args.position_order)
+            latents = tb.unpatchify(model.quantizer.dequantize(tokens), model.config.grid)
+            if vae is None:
+                images = latent_preview(latents.float().cpu().numpy(), model.config.vae_stride)
+            else:
+                images = data.decode(vae, latents)
+        return tokens.cpu().numpy(), images
     return model.config.num_classes, model.config.seq_len, runs.fingerprint(model), sample
 
 
@@ -72,40 +79,54 @@ def main(args):
     args.temperature = 1.0 if args.temperature is None else args.temperature
     if not (args.onnx if args.runtime == "onnx" else args.run):
         raise ValueError("--runtime onnx needs --onnx DIR (the folder export.py wrote, e.g. RUN/onnx)"
-                         if args.runtime == "onnx" else "--runtime torch needs --run RUN (a folder with checkpoint.pt)")
+                         if args.runtime == "onnx" else
+                         "--runtime torch needs --run-dir RUN (a folder with checkpoint.pt)")
     _, world, local_rank = process_slot()
     classes, positions, weights, sample = (onnx_runtime if args.runtime == "onnx" else torch_runtime)(args, local_rank)
     # default: every class as often as the others (50 each for FID-50K on ImageNet); the null class
     labels = np.arange(args.num_images, dtype=np.int64) % classes if given_labels is None else given_labels
     labels = np.full(args.num_images, classes, np.int64) if args.unconditional else check_labels(labels, classes)
-    num_iter = min(64, positions) if args.num_iter is None else args.num_iter
+    # one position per step by default: the paper's 256 steps for ImageNet's 256 positions
+    num_iter = positions if args.num_iter is None else args.num_iter
     if not 1 <= num_iter <= positions:
         raise ValueError(f"num_iter must be in [1, {positions}] (one position at least per step), got {num_iter}")
     settings = {"weights": weights, "labels": hashlib.sha256(labels.tobytes()).hexdigest(), "num_iter": num_iter,
                 **{k: getattr(args, k) for k in ("runtime", "autocast", "batch_size", "seed", "cfg", "cfg_mode",
                                                  "cfg_schedule", "temperature", "position_order")}}
-    parts = Parts(args.npz + ".parts", settings) if args.npz else None
-    if parts is None and world > 1:
+    if args.npz is None and world > 1:
         raise ValueError(f"{world} processes share the work through the batches they write next to --npz; give --npz")
-    done = sample_in_batches(lambda batch, seed: sample(batch, num_iter, seed), labels, args.batch_size, args.seed,
-                             parts)
-    if done is None:  # another rank: rank 0 writes the outputs
-        return None
-    write_outputs(args, *done, labels)
-    if parts is not None:
-        shutil.rmtree(parts.folder)  # all in --npz now
-    return done[0]
+    with Parts(args.npz + ".parts", settings) if args.npz else contextlib.nullcontext() as parts:
+        batches = sample_in_batches(lambda batch, seed: sample(batch, num_iter, seed), labels,
+                                    args.batch_size, args.seed, parts)
+        if batches is None:  # another rank: rank 0 writes the outputs
+            return None
+        tokens = write_outputs(args, batches, len(labels))
+        if parts is not None:
+            shutil.rmtree(parts.folder)  # all in --npz now
+    return tokens
 
 
-def write_outputs(args, tokens, images, labels):
+def write_outputs(args, batches, count):
+    """One pass over the batches into every output asked for; the npz and the tokens stream to
+    disk batch by batch. Returns the tokens when they are few enough to keep (no --npz)."""
+    grid, kept = [], []
+    with contextlib.ExitStack() as outputs:
+        save_tokens = outputs.enter_context(npy_writer(args.save_tokens, count)) if args.save_tokens else None
+        add_to_npz = outputs.enter_context(npz_writer(args.npz, count)) if args.npz else None
+        for tokens, images, labels in batches:
+            grid.append(images[:100 - sum(map(len, grid))])
+            if save_tokens:
+                save_tokens(tokens)
+            if add_to_npz:
+                add_to_npz(images, labels)
+            else:
+                kept.append(tokens)
     if args.out:
-        save_grid(images[:100], args.out)  # the first 100; --npz holds them all
-        print(f"wrote {args.out} ({min(len(images), 100)} of {len(images)} images, {args.runtime})")
-    if args.save_tokens:
-        write_atomic(args.save_tokens, lambda f: np.save(f, tokens))
+        save_grid(np.concatenate(grid), args.out)  # the first 100; --npz holds them all
+        print(f"wrote {args.out} ({min(count, 100)} of {count} images, {args.runtime})")
     if args.npz:
-        write_atomic(args.npz, lambda f: np.savez(f, arr_0=images, labels=labels))
-        print(f"wrote {args.npz} ({len(images)} images, ADM layout: arr_0 (N, H, W, 3) uint8, labels)")
+        print(f"wrote {args.npz} ({count} images, ADM layout: arr_0 (N, H, W, 3) uint8, labels)")
+    return np.concatenate(kept) if kept else None
 
 
 def use_official(args):
@@ -162,7 +183,10 @@ def check_args(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--run", help="run folder with checkpoint.pt (and vae/): the torch runtime's model and tuned settings")
+    a("--run-dir", dest="run", help="run folder with checkpoint.pt (and vae/): the torch runtime's model "
+      "and tuned settings")
+    a("--weights", choices=["ema", "raw"], default="ema", help="the run's EMA weights (when it has them) "
+      "or the raw ones (a young run's EMA is still close to its initialisation)")
     a("--onnx", help="folder written by export.py: the onnx runtime's graphs")
     a("--runtime", choices=["torch", "onnx"], default="torch", help="which runtime samples")
     a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when it works; cuda: or an error")
@@ -176,7 +200,8 @@ def get_parser():
     a("--labels", help="comma-separated class labels")
     a("--unconditional", action="store_true", help="sample --num-images with the null class")
     a("--batch-size", type=int, default=64, help="images per call; with --npz a re-run samples only missing batches")
-    a("--num-iter", type=int, help="decoding steps (default: the run's tuned ones, else 64, or N if fewer)")
+    a("--num-iter", type=int, help="decoding steps (default: the run's tuned ones, else one position per "
+      "step: the paper's 256 for ImageNet)")
     a("--cfg", type=float, help="guidance scale (default: the run's tuned or the released one, else 1 = off)")
     a("--cfg-mode", choices=["features", "logits"], default="features", help="guide the features (paper) or logits")
     a("--cfg-schedule", choices=["linear", "constant"], default="linear",
@@ -187,7 +212,7 @@ def get_parser():
     a("--out", default="samples.png", help="PNG grid of the first 100 images ('' for none)")
     a("--save-tokens", help="save the token indices (B, N, C) to this .npy")
     a("--npz", help="ADM-style .npz for FID tools: arr_0 (N, H, W, 3) uint8 and labels")
-    a("--official", help="official checkpoint-last.pth: converted into --run (default runs/official-PRESET)")
+    a("--official", help="official checkpoint-last.pth: converted into --run-dir (default runs/official-PRESET)")
     a("--preset", default="large", help="the size of the --official checkpoint (a preset: large, huge)")
     a("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")
     return p

@@ -211,14 +211,14 @@ print("NO_TORCH_OK")
 
 def test_onnx_cli_runs_without_torch_and_matches_torch_cli(run, tmp_path):
     common = ["--seed", "3", "--labels", "1,2,9,4", "--num-iter", "6", "--cfg", "2.0", "--position-order", "confidence"]
-    onnx_argv = ["--onnx", run.onnx, "--run", run.path, "--runtime", "onnx", "--device", "cpu", "--threads", "1",
+    onnx_argv = ["--onnx", run.onnx, "--run-dir", run.path, "--runtime", "onnx", "--device", "cpu", "--threads", "1",
                  "--out", str(tmp_path / "onnx.png"), "--save-tokens", str(tmp_path / "onnx.npy"),
                  "--npz", str(tmp_path / "onnx.npz")] + common
     code = BLOCK_TORCH.format(root=str(ROOT), argv=onnx_argv)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "NO_TORCH_OK" in proc.stdout, proc.stderr[-2000:]
 
-    torch_argv = ["--run", run.path, "--runtime", "torch", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "torch.png"),
+    torch_argv = ["--run-dir", run.path, "--runtime", "torch", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "torch.png"),
                   "--save-tokens", str(tmp_path / "torch.npy"), "--npz", str(tmp_path / "torch.npz")] + common
     sample.main(sample.get_parser().parse_args(torch_argv))
     np.testing.assert_array_equal(np.load(tmp_path / "onnx.npy"), np.load(tmp_path / "torch.npy"))
@@ -251,7 +251,7 @@ def test_fingerprint_mismatch_is_refused(run, tmp_path, perturb):
     # graphs fine, but the run's checkpoint is not the one they came from
     other = save_run(tmp_path / "other", perturb(tb.TokenBridge(run.model.config), seed=9))
     with pytest.raises(ValueError, match="another checkpoint"):
-        _main(["--onnx", run.onnx, "--run", other, "--runtime", "onnx", "--out", ""])
+        _main(["--onnx", run.onnx, "--run-dir", other, "--runtime", "onnx", "--out", ""])
 
 
 def test_bad_input_errors(run, tmp_path, capsys):
@@ -263,9 +263,9 @@ def test_bad_input_errors(run, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         _main(["--onnx", run.onnx, "--runtime", "onnx", "--labels", "3,10", "--out", ""])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
-        _main(["--run", run.path, "--runtime", "torch", "--labels", "-1", "--out", ""])
+        _main(["--run-dir", run.path, "--runtime", "torch", "--labels", "-1", "--out", ""])
     with pytest.raises(ValueError, match="--runtime onnx needs --onnx"):
-        _main(["--run", run.path, "--runtime", "onnx"])
+        _main(["--run-dir", run.path, "--runtime", "onnx"])
     with pytest.raises(ValueError, match="no TokenBridge checkpoint at"):
         export.export(str(tmp_path / "nothing"), verbose=False)
 
@@ -296,7 +296,7 @@ def test_checkpoint_carrying_code_is_refused_without_running_it(run, tmp_path):
     bad, marker, png = tmp_path / "bad", tmp_path / "PWNED", tmp_path / "grid.png"
     bad.mkdir()
     torch.save({"config": run.model.config.to_dict(), "model": RunsCode(marker)}, bad / "checkpoint.pt")
-    for script, argv in (("sample.py", ["--run", str(bad), "--out", str(png)]), ("export.py", ["--run", str(bad)])):
+    for script, argv in (("sample.py", ["--run-dir", str(bad), "--out", str(png)]), ("export.py", ["--run-dir", str(bad)])):
         err = _cli_error(script, *argv)
         assert err.startswith(f"error: {bad / 'checkpoint.pt'} is not a TokenBridge checkpoint (torch.load with "
                               "weights_only=True refused it"), err
@@ -330,7 +330,7 @@ def test_corrupt_graph_file_is_one_clear_error(run, tmp_path):
 
 def test_unwritable_outputs_are_refused_before_sampling(run, tmp_path, monkeypatch):
     missing, png = tmp_path / "missing", tmp_path / "grid.png"
-    err = _cli_error("sample.py", "--run", run.path, "--out", str(missing / "grid.png"))
+    err = _cli_error("sample.py", "--run-dir", run.path, "--out", str(missing / "grid.png"))
     assert err == f"error: --out {missing / 'grid.png'}: cannot write there (folder {missing} does not exist; " \
                   "create it or choose another path)"
     monkeypatch.setattr(sample, "torch_runtime", lambda *a: pytest.fail("loaded a model before checking the outputs"))
@@ -340,13 +340,13 @@ def test_unwritable_outputs_are_refused_before_sampling(run, tmp_path, monkeypat
                            (["--npz", str(tmp_path)], "it is a folder"),
                            (["--out", str(tmp_path / "grid.txt")], "not an image type Pillow writes")):
         with pytest.raises(ValueError, match=message):
-            _main(["--run", run.path, "--out", str(png)] + flags)
+            _main(["--run-dir", run.path, "--out", str(png)] + flags)
         assert not png.exists()  # no output written while another cannot be
 
 
 def test_export_out_that_cannot_be_created_is_one_clear_error(run):
     a_file = Path(run.path) / "checkpoint.pt"
-    with pytest.raises(ValueError, match=r"cannot create the output folder .*checkpoint.pt/onnx \(Not a directory\)"):
+    with pytest.raises(ValueError, match=r"cannot write the output folder .*checkpoint.pt/onnx \(Not a directory\)"):
         export.export(run.path, str(a_file / "onnx"), verbose=False)
 
 
@@ -360,13 +360,13 @@ def test_export_out_that_cannot_be_created_is_one_clear_error(run):
     ids=["num-images", "labels", "num-iter", "cfg", "temperature", "threads"])
 def test_bad_sampling_flags_are_one_line_errors(run, tmp_path, flags, message):
     png = tmp_path / "grid.png"
-    assert _cli_error("sample.py", "--run", run.path, "--out", str(png), *flags) == f"error: {message}"
+    assert _cli_error("sample.py", "--run-dir", run.path, "--out", str(png), *flags) == f"error: {message}"
     assert not png.exists()
 
 
 def test_num_iter_beyond_the_positions_is_refused(run):
     with pytest.raises(ValueError, match=r"num_iter must be in \[1, 64\]"):
-        _main(["--run", run.path, "--runtime", "torch", "--num-iter", "65", "--out", ""])
+        _main(["--run-dir", run.path, "--runtime", "torch", "--num-iter", "65", "--out", ""])
     with pytest.raises(ValueError, match=r"num_iter must be in \[1, 64\]"):
         _main(["--onnx", run.onnx, "--runtime", "onnx", "--num-iter", "65", "--out", ""])
 
@@ -374,14 +374,14 @@ def test_num_iter_beyond_the_positions_is_refused(run):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")
 def test_cuda_requested_without_torch_cuda_is_refused(run, tmp_path):
     png = tmp_path / "grid.png"
-    err = _cli_error("sample.py", "--run", run.path, "--runtime", "torch", "--device", "cuda", "--out", str(png))
+    err = _cli_error("sample.py", "--run-dir", run.path, "--runtime", "torch", "--device", "cuda", "--out", str(png))
     assert err.startswith("error: --device cuda, but torch.cuda.is_available() is False"), err
     assert not png.exists()
 
 
 def test_autocast_is_refused_on_the_cpu(run):
     with pytest.raises(ValueError, match="--autocast bf16 is for CUDA"):
-        _main(["--run", run.path, "--runtime", "torch", "--device", "cpu", "--autocast", "bf16", "--out", ""])
+        _main(["--run-dir", run.path, "--runtime", "torch", "--device", "cpu", "--autocast", "bf16", "--out", ""])
 
 
 def test_cuda_requested_without_onnxruntime_cuda_is_refused(run):
@@ -495,14 +495,15 @@ def counting_runtime(monkeypatch, calls, crash_at=None):
 
 
 def test_batched_sampling_resumes_after_a_crash_and_equals_one_run(run, tmp_path, monkeypatch):
-    argv = ["--run", run.path, "--runtime", "torch", "--num-images", "8", "--batch-size", "2", "--num-iter", "4",
+    argv = ["--run-dir", run.path, "--runtime", "torch", "--num-images", "8", "--batch-size", "2", "--num-iter", "4",
             "--cfg", "2", "--out", ""]
     _main(argv + ["--npz", str(tmp_path / "whole.npz")])
     calls, npz = [], tmp_path / "resumed.npz"
     counting_runtime(monkeypatch, calls, crash_at=3)
     with pytest.raises(KeyboardInterrupt):
         _main(argv + ["--npz", str(npz)])
-    assert sorted(os.listdir(f"{npz}.parts")) == ["batch_000000.npz", "batch_000001.npz", "settings.json"]
+    assert sorted(os.listdir(f"{npz}.parts")) == ["batch_000000.npz", "batch_000001.npz", "job.lock",
+                                                 "settings.json"]
     with pytest.raises(ValueError, match=r"holds batches sampled with other settings \(cfg\)"):
         _main(argv[:-4] + ["--cfg", "3", "--out", "", "--npz", str(npz)])
     calls.clear()
@@ -516,17 +517,24 @@ def test_batched_sampling_resumes_after_a_crash_and_equals_one_run(run, tmp_path
 
 
 def test_processes_share_the_batches_and_rank_0_writes_the_npz(run, tmp_path, monkeypatch):
-    argv = ["--run", run.path, "--runtime", "torch", "--num-images", "6", "--batch-size", "2", "--num-iter", "4",
+    argv = ["--run-dir", run.path, "--runtime", "torch", "--num-images", "6", "--batch-size", "2", "--num-iter", "4",
             "--out", ""]
     _main(argv + ["--npz", str(tmp_path / "one.npz")])
     calls, npz = [], tmp_path / "two.npz"
     counting_runtime(monkeypatch, calls)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")                       # rank 0 starts first and waits for rank 1
+    monkeypatch.setattr(deploy, "wait_for", lambda *a: (_ for _ in ()).throw(TimeoutError))
+    with pytest.raises(TimeoutError):
+        _main(argv + ["--npz", str(npz)])
+    assert calls == [0, 2]                                                  # rank 0: batches 0 and 2
     monkeypatch.setenv("RANK", "1")
-    assert _main(argv + ["--npz", str(npz)]) is None and calls == [1] and not npz.exists()
-    monkeypatch.setenv("RANK", "0")
-    _main(argv + ["--npz", str(npz)])
-    assert calls == [1, 0, 2]                                               # rank 0: batches 0 and 2
+    assert _main(argv + ["--npz", str(npz)]) is None and calls == [0, 2, 1] and not npz.exists()
+    monkeypatch.undo()
+    counting_runtime(monkeypatch, calls)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _main(argv + ["--npz", str(npz)])                     # rank 0 again: only the npz is left
+    assert calls == [0, 2, 1]
     np.testing.assert_array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(npz)["arr_0"])
 
 
@@ -534,8 +542,245 @@ def test_a_run_samples_with_its_tuned_settings_unless_told_otherwise(run, tmp_pa
     tuned = tmp_path / "tuned"
     shutil.copytree(run.path, tuned)
     (tuned / deploy.SAMPLING_FILE).write_text(json.dumps({"cfg": 3.0, "temperature": 0.8, "num_iter": 5, "fd": 1.0}))
-    argv = ["--run", str(tuned), "--out", "", "--labels", "1,2"]
+    argv = ["--run-dir", str(tuned), "--out", "", "--labels", "1,2"]
     tokens = _main(argv)
     assert "cfg 3.0, temperature 0.8, num_iter 5 (flags override)" in capsys.readouterr().out
     np.testing.assert_array_equal(tokens, _main(argv + ["--cfg", "3", "--temperature", "0.8", "--num-iter", "5"]))
     assert not np.array_equal(tokens, _main(argv + ["--cfg", "1"]))           # a flag wins
+
+
+# --- the paper's models at real size: dropout, external data, FID-scale sampling ------------------
+
+def test_export_evaluates_a_model_trained_with_dropout(tmp_path, perturb):
+    """Every ImageNet preset trains with dropout 0.1: the export must compare the graphs with the
+    model in eval mode, whatever mode its tracing wrappers are in."""
+    torch.manual_seed(0)
+    model = perturb(tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny", dropout=0.1)))
+    path = save_run(tmp_path / "run", model, tiny_vae())
+    info = export.export(path, verbose=False)
+    assert max(info["max_abs_diff"].values()) < 1e-4
+
+
+def _graph_files(folder):
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_graphs_over_the_limit_keep_their_weights_in_one_data_file(run, sampler, tmp_path, monkeypatch,
+                                                                   precision):
+    """TokenBridge-H's backbone holds 3 GB: over protobuf's 2 GB, so its weights go to one
+    external data file beside the graph. The limit lowered to 0 sends every graph there."""
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / precision
+    export.export(run.path, str(out), precision=precision, verbose=False)
+    graphs = [deploy.BACKBONE_FILE, deploy.HEAD_FILE, deploy.VAE_FILE]
+    assert _graph_files(out) == sorted(graphs + [g + deploy.DATA_SUFFIX for g in graphs] + [deploy.META_FILE])
+    assert (out / (deploy.BACKBONE_FILE + deploy.DATA_SUFFIX)).stat().st_size > 10_000
+    loaded = deploy.OnnxSampler(str(out), "cpu", threads=1)
+    tokens = loaded.sample_tokens(LABELS, num_iter=4, seed=0)
+    if precision == "fp32":  # the same graphs as the in-file export: the same tokens
+        np.testing.assert_array_equal(tokens, sampler.sample_tokens(LABELS, num_iter=4, seed=0))
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1 << 30)
+    export.export(run.path, str(out), precision=precision, verbose=False)   # re-export in one file
+    assert _graph_files(out) == sorted(graphs + [deploy.META_FILE])        # no stale data files
+
+
+def test_a_failed_export_leaves_nothing_behind(run, tmp_path):
+    fresh, earlier = tmp_path / "fresh", tmp_path / "earlier"
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        export.export(run.path, str(fresh), tolerance=1e-12, verbose=False)
+    assert not fresh.exists()
+    shutil.copytree(run.onnx, earlier)
+    before = {name: (earlier / name).read_bytes() for name in os.listdir(earlier)}
+    with pytest.raises(ValueError, match="differs from PyTorch"):
+        export.export(run.path, str(earlier), tolerance=1e-12, verbose=False)
+    assert {name: (earlier / name).read_bytes() for name in os.listdir(earlier)} == before
+
+
+def test_export_says_up_front_when_memory_is_short(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "_available_memory", lambda: 1 << 20)
+    export.export(run.path, str(tmp_path / "onnx"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("warning: exporting this model needs about") and "available" in first
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's memory map")
+def test_sampling_reads_only_the_weights_it_needs(run):
+    """Checkpoints are memory-mapped: the optimizer state of a training checkpoint (3x the weights
+    for Adam) stays in the file when a run is sampled or exported."""
+    path = os.path.realpath(os.path.join(run.path, runs.CHECKPOINT))
+    tensor = next(iter(runs.load_checkpoint(run.path)["model"].values()))
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as f:
+        mapped = [line.split()[-1] for line in f
+                  if int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16)]
+    assert mapped == [path]
+
+
+def test_raw_weights_sample_on_request(run):
+    raw, _ = runs.load_run(run.path, weights="raw")
+    assert runs.fingerprint(raw) != run.info["fingerprint"]
+    argv = ["--run-dir", run.path, "--labels", "1,2", "--num-iter", "4", "--out", ""]
+    assert not np.array_equal(_main(argv), _main(argv + ["--weights", "raw"]))
+
+
+def test_sampling_defaults_to_one_position_per_step(tmp_path, monkeypatch):
+    """The paper samples ImageNet's 256 positions in 256 steps: the default is one per step."""
+    torch.manual_seed(0)
+    model = tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny", image_size=36)).eval()   # 9x9 = 81
+    path = save_run(tmp_path / "run", model)
+    steps = []
+    monkeypatch.setattr(tb.TokenBridge, "sample_tokens", lambda self, labels, num_iter, *a, **k:
+                        steps.append(num_iter) or torch.zeros(len(labels), 81, 16, dtype=torch.long))
+    _main(["--run-dir", path, "--labels", "1", "--out", ""])
+    assert steps == [81]
+
+
+def test_npz_and_tokens_stream_batch_by_batch_as_numpy_writes_them(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    labels, tokens = np.arange(10), rng.integers(0, 64, (10, 4, 16))
+    with deploy.npz_writer(str(tmp_path / "s.npz"), 10) as add, \
+            deploy.npy_writer(str(tmp_path / "t.npy"), 10) as write:
+        for start in range(0, 10, 4):
+            add(images[start:start + 4], labels[start:start + 4])
+            write(tokens[start:start + 4])
+    np.savez(tmp_path / "whole.npz", arr_0=images, labels=labels)
+    got, want = np.load(tmp_path / "s.npz"), np.load(tmp_path / "whole.npz")
+    assert sorted(got.files) == sorted(want.files)
+    for key in want.files:
+        np.testing.assert_array_equal(got[key], want[key])
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), tokens)
+    with pytest.raises(KeyboardInterrupt):           # killed half-way: no file, no temp file
+        with deploy.npz_writer(str(tmp_path / "k.npz"), 10) as add:
+            add(images[:4], labels[:4])
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["s.npz", "t.npy", "whole.npz"]
+
+
+def _enter_parts(folder, settings):
+    with deploy.Parts(folder, settings):
+        pass
+
+
+def test_only_rank_0_writes_the_settings_of_a_parts_folder(tmp_path, monkeypatch):
+    import threading
+    written = []
+    real = deploy.write_atomic
+    monkeypatch.setattr(deploy, "write_atomic", lambda path, fn: written.append(path) or real(path, fn))
+    folder, settings = str(tmp_path / "x.npz.parts"), {"seed": 0}
+    monkeypatch.setenv("RANK", "1")
+    other = threading.Thread(target=_enter_parts, args=(folder, settings))   # waits for rank 0
+    other.start()
+    other.join(0.5)
+    assert other.is_alive() and written == []
+    monkeypatch.setenv("RANK", "0")
+    _enter_parts(folder, settings)
+    other.join(5)
+    assert not other.is_alive() and written == [os.path.join(folder, "settings.json")]
+
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, {root!r})
+import deploy
+with deploy.Parts({folder!r}, {{"seed": 0}}):
+    print("LOCKED", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl locks")
+def test_one_sampling_job_at_a_time_writes_a_parts_folder(tmp_path):
+    """A second job beside a running one stops with the holder's pid; once the holder is killed
+    (SIGKILL: no clean-up of its own), its lock is taken over."""
+    folder = str(tmp_path / "x.npz.parts")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT), folder=folder)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        with pytest.raises(ValueError, match=rf"being written by another process \(pid {holder.pid}\)"):
+            _enter_parts(folder, {"seed": 0})
+    finally:
+        holder.kill()
+        holder.wait()
+    _enter_parts(folder, {"seed": 0})
+
+
+def _torchrun_parser():
+    from torch.distributed.run import get_args_parser
+    parser = get_args_parser()
+    parser.exit = parser.error = lambda *a, **k: (_ for _ in ()).throw(ValueError(a))
+    return parser
+
+
+@pytest.mark.parametrize("script", ["sample.py", "train.py"])
+def test_every_flag_passes_through_torchrun(script):
+    """torchrun parses the whole command line and stops at an abbreviation of its own options
+    (`--run` of --run-path): every flag of the scripts run under torchrun must pass through."""
+    module = __import__(script[:-3])
+    flags = [o for a in module.get_parser()._actions for o in a.option_strings if o.startswith("--")]
+    parser = _torchrun_parser()
+    for flag in flags:
+        args = parser.parse_args(["--nproc-per-node", "2", script, flag, "x"])
+        assert args.training_script_args == [flag, "x"], flag
+    with pytest.raises(ValueError):
+        parser.parse_args(["--nproc-per-node", "2", script, "--run", "x"])   # the check is live
+
+
+def test_torchrun_samples_fid_style_as_one_process_does(run, tmp_path):
+    argv = ["--run-dir", run.path, "--num-images", "6", "--batch-size", "2", "--num-iter", "4",
+            "--cfg", "2", "--out", "", "--device", "cpu", "--threads", "1"]
+    sample.main(sample.get_parser().parse_args(argv + ["--npz", str(tmp_path / "one.npz")]))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(torchrun + ["sample.py", *argv, "--npz", str(tmp_path / "two.npz")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
+    np.testing.assert_array_equal(one["labels"], two["labels"])
+    assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]
+
+
+LAUNCHER = """
+import os, subprocess, sys, time
+worker = '''
+import sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+import deploy
+slow = lambda labels, seed: (time.sleep(0.2), (np.zeros((1, 1)), np.zeros((1, 1, 1, 3))))[1]
+deploy.sample_in_batches(slow, np.arange(300), 1, 0)
+'''
+env = dict(os.environ, TORCHELASTIC_RUN_ID="test")
+child = subprocess.Popen([sys.executable, "-c", worker], env=env, start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_a_rank_stops_when_its_launcher_is_killed(tmp_path):
+    """torchrun starts its workers in sessions of their own: a kill of the launcher must not leave
+    a rank sampling (and writing) on its own."""
+    import signal
+    import time
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(root=str(ROOT))],
+                                stdout=subprocess.PIPE, text=True)
+    worker = int(launcher.stdout.readline())
+    time.sleep(3)                                       # the worker is sampling
+    assert _alive(worker)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 20
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker)
