@@ -3,6 +3,7 @@
     model = load_official_tokenbridge("checkpoint-last.pth", preset="large")   # -> TokenBridge
     vae = load_ldm_vae("kl16.ckpt")                                            # -> AutoencoderKL
     python interop.py --official checkpoint-last.pth --preset large --vae kl16.ckpt --out runs/large
+    python interop.py --download large     # the same, both files fetched by their published names
 
 Both converters are plain key maps checked both ways: every source key lands on exactly one
 target tensor of the same shape and every target tensor is filled, or a ValueError names the
@@ -25,6 +26,23 @@ KL16_SCALING = 0.2325  # MAR's latent scaling for kl16
 # Sampling settings of the released models (official README): cfg, temperature, steps.
 RELEASED_SAMPLING = {"large": dict(cfg=3.1, temperature=0.96, num_iter=256),
                      "huge": dict(cfg=3.45, temperature=0.91, num_iter=256)}
+
+# Where the released files are published. The official README: "Download pre-trained TokenBridge
+# models from [huggingface](https://huggingface.co/Epiphqny/TokenBridge), and save the
+# corresponding folder as pretrained_models"; its commands then read
+# pretrained_models/tokenbridge/tokenbridge_{large,huge} (+ /checkpoint-last.pth, added by
+# main_tokenbridge.py). The paths inside the repo below follow from that layout. kl16 is MAR's,
+# published at the Dropbox link of MAR's util/download.py (dl=1: the file, not its web page).
+TOKENBRIDGE_REPO = "Epiphqny/TokenBridge"
+RELEASED_CHECKPOINTS = {
+    "large": dict(repo_id=TOKENBRIDGE_REPO,
+                  filename="tokenbridge/tokenbridge_large/checkpoint-last.pth"),
+    "huge": dict(repo_id=TOKENBRIDGE_REPO,
+                 filename="tokenbridge/tokenbridge_huge/checkpoint-last.pth"),
+}
+RELEASED_KL16 = dict(filename="kl16.ckpt",
+                     url="https://www.dropbox.com/scl/fi/hhmuvaiacrarfg28qxhwz/kl16.ckpt"
+                         "?rlkey=l44xipsezc8atcffdp4q7mwmh&dl=1")
 
 
 def load_checkpoint(path):
@@ -110,6 +128,26 @@ def from_official_state_dict(state_dict, cfg):
     use_official_range(q)
     q.order.copy_(torch.tensor(OFFICIAL_ORDER[:cfg.channels]))
     return model
+
+
+# Official embeddings stored as (1, C, D) where ours are (C, D); from_official_state_dict squeezes them.
+_OFFICIAL_BATCHED = ("channel_embed", "timesteps_embeddings")
+
+
+def to_official_state_dict(model):
+    """Our TokenBridge -> an official state dict, the inverse of from_official_state_dict: the
+    stacked token tables and classifiers split per channel, the (1, C, D) embeddings, and the
+    derived tables. Other tensors share memory with the model (no copy of TokenBridge-H)."""
+    ours, C = model.state_dict(), model.config.channels
+    official = {}
+    for key, (name, index) in official_key_mapping(model.config).items():
+        # a split keeps its own storage, as each table has in an official file
+        value = ours[name] if index is None else ours[name][index].clone()
+        official[key] = value.unsqueeze(0) if key in _OFFICIAL_BATCHED else value
+    official["channel_mask"] = torch.full((C, C), float("-inf")).triu(1)  # causal: 0 on and below
+    official["reconstruction_values"] = ours["quantizer.centers"].clone()
+    official["boundaries"] = ours["quantizer.boundaries"].clone()
+    return official
 
 
 @torch.no_grad()
@@ -198,6 +236,20 @@ def from_ldm_state_dict(state_dict, **config):
     return vae
 
 
+def to_ldm_state_dict(vae):
+    """diffusers AutoencoderKL -> an LDM-layout state dict (MAR's kl16.ckpt "model"), the inverse
+    of from_ldm_state_dict. Tensors share memory with the VAE."""
+    levels, blocks = len(vae.config.block_out_channels), vae.config.layers_per_block
+    back = {ours: ldm for ldm, ours in ldm_module_renames(levels, blocks).items()}
+    ldm = {}
+    for key, value in vae.state_dict().items():
+        module, _, param = key.rpartition(".")
+        tb.require(module in back, f"AutoencoderKL: {key!r} has no place in the LDM layout")
+        # the only 2-D weights are the attention projections: LDM's 1x1 convolutions
+        ldm[f"{back[module]}.{param}"] = value[..., None, None] if value.dim() == 2 else value
+    return ldm
+
+
 def ldm_config_from_state_dict(state_dict):
     """Read ch, ch_mult, res blocks, attention levels and latent size off an LDM VAE's keys."""
     ch = state_dict["encoder.conv_in.weight"].shape[0]
@@ -246,14 +298,64 @@ def import_official(checkpoint, preset, vae=None, out=None):
     return out
 
 
+def download_official(preset, vae=None, out=None):
+    """Fetch the released checkpoint of preset, and kl16 unless vae is a local file, into the
+    Hugging Face cache by their published names, then import_official them into out."""
+    if preset not in RELEASED_CHECKPOINTS:
+        raise ValueError(f"no released TokenBridge checkpoint is named {preset!r} "
+                         f"(published: {', '.join(RELEASED_CHECKPOINTS)})")
+    checkpoint = fetch_released(RELEASED_CHECKPOINTS[preset],
+                                f"pass --official PATH --preset {preset} --vae KL16_PATH")
+    if vae is None:  # both files before any conversion: a failed download costs no conversion
+        vae = fetch_released(RELEASED_KL16, f"pass --vae PATH (with --download {preset})")
+    return import_official(checkpoint, preset, vae, out)
+
+
+def fetch_released(entry, fix):
+    """One released file (an entry of the tables above) -> its local path: from the Hugging Face
+    hub into its cache, or from a plain URL into torch's hub folder, each fetched once. Any
+    failure is one ValueError: the file, where to get it by hand, and fix."""
+    repo_id, filename = entry.get("repo_id"), entry["filename"]
+    url = entry.get("url") or f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+    try:
+        if repo_id:
+            from huggingface_hub import hf_hub_download  # only this step needs the hub client
+            return hf_hub_download(repo_id, filename)
+        return _download(url, filename)
+    # Offline, no such repo or file, HTTP or storage errors, no client: one remedy for all, and
+    # the hub client's exception classes differ between its versions.
+    except Exception as e:
+        listing = f" (files: https://huggingface.co/{repo_id}/tree/main)" if repo_id else ""
+        raise ValueError(f"could not download {filename} ({type(e).__name__}); download {url} "
+                         f"by hand{listing} and {fix}") from e
+
+
+def _download(url, filename):
+    path = os.path.join(torch.hub.get_dir(), "tokenbridge", filename)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path)  # a temp file renamed once complete
+    return path
+
+
 def main(args):
-    import_official(args.official, args.preset, args.vae, args.out)
+    if args.download:
+        if args.preset not in (None, args.download):
+            raise ValueError(f"--download {args.download} names the model size; drop --preset")
+        download_official(args.download, args.vae, args.out)
+    else:
+        import_official(args.official, args.preset or "large", args.vae, args.out)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Convert released TokenBridge weights (and kl16) into a run folder.")
-    p.add_argument("--official", required=True, help="official checkpoint-last.pth")
-    p.add_argument("--preset", choices=sorted(RELEASED_SAMPLING), default="large", help="its model size")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--official", help="official checkpoint-last.pth, a local file")
+    source.add_argument("--download", choices=list(RELEASED_CHECKPOINTS),
+                        help="fetch the released checkpoint of this size (and kl16, unless --vae) "
+                             "from Hugging Face by its published name, then convert it")
+    p.add_argument("--preset", choices=sorted(RELEASED_SAMPLING),
+                   help="the model size of --official (default large)")
     p.add_argument("--vae", help="MAR's kl16.ckpt (LDM layout), converted to a diffusers AutoencoderKL")
     p.add_argument("--out", help="run folder to write (default runs/official-PRESET)")
     try:

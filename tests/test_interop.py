@@ -2,6 +2,7 @@
 (tests/data/*_reference.pt, copied from shared/interop) and its state-dict key lists."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,13 +168,13 @@ def test_released_weights_sample_and_export_from_the_command_line(tmp_path):
     run = tmp_path / "run"
     args = sample.get_parser().parse_args(
         ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--vae", str(tmp_path / "kl.ckpt"),
-         "--run", str(run), "--num-images", "2", "--num-iter", "2", "--out", str(tmp_path / "grid.png")])
+         "--run-dir", str(run), "--num-images", "2", "--num-iter", "2", "--out", str(tmp_path / "grid.png")])
     tokens = sample.main(args)
     assert tokens.shape == (2, 64, 16) and (tmp_path / "grid.png").is_file()
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert saved["config"]["official_compat"] and (run / "vae" / "config.json").is_file()
     export.main(export.get_parser().parse_args(
-        ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--run", str(run)]))
+        ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--run-dir", str(run)]))
     assert (run / "onnx" / "head_step.onnx").is_file() and (run / "onnx" / "vae_decoder.onnx").is_file()
 
 
@@ -185,3 +186,133 @@ def test_official_range_is_the_fixed_affine_map():
     differ = q.quantize(x) != expected
     midpoints = (q.centers[1:] + q.centers[:-1]) / 2                 # only float near-ties may differ
     assert differ.sum() <= 4 and ((u[differ].unsqueeze(-1) - midpoints).abs().min(-1).values < 1e-5).all()
+
+
+# --- download by the published names (the hub client is replaced: nothing touches the network) --
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """hub(files, fail=()): hf_hub_download answers from files {filename: local path} and raises
+    the exception given for a filename in fail; the real client stays offline in a tmp cache."""
+    import huggingface_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    calls = []
+
+    def install(files, fail=None):
+        def fake(repo_id, filename, **kwargs):
+            calls.append((repo_id, filename))
+            if fail and filename in fail:
+                raise fail[filename]
+            return str(files[filename])
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+        return calls
+    return install
+
+
+def test_download_converts_the_fetched_files_into_a_loadable_run(hub, monkeypatch, tmp_path):
+    import argparse
+    import runs
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
+    torch.save({"model_ema": ref["state_dict"], "args": argparse.Namespace(model="tiny")},
+               tmp_path / "checkpoint-last.pth")
+    vae = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
+    torch.save({"model": vae["model"]}, tmp_path / "kl16-source.ckpt")
+    monkeypatch.setitem(interop.RELEASED_CHECKPOINTS, "tiny",
+                        dict(repo_id="test/tiny", filename="tiny/checkpoint-last.pth"))
+    calls = hub({"tiny/checkpoint-last.pth": tmp_path / "checkpoint-last.pth"})
+    fetched = []
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, path: fetched.append(url)
+                        or shutil.copy(tmp_path / "kl16-source.ckpt", path))
+    for _ in range(2):  # the second time from the caches
+        run = interop.download_official("tiny", out=str(tmp_path / "run"))
+    assert calls == [("test/tiny", "tiny/checkpoint-last.pth")] * 2
+    assert fetched == [interop.RELEASED_KL16["url"]]
+    model, ckpt = runs.load_run(run)
+    assert ckpt["config"]["official_compat"] and runs.has_vae(run)
+    torch.testing.assert_close(model.backbone.mask_token, ref["state_dict"]["mask_token"])
+
+
+@pytest.mark.parametrize("error", ["LocalEntryNotFoundError", "EntryNotFoundError",
+                                   "ConnectionError"])
+def test_download_failure_says_what_to_fetch_by_hand(hub, error):
+    """Offline (what the hub client raises then), no such file, no network at all."""
+    import huggingface_hub.errors
+    exc = ConnectionError if error == "ConnectionError" else getattr(huggingface_hub.errors, error)
+    ckpt = interop.RELEASED_CHECKPOINTS["large"]["filename"]
+    hub({}, fail={ckpt: exc("offline")})
+    with pytest.raises(ValueError) as info:
+        interop.download_official("large", vae="kl16.ckpt")
+    message = str(info.value)
+    assert "\n" not in message and f"could not download {ckpt} ({error})" in message
+    assert f"https://huggingface.co/Epiphqny/TokenBridge/resolve/main/{ckpt}" in message
+    assert "--official PATH --preset large" in message
+
+
+def test_kl16_download_failure_points_to_mars_link(hub, tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(url, path):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    hub({interop.RELEASED_CHECKPOINTS["huge"]["filename"]: tmp_path / "unused.pth"})
+    with pytest.raises(ValueError, match=r"could not download kl16\.ckpt \(URLError\); download "
+                                         r"https://www\.dropbox\.com/.*kl16\.ckpt.* by hand and "
+                                         r"pass --vae PATH \(with --download huge\)$"):
+        interop.download_official("huge")
+
+
+def test_download_of_an_unpublished_name_is_refused(hub):
+    calls = hub({})
+    with pytest.raises(ValueError, match=r"no released TokenBridge checkpoint is named 'medium' "
+                                         r"\(published: large, huge\)"):
+        interop.download_official("medium")
+    assert calls == []
+
+
+# --- the inverse converters (rehearse.py writes official-format files with them) -----------------
+
+def test_official_state_dict_round_trips(perturb):
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)["state_dict"]
+    back = interop.to_official_state_dict(interop.from_official_state_dict(ref, interop.official_config("tiny")))
+    assert set(back) == set(ref)
+    for key, value in ref.items():   # the derived tables are recomputed: float rounding only
+        assert back[key].shape == value.shape, key
+        torch.testing.assert_close(back[key], value, rtol=0, atol=1e-5 if key in interop._DERIVED else 0)
+    model = interop.from_official_state_dict(ref, interop.official_config("tiny"))
+    perturb(model)
+    again = interop.from_official_state_dict(interop.to_official_state_dict(model), model.config)
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("name, preset", [("tokenbridge_large", "large"), ("tokenbridge_huge", "huge")])
+def test_official_state_dict_has_the_official_keys_and_shapes(name, preset):
+    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())[name]["shapes"]
+    with torch.device("meta"):
+        official = interop.to_official_state_dict(tb.TokenBridge(interop.official_config(preset)))
+    assert {k: list(v.shape) for k, v in official.items()} == shapes
+
+
+def test_ldm_state_dict_round_trips(perturb):
+    from diffusers import AutoencoderKL
+    ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
+    config = interop.ldm_config_from_state_dict(ref["model"])
+    back = interop.to_ldm_state_dict(interop.from_ldm_state_dict(ref["model"], **config))
+    assert set(back) == set(ref["model"]) and all(torch.equal(back[k], ref["model"][k]) for k in back)
+    vae = perturb(AutoencoderKL(**interop.ldm_vae_config(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+                                                         resolution=32, attn_levels=(2,))))
+    ldm = interop.to_ldm_state_dict(vae)
+    again = interop.from_ldm_state_dict(ldm, **interop.ldm_config_from_state_dict(ldm)).state_dict()
+    assert set(again) == set(vae.state_dict())
+    assert all(torch.equal(again[k], v) for k, v in vae.state_dict().items())
+
+
+def test_ldm_state_dict_has_kl16s_keys_and_shapes():
+    from diffusers import AutoencoderKL
+    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())["mar_kl16_vae"]["shapes"]
+    with torch.device("meta"):
+        ldm = interop.to_ldm_state_dict(AutoencoderKL(**interop.ldm_vae_config()))
+    assert {k: list(v.shape) for k, v in ldm.items()} == shapes
