@@ -347,18 +347,22 @@ def main(args):
         import_official(args.official, args.preset or "large", args.vae, args.out)
 
 
-if __name__ == "__main__":
+def get_parser():
     p = argparse.ArgumentParser(description="Convert released TokenBridge weights (and kl16) into a run folder.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--official", help="official checkpoint-last.pth, a local file")
     source.add_argument("--download", choices=list(RELEASED_CHECKPOINTS),
                         help="fetch the released checkpoint of this size (and kl16, unless --vae) "
-                             "from Hugging Face by its published name, then convert it")
-    p.add_argument("--preset", choices=sorted(RELEASED_SAMPLING),
-                   help="the model size of --official (default large)")
+                             "from its published home, then convert it")
+    p.add_argument("--preset", choices=sorted(tb.PRESETS),
+                   help="the model size of --official (default large; the released ones: large, huge)")
     p.add_argument("--vae", help="MAR's kl16.ckpt (LDM layout), converted to a diffusers AutoencoderKL")
     p.add_argument("--out", help="run folder to write (default runs/official-PRESET)")
+    return p
+
+
+if __name__ == "__main__":
     try:
-        main(p.parse_args())
+        main(get_parser().parse_args())
     except ValueError as e:
         sys.exit(f"error: {e}")
