@@ -24,10 +24,8 @@ batch at a time. Writes the four numbers (and what they were computed from) to a
 """
 import argparse
 import contextlib
-import math
 import os
 import sys
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -206,38 +204,26 @@ def feature_statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def matrix_sqrt(a):
-    # ADM asks for sqrtm(..., disp=False): no warning printed, the result judged by finiteness only
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return scipy.linalg.sqrtm(a)
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr sqrtm(S1 S2), in float64.
 
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) in float64."""
+    Tr sqrtm(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2, which equal those
+    of the symmetric S1^1/2 S2 S1^1/2: ADM's number (it takes the trace of scipy.linalg.sqrtm)
+    from two symmetric eigendecompositions, seconds where sqrtm takes 90 s at 2048 dimensions on
+    2 cores. Round-off leaves tiny negative eigenvalues, which count as 0."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1 = np.atleast_2d(sigma1).astype(np.float64)
     sigma2 = np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"means and covariances disagree in shape: {mu1.shape}, {sigma1.shape}, "
                          f"{mu2.shape}, {sigma2.shape}")
-    covmean = matrix_sqrt(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # ADM's guard, only for a non-finite root (not, as pytorch-fid, for a singular product)
-        warnings.warn(f"sqrtm(S1 S2) is not finite; adding {eps} to the covariances' diagonals",
-                      stacklevel=2)
-        offset = np.eye(len(sigma1)) * eps
-        covmean = matrix_sqrt((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # round-off gives a tiny imaginary part; a large one: broken input
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(S1 S2) has imaginary parts up to "
-                             f"{np.abs(covmean.imag).max():.3g}: degenerate covariances")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    fid = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-    if not math.isfinite(fid):  # ADM would print nan; a JSON number cannot be nan
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
         raise ValueError("FID is not finite: the covariances hold NaN or inf")
-    return fid
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                              # S1^1/2
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,23 +51,16 @@ def test_frechet_distance_of_gaussians_with_commuting_covariances():
     assert got == pytest.approx(expected, rel=1e-9)
 
 
-def test_frechet_distance_adds_eps_only_for_a_non_finite_root(monkeypatch):
-    # A singular product whose root scipy finds (zero here): ADM keeps it, where pytorch-fid
-    # would nudge the diagonals (and give 2 - 4 sqrt(eps), not 2).
-    s1, s2 = np.diag([1.0, 0.0]), np.diag([0.0, 1.0])
-    assert evaluate.frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == 2.0
-
-    # A non-finite root: retried on (S1 + eps I)(S2 + eps I), with a warning.
-    calls, sqrtm = [], scipy.linalg.sqrtm
-    def flaky(a):
-        calls.append(a)
-        return np.full_like(a, np.nan) if len(calls) == 1 else sqrtm(a)
-    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky)
-    a, b, eps = np.array([1.0, 2.0]), np.array([3.0, 0.5]), 1e-2
-    with pytest.warns(UserWarning, match="not finite"):
-        got = evaluate.frechet_distance(np.zeros(2), np.diag(a), np.ones(2), np.diag(b), eps)
-    expected = 2 + a.sum() + b.sum() - 2 * np.sqrt((a + eps) * (b + eps)).sum()
-    assert len(calls) == 2 and got == pytest.approx(expected, rel=1e-12)
+def test_frechet_distance_equals_adms_matrix_square_root():
+    """ADM takes the trace of scipy.linalg.sqrtm(S1 S2); the eigenvalues give the same number."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 12)), rng.normal(size=(30, 12)) @ rng.normal(size=(12, 12))
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    mu1, mu2 = x.mean(0), y.mean(0)
+    adm = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(adm, rel=1e-9)
+    # a singular product: the root is zero, nothing is added to the diagonals
+    assert evaluate.frechet_distance(np.zeros(2), np.diag([1.0, 0]), np.zeros(2), np.diag([0, 1.0])) == 2.0
 
 
 # ---------------------------------------------------------------------------------------------
