@@ -1,0 +1,316 @@
+"""The README and docs/*.md say what runs: every `python X.py ...` and `torchrun ... X.py ...`
+line of their ```bash blocks, and every such inline code span, parses with that script's own
+argparse parser (get_parser(), and torchrun's for torchrun lines), flags spelled out in full, no
+placeholder; the README stays within 15,000 characters; every relative link points to a file
+(and heading) that exists.
+
+Parsing never runs a script, so the whole file takes seconds. Each check also has a test that
+hands it a broken command or page and expects it to fail (the last section).
+"""
+import contextlib
+import functools
+import importlib
+import io
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+MAX_README_CHARS = 15_000
+TEST_COMMAND = "python -m pytest -q tests"      # what .ci/run runs, and what the README tells
+PYTHONS = {"python", "python3"}
+OPERATORS = {"&&", "||", ";", "|", "&", ";;"}
+# what a reader would have to replace before a command runs: `...`, FLAGS, RUN, DIR, <path>
+PLACEHOLDER = re.compile(r"\.\.\.|^[A-Z][A-Z0-9_]*$|^<.*>$")
+# `python X.py ...` or `torchrun ... X.py ...` in single backticks
+INLINE_COMMAND = r"(?<!`)`((?:python3? [\w./-]+\.py|torchrun [^`]*?\.py)\b[^`]*)`(?!`)"
+SCRIPTS_THE_README_RUNS = {"train.py", "sample.py", "export.py", "interop.py", "evaluate.py"}
+
+
+# --- reading the pages -------------------------------------------------------------------------
+
+def bash_blocks(text):
+    """(first line number, body) of every ```bash (sh, shell) fenced block."""
+    blocks = []
+    for m in re.finditer(r"^```(?:bash|sh|shell)[ \t]*\n(.*?)^```", text, re.M | re.S):
+        blocks.append((text.count("\n", 0, m.start(1)) + 1, m.group(1)))
+    return blocks
+
+
+def command_lines(start, body):
+    """(line number, text) of each command of a block, backslash continuations joined."""
+    lines, pending, first = [], "", start
+    for number, line in enumerate(body.splitlines(), start):
+        if not pending:
+            first = number
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        lines.append((first, pending + line))
+        pending = ""
+    if pending:
+        lines.append((first, pending))
+    return lines
+
+
+def simple_commands(line):
+    """A shell line -> its simple commands as token lists (comments dropped, split at && ; | ...,
+    leading VAR=value assignments dropped)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    commands, current = [], []
+    for token in lexer:
+        if token in OPERATORS:
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    commands.append(current)
+    result = []
+    for tokens in commands:
+        tokens = drop_redirections(tokens)
+        while tokens and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0]):
+            tokens = tokens[1:]
+        if tokens:
+            result.append(tokens)
+    return result
+
+
+def drop_redirections(tokens):
+    """`> log`, `2>&1`, `< in`: shell plumbing, not arguments."""
+    kept, skip = [], False
+    for i, token in enumerate(tokens):
+        if skip:
+            skip = False
+        elif re.fullmatch(r"[<>]+&?", token):
+            if kept and kept[-1].isdigit() and i > 0 and tokens[i - 1] == kept[-1]:
+                kept.pop()
+            skip = True
+        else:
+            kept.append(token)
+    return kept
+
+
+def is_project_command(tokens):
+    """`python X.py ...` or `torchrun ...`; pip, git, curl, `python -m pytest` are not."""
+    if tokens[0] == "torchrun":
+        return True
+    return Path(tokens[0]).name in PYTHONS and len(tokens) > 1 and tokens[1].endswith(".py")
+
+
+def inline_commands(text):
+    """(line number, text) of every `python X.py ...` / `torchrun ... X.py ...` code span of
+    the prose."""
+    prose = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.M | re.S)
+    return [(prose.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split()))
+            for m in re.finditer(INLINE_COMMAND, prose)]
+
+
+def project_commands(path):
+    """(page:line, command text, tokens) of every project command in path's bash blocks and
+    inline code spans."""
+    text = path.read_text()
+    lines = [line for start, body in bash_blocks(text) for line in command_lines(start, body)]
+    found = []
+    for number, line in lines + inline_commands(text):
+        for tokens in simple_commands(line):
+            if is_project_command(tokens):
+                found.append((f"{path.relative_to(ROOT)}:{number}", shlex.join(tokens), tokens))
+    return found
+
+
+# --- the checks --------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def script_parser_factory(script):
+    """The script's get_parser (a fresh parser per call), or an AssertionError saying what is
+    wrong."""
+    path = ROOT / script
+    assert path.parent == ROOT and path.is_file(), f"{script} is not a script of this project"
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(path.stem)
+    assert callable(getattr(module, "get_parser", None)), \
+        f"{script} has no get_parser() (scripts build their argparse parser there)"
+    return module.get_parser
+
+
+def parse(parser, argv, what):
+    """parser.parse_args(argv), which must not exit; its error message becomes the failure."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return parser.parse_args(argv)
+        except SystemExit:
+            lines = stderr.getvalue().strip().splitlines() or ["exited"]
+            raise AssertionError(f"{what} {shlex.join(argv)!r}: {lines[-1]}") from None
+
+
+def check_command(tokens):
+    """One project command: its placeholders, its launcher's flags and its script's flags."""
+    bad = [t for t in tokens if PLACEHOLDER.search(t)]
+    assert not bad, f"placeholder(s) {bad} in: {shlex.join(tokens)}"
+    if tokens[0] == "torchrun":
+        from torch.distributed.run import get_args_parser
+        launcher = parse(get_args_parser(), tokens[1:], "torchrun")  # as torchrun reads it
+        script, argv = launcher.training_script, launcher.training_script_args
+        assert not launcher.module and not launcher.no_python, "torchrun -m / --no-python"
+    else:
+        script, argv = tokens[1], tokens[2:]
+    parser = script_parser_factory(script)()
+    if "-h" in argv or "--help" in argv:
+        return
+    parser.allow_abbrev = False  # a page spells every flag out (torchrun reads --run as --run-path)
+    parse(parser, argv, script)
+
+
+def check_size(text):
+    assert len(text) <= MAX_README_CHARS, \
+        f"README.md has {len(text):,} characters (at most {MAX_README_CHARS:,})"
+
+
+def slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def headings(prose):
+    """The anchors of a page's headings (code blocks already removed)."""
+    return {slug(h) for h in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", prose, re.M)}
+
+
+def anchors(path):
+    return headings(re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S))
+
+
+def broken_links(text, base):
+    """Relative links (markdown, reference-style, <img src>) of a page in folder base whose file,
+    or whose #heading, does not exist; links inside code are not links."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    targets = (re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose)
+               + re.findall(r"^\s*\[[^\]]+\]:\s*(\S+)", prose, re.M)
+               + re.findall(r"<img[^>]*\bsrc=\"([^\"]+)\"", prose))
+    broken = []
+    for target in targets:
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        path = (base / file) if file else None
+        if path is not None and not path.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and (path is None or path.suffix == ".md"):
+            names = anchors(path) if path is not None else headings(prose)
+            if anchor not in names:
+                broken.append(f"{target} (no heading #{anchor})")
+    return broken
+
+
+# --- the pages ---------------------------------------------------------------------------------
+
+COMMANDS = [c for page in PAGES for c in project_commands(page)]
+
+
+@pytest.mark.parametrize("where, text, tokens", COMMANDS,
+                         ids=[f"{where} {text[:60]}" for where, text, _ in COMMANDS])
+def test_command_parses(where, text, tokens):
+    check_command(tokens)
+
+
+def test_readme_shows_every_step():
+    """The extraction finds the README's commands (an empty list would pass the test above)."""
+    commands = project_commands(README)
+    scripts = {tokens[1] for _, _, tokens in commands if tokens[0] != "torchrun"}
+    missing = sorted(SCRIPTS_THE_README_RUNS - scripts)
+    assert not missing, f"the README has no command for {missing}"
+    assert any(tokens[0] == "torchrun" for _, _, tokens in commands), "no torchrun command"
+
+
+def test_readme_size():
+    check_size(README.read_text())
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_links_resolve(page):
+    assert not broken_links(page.read_text(), page.parent)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    blocks = bash_blocks(README.read_text())
+    lines = [line.strip() for start, body in blocks for _, line in command_lines(start, body)]
+    assert TEST_COMMAND in lines, f"the README does not give `{TEST_COMMAND}`"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert TEST_COMMAND in ci, f".ci/run does not run `{TEST_COMMAND}`"
+
+
+# --- each check fails when it should -----------------------------------------------------------
+
+@pytest.mark.parametrize("line", [
+    "python sample.py --run runs/demo",                          # abbreviation of --run-dir
+    "python sample.py --run-dir runs/demo --no-such-flag",      # unknown flag
+    "python sample.py --run-dir runs/demo --cfg high",          # wrong type
+    "python sample.py --run-dir runs/demo --runtime tensorrt",  # not a choice
+    "python export.py --run-dir runs/demo --fp16 --int8",       # mutually exclusive
+    "python evaluate.py --samples s.npz",                       # a required flag missing
+    "python train.py --data /imagenet/train FLAGS",             # placeholder
+    "python train.py --data /imagenet/train --preset large ...",
+    "python no_such_script.py --run-dir runs/demo",             # not a script of the project
+    "torchrun --nproc_per_node 2 sample.py --run runs/demo",    # torchrun: --run is its --run-path
+    "torchrun --no-such-launcher-flag 2 sample.py --run-dir runs/demo",
+    "torchrun --nproc_per_node 2 sample.py --run-dir runs/demo --bad-flag",
+])
+def test_check_command_fails_on(line):
+    [tokens] = simple_commands(line)
+    with pytest.raises(AssertionError):
+        check_command(tokens)
+
+
+def test_check_command_passes_good_lines():
+    for line in ["torchrun --nproc_per_node 8 sample.py --run-dir x --cfg 3.1 --out '' --npz a.npz",
+                 "python export.py --run-dir runs/demo --int8 --out runs/demo/onnx-int8",
+                 "python train.py --help"]:
+        [tokens] = simple_commands(line)
+        check_command(tokens)
+
+
+def test_extraction():
+    page = ("text\n```bash\npip install -r requirements.txt\npython sample.py --run-dir r \\\n"
+            "    --cfg 3  # comment\ncd x && python3 export.py --run-dir r\n```\n"
+            "```python\npython a.py\n```\n")
+    found = [line for start, body in bash_blocks(page) for line in command_lines(start, body)]
+    commands = [tokens for _, line in found for tokens in simple_commands(line)
+                if is_project_command(tokens)]
+    assert commands == [["python", "sample.py", "--run-dir", "r", "--cfg", "3"],
+                        ["python3", "export.py", "--run-dir", "r"]]
+    assert [start for start, _ in found] == [3, 4, 6]
+    prose = ("Run `python train.py --resume\n runs/demo` or "
+             "`torchrun --nproc_per_node 2 sample.py`; `sample.py`, `torchrun` and "
+             "`python -m pytest` are not commands of a script.\n")
+    assert inline_commands(prose) == [(1, "python train.py --resume runs/demo"),
+                                      (2, "torchrun --nproc_per_node 2 sample.py")]
+
+
+def test_check_size_fails_when_too_long():
+    check_size("x" * MAX_README_CHARS)
+    with pytest.raises(AssertionError):
+        check_size("x" * (MAX_README_CHARS + 1))
+
+
+def test_broken_links_are_found():
+    text = ("# Top\n[ok](README.md) [ok](#top) [web](https://example.com) `[code](nowhere.md)`\n"
+            "[gone](docs/no_such.png) ![gone](no_such.png)\n"
+            "[bad anchor](README.md#no-such-heading)\n"
+            "[bad](#nowhere)\n[ref]: missing.md\n<img src=\"missing.png\">\n")
+    assert sorted(broken_links(text, ROOT)) == sorted([
+        "docs/no_such.png (no such file)", "no_such.png (no such file)",
+        "README.md#no-such-heading (no heading #no-such-heading)", "#nowhere (no heading #nowhere)",
+        "missing.md (no such file)", "missing.png (no such file)"])
+    assert slug("Reproduce the paper's numbers with the released weights") == \
+        "reproduce-the-papers-numbers-with-the-released-weights"
