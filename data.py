@@ -4,18 +4,22 @@
     images, labels, classes, skipped = load_folder(DIR, 256)  # an ImageNet-style folder, decoded lazily
     cache = open_cache(RUN)                                   # posterior moments, memory-mapped
 
-The latent cache holds the posterior mean and std of every image under every flip, streamed to
-RUN/latents.npy (N, flips, mean|std, C, h, w) float32 and memory-mapped; RUN/latents.meta.pt,
-written last, holds its key (data, VAE, flips) and the labels: no header, no cache. Memory stays
-bounded at ImageNet scale (1.28M images, ~84 GB of moments for kl16 and 2 flips): a training
-batch, calibration (at most 50,000 latents) and validation read only their own rows.
+The latent cache holds the posterior mean and std of every image under every flip, written in
+place by every rank (start_build, fill_cache, finish_build) to RUN/latents.npy (N, flips,
+mean|std, C, h, w) float32 and memory-mapped; RUN/latents.meta.pt, written last, holds its key
+(the listed files, VAE weights, flips, image size) and the labels: no header, no cache. A killed
+build resumes from the batches it recorded; runs may share one cache (train.py --latents). Memory
+stays bounded at ImageNet scale (1.28M images, ~84 GB of moments for kl16 and 2 flips): a
+training batch, calibration (at most 50,000 latents) and validation read only their own rows.
 
 Every random draw of the data order (which images, which flip, the posterior noise) comes from a
 generator seeded by (seed, step): nothing to save, so a resumed run sees the same batches.
 """
 import functools
 import gzip
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -32,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 import runs
-from deploy import save_grid, to_uint8
+from deploy import check_launcher, save_grid, to_uint8
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -151,6 +155,23 @@ def vae_stride(vae):
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def vae_geometry(path):
+    """(stride, latent channels) of --vae PATH, read off its config (a diffusers folder) or its
+    keys (an LDM .ckpt) without building it."""
+    path = Path(path)
+    if path.suffix == ".ckpt":
+        import interop
+        state = interop.load_checkpoint(path)
+        config = interop.ldm_config_from_state_dict(state.get("model", state))
+        return 2 ** (len(config["ch_mult"]) - 1), config["embed_dim"]
+    try:
+        config = json.loads((path / "config.json").read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1), config["latent_channels"]
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"--vae {path}: not a diffusers AutoencoderKL folder (no readable config.json) "
+                         "nor an LDM .ckpt") from None
+
+
 def build_small_vae(stride, channels, width=16):
     """A small AutoencoderKL for the demo: one resolution level per factor 2 of the stride."""
     from diffusers import AutoencoderKL
@@ -259,6 +280,12 @@ def encode_moments(vae, images, batch, flip, scaling, device):
     return torch.cat(means), torch.cat(stds)
 
 
+def flip_moments(vae, images, flips, scaling, device):
+    """uint8 (b, 3, H, W) -> the cache's rows (b, F, 2, C, h, w): mean and std under each flip."""
+    return torch.stack([torch.stack(posterior_moments(vae, images, f == 1, scaling, device), 1)
+                        for f in range(flips)], 1)
+
+
 @dataclass
 class LatentCache:
     """moments (N, F, 2, C, h, w) float32, memory-mapped: [i, f, 0] is the posterior mean of image
@@ -287,15 +314,30 @@ class LatentCache:
         return idx[~torch.isin(idx, self.unreadable)]
 
 
-def cache_paths(run_dir):
+# The cache's files share one prefix: a folder's latents.*, or the file prefix that --latents
+# names. PREFIX.npy holds the moments; PREFIX.meta.pt (key, labels), written last, makes them
+# valid. While a build is under way PREFIX.build.pt holds its key and the rows done when this
+# launch started, and PREFIX.progress.R the rows rank R has written since: one line per batch,
+# "start stop unreadable-rows...", appended once the rows are on disk. So a killed build
+# resumes from its last recorded batches, and only the rows still missing need disk space.
+
+def cache_file(where, suffix):
+    """WHERE/latents{suffix} for a folder, else WHERE{suffix} (WHERE.npy names the same prefix)."""
+    where = Path(where)
+    if where.is_dir():
+        return where / f"latents{suffix}"
+    return where.with_name((where.stem if where.suffix == ".npy" else where.name) + suffix)
+
+
+def cache_paths(where):
     """The moments (an .npy file) and the header that makes them valid, written last."""
-    return Path(run_dir) / "latents.npy", Path(run_dir) / "latents.meta.pt"
+    return cache_file(where, ".npy"), cache_file(where, ".meta.pt")
 
 
-def open_cache(run_dir, key=None):
-    """The run's LatentCache, memory-mapped (nothing is read yet), or None when it is missing,
+def open_cache(where, key=None):
+    """The LatentCache at `where`, memory-mapped (nothing is read yet), or None when it is missing,
     was interrupted, or was built from other data, VAE or flips than `key` says."""
-    npy, meta_path = cache_paths(run_dir)
+    npy, meta_path = cache_paths(where)
     if not (npy.is_file() and meta_path.is_file()):
         return None
     meta = torch.load(meta_path, weights_only=True)
@@ -307,40 +349,169 @@ def open_cache(run_dir, key=None):
     return LatentCache(moments, meta["labels"], meta["unreadable"])
 
 
-def write_cache(vae, images, labels, flips, latent_shape, batch, workers, device, run_dir, key):
-    """Encode every image once (all flips of a batch together) and stream the rows to
-    RUN/latents.npy.tmp; rename it when complete, then write the header. The old cache goes
-    first, so from then until the new header exists no cache looks complete: a crash means a rebuild."""
-    npy, meta_path = cache_paths(run_dir)
-    meta_path.unlink(missing_ok=True)
-    npy.unlink(missing_ok=True)  # no longer valid, and the disk may need its space
-    shape = (len(images), flips, 2, *latent_shape)
+def listing_digest(root, files):
+    """sha256 of every listed image's path under root, size and modification time: a cache key
+    that notices an image changed, added, removed or renamed. One os.stat per file, on rank 0
+    only: ImageNet's 1.28M take seconds on a local disk, a minute or so on network storage,
+    against hours of encoding; a hashed sample would miss most single-file changes."""
+    prefix = str(Path(root) / "x")[:-1]  # as load_folder spelled the paths: "root/", or "" for "."
+    digest = hashlib.sha256()
+    for f in files:
+        try:
+            stat = os.stat(f)
+            size_time = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:  # gone since it was listed: the key says so, the encoder reads a blank
+            size_time = "missing"
+        digest.update(f"{f[len(prefix):]}\0{size_time}\n".encode())
+    return digest.hexdigest()
+
+
+def weights_digest(module):
+    """sha256 of a module's state dict: the same VAE under any path or file format is one key."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
+
+
+def start_build(where, key, shape, replace=True):
+    """Rank 0, holding the build lock: make PREFIX.npy ready for fill_cache and return how many of
+    its rows are done already, or None when a cache of this key is complete. A killed build of
+    this key and shape is resumed; a cache or build of another key is deleted first (replace)
+    or refused (a cache that other runs share)."""
+    npy, meta_path = cache_paths(where)
+    build_path = cache_file(where, ".build.pt")
+    if open_cache(where, key) is not None:
+        return None
+    keys = [torch.load(p, weights_only=True)["key"] for p in (meta_path, build_path) if p.is_file()]
+    other = next((k for k in keys if k != key), None)
+    if other is not None and not replace:
+        changed = ", ".join(sorted(f for f in key if other.get(f) != key[f]))
+        raise ValueError(f"{npy} holds latents made with other {changed}; delete "
+                         f"{cache_file(where, '.*')} or choose another --latents")
+    meta_path.unlink(missing_ok=True)  # first: until the new header, nothing looks complete
+    resumed = _resumable(where, key, shape)
+    if resumed is None:
+        for path in (build_path, npy, *_progress_files(where)):  # the disk may need their space
+            path.unlink(missing_ok=True)
+        resumed = torch.zeros(shape[0], dtype=torch.bool), set()
+    done, unreadable = resumed
     size = 4 * math.prod(shape)
-    if shutil.disk_usage(npy.parent).free < size:  # fail now, not hours into encoding
-        raise ValueError(f"the latent cache needs {size / 1e9:.1f} GB and {npy.parent} has "
-             f"{shutil.disk_usage(npy.parent).free / 1e9:.1f} GB free")
-    tmp = npy.with_name(npy.name + ".tmp")
-    loader = DataLoader(images, batch_size=batch, num_workers=workers)
-    scaling, start, unreadable = vae.config.scaling_factor, 0, []
+    # the unwritten rows of a sparse file (no st_blocks on Windows: count every row)
+    missing = size - (getattr(os.stat(npy), "st_blocks", 0) * 512 if npy.is_file() else 0)
+    free = shutil.disk_usage(npy.parent).free
+    if free < missing:  # fail now, not hours into encoding
+        raise ValueError(f"the latent cache needs {missing / 1e9:.1f} GB more and {npy.parent} has "
+                         f"{free / 1e9:.1f} GB free")
+    if not npy.is_file():
+        with open(npy, "wb") as f:  # sparse: disk space is taken as the rows are written
+            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.float32).str,
+                                                     "fortran_order": False, "shape": shape})
+            f.truncate(f.tell() + size)
+    runs.atomic_save({"key": key, "shape": list(shape), "done": done,
+                      "unreadable": torch.tensor(sorted(unreadable), dtype=torch.long)}, build_path)
+    for path in _progress_files(where):  # now counted in the build record
+        path.unlink()
+    return int(done.sum())
+
+
+def build_started(where):
+    """True while a build is under way at `where` (start_build ran, finish_build did not)."""
+    return cache_file(where, ".build.pt").is_file() and not cache_paths(where)[1].is_file()
+
+
+def fill_cache(vae, images, batch, workers, device, where, rank=0, world=1):
+    """Every rank: encode its share of the rows the build misses (all flips of a batch together),
+    write them in place and record them. The missing rows are cut into batches of `batch` from
+    the start of each gap and batch k goes to rank k % world, so a build resumed with the same
+    --encode-batch encodes every row in the same batch as a build straight through: the same
+    bytes, at any number of ranks."""
+    build = torch.load(cache_file(where, ".build.pt"), weights_only=True)
+    shape, npy = tuple(build["shape"]), cache_paths(where)[0]
+    row_bytes, offset = 4 * math.prod(shape[1:]), _data_offset(npy, shape)
+    todo = np.flatnonzero(~build["done"].numpy())
+    gaps = np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1)             # runs of missing rows
+    mine = [g[i:i + batch].tolist() for g in gaps for i in range(0, len(g), batch)][rank::world]
+    loader = DataLoader(images, batch_sampler=mine, num_workers=workers)
+    bar = tqdm(total=sum(map(len, mine)), unit="img", disable=rank != 0,
+               desc="encode" if world == 1 else f"encode (rank 0 of {world})")
+    launcher, scaling = os.getppid(), vae.config.scaling_factor
     try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.float32).str, "fortran_order": False,
-                                                     "shape": shape})
-            for pixels, readable in tqdm(loader, desc="encode", unit="batch", leave=False):
-                rows = torch.stack([torch.stack(posterior_moments(vae, pixels, flip == 1, scaling, device), 1)
-                                    for flip in range(flips)], 1)              # (b, F, 2, C, h, w)
+        with open(npy, "r+b") as f, open(cache_file(where, f".progress.{rank}"), "w") as record:
+            for idx, (pixels, readable) in zip(mine, loader):
+                check_launcher(launcher)  # a killed torchrun leaves no rank writing
+                rows = flip_moments(vae, pixels, shape[1], scaling, device)    # (b, F, 2, C, h, w)
+                f.seek(offset + idx[0] * row_bytes)                            # its rows, in place
                 f.write(rows.numpy().tobytes())
-                unreadable += (start + torch.nonzero(~readable).flatten()).tolist()
-                start += len(pixels)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, npy)
+                f.flush()
+                os.fsync(f.fileno())  # the rows are on disk before their record says so
+                unreadable = (idx[0] + torch.nonzero(~readable).flatten()).tolist()
+                record.write(" ".join(map(str, [idx[0], idx[-1] + 1, *unreadable])) + "\n")
+                record.flush()
+                bar.update(len(idx))
     except OSError as e:
-        raise ValueError(f"could not write the latent cache {npy} ({e.strerror or e})")
+        raise ValueError(f"could not write the latent cache {npy} ({e.strerror or e})") from None
     finally:
-        tmp.unlink(missing_ok=True)
-    runs.atomic_save({"key": key, "shape": list(shape), "labels": labels.clone(),
-                 "unreadable": torch.tensor(unreadable, dtype=torch.long)}, meta_path)
+        bar.close()
+
+
+def finish_build(where, labels):
+    """Rank 0, once every rank has filled its share: write the header that makes the cache valid,
+    then drop the build's records."""
+    npy, meta_path = cache_paths(where)
+    build_path = cache_file(where, ".build.pt")
+    build = torch.load(build_path, weights_only=True)
+    done, unreadable = _rows_done(where, build)
+    if not done.all():
+        missing = int((~done).sum())
+        raise ValueError(f"the latent cache {npy} misses {missing} rows after every rank finished")
+    runs.atomic_save({"key": build["key"], "shape": build["shape"], "labels": labels.clone(),
+                      "unreadable": torch.tensor(sorted(unreadable), dtype=torch.long)}, meta_path)
+    for path in (build_path, *_progress_files(where)):
+        path.unlink()
+
+
+def _progress_files(where):
+    prefix = cache_file(where, ".progress.")
+    return sorted(p for p in prefix.parent.iterdir() if p.name.startswith(prefix.name))
+
+
+def _rows_done(where, build):
+    """(done (N,) bool, unreadable rows): the build record's, plus every line of the progress
+    records; a line cut short by a kill has no newline and does not count."""
+    done, unreadable = build["done"].clone(), set(build["unreadable"].tolist())
+    for path in _progress_files(where):
+        for line in path.read_text().splitlines(keepends=True):
+            if line.endswith("\n"):
+                start, stop, *bad = map(int, line.split())
+                done[start:stop] = True
+                unreadable.update(bad)
+    return done, unreadable
+
+
+def _resumable(where, key, shape):
+    """(done, unreadable) of a killed build of this key and shape, or None."""
+    npy, build_path = cache_paths(where)[0], cache_file(where, ".build.pt")
+    if not (build_path.is_file() and npy.is_file()):
+        return None
+    build = torch.load(build_path, weights_only=True)
+    if build["key"] != key or tuple(build["shape"]) != shape or _data_offset(npy, shape) is None:
+        return None
+    return _rows_done(where, build)
+
+
+def _data_offset(npy, shape):
+    """Where the rows of an .npy start, or None unless it is a float32 array of `shape`, whole."""
+    try:
+        with open(npy, "rb") as f:
+            np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0(f)
+            offset = f.tell()
+    except (OSError, ValueError):
+        return None
+    whole = os.path.getsize(npy) == offset + 4 * math.prod(shape)
+    return offset if whole and header == (tuple(shape), False, np.dtype(np.float32)) else None
 
 
 # ---------------------------------------------------------------------------------------------

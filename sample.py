@@ -36,7 +36,8 @@ def onnx_runtime(args, device_id):
         latents = sampler.unpatchify(sampler.dequantize(tokens))
         images = to_uint8(sampler.decode(latents)) if sampler.vae else latent_preview(latents, sampler.stride)
         return tokens, images
-    return sampler.config["num_classes"], sampler.N, sampler.meta["fingerprint"], sample
+    unconditional = sampler.config["label_drop_prob"] >= 1.0  # TokenBridgeConfig.unconditional
+    return sampler.config["num_classes"], unconditional, sampler.N, sampler.meta["fingerprint"], sample
 
 
 def torch_runtime(args, device_id):
@@ -66,7 +67,8 @@ def torch_runtime(args, device_id):
             else:
                 images = data.decode(vae, latents)
         return tokens.cpu().numpy(), images
-    return model.config.num_classes, model.config.seq_len, runs.fingerprint(model), sample
+    config = model.config
+    return config.num_classes, config.unconditional, config.seq_len, runs.fingerprint(model), sample
 
 
 def main(args):
@@ -82,10 +84,13 @@ def main(args):
                          if args.runtime == "onnx" else
                          "--runtime torch needs --run-dir RUN (a folder with checkpoint.pt)")
     _, world, local_rank = process_slot()
-    classes, positions, weights, sample = (onnx_runtime if args.runtime == "onnx" else torch_runtime)(args, local_rank)
-    # default: every class as often as the others (50 each for FID-50K on ImageNet); the null class
-    labels = np.arange(args.num_images, dtype=np.int64) % classes if given_labels is None else given_labels
-    labels = np.full(args.num_images, classes, np.int64) if args.unconditional else check_labels(labels, classes)
+    runtime = onnx_runtime if args.runtime == "onnx" else torch_runtime
+    classes, unconditional, positions, weights, sample = runtime(args, local_rank)
+    if unconditional or args.unconditional:  # the null class
+        labels = np.full(args.num_images, classes, np.int64)
+    else:  # default: every class as often as the others (50 each for FID-50K on ImageNet)
+        labels = np.arange(args.num_images, dtype=np.int64) % classes if given_labels is None else given_labels
+        labels = check_labels(labels, classes)
     # one position per step by default: the paper's 256 steps for ImageNet's 256 positions
     num_iter = positions if args.num_iter is None else args.num_iter
     if not 1 <= num_iter <= positions:

@@ -197,6 +197,12 @@ class TokenBridgeConfig:
             require(width % heads == 0, f"{part}_width {width} must be divisible by {part}_heads {heads}")
 
     @property
+    def unconditional(self):
+        """Every training label dropped to the null class: a model of p(x) (a one-class folder,
+        or train.py --unconditional); it samples with the null class."""
+        return self.label_drop_prob >= 1.0
+
+    @property
     def grid(self):
         return self.image_size // self.vae_stride
 
@@ -233,7 +239,7 @@ PRESETS = {
                                  head_width=256, head_depth=2, head_heads=8),
     # the paper reports L and H; B is MAR-B's backbone with a proportionally smaller head
     "base": _imagenet(encoder_width=768, encoder_depth=12, encoder_heads=12, decoder_width=768,
-                      decoder_depth=12, decoder_heads=12, head_width=768, head_depth=3, head_heads=8),
+                      decoder_depth=12, decoder_heads=12, head_width=768, head_depth=4, head_heads=8),
     "large": _imagenet(encoder_width=1024, encoder_depth=16, encoder_heads=16, decoder_width=1024,
                        decoder_depth=16, decoder_heads=16, head_width=1024, head_depth=4, head_heads=8),
     "huge": _imagenet(encoder_width=1280, encoder_depth=20, encoder_heads=16, decoder_width=1280,
@@ -637,12 +643,14 @@ class TokenBridge(nn.Module):
 
     @torch.no_grad()
     def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
-                      cfg_schedule="linear", position_order="random", confidence_noise=1.0):
+                      cfg_schedule="linear", position_order="random", confidence_noise=1.0,
+                      on_step=None):
         """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,): classes,
         or num_classes for unconditional samples (guidance leaves the null class unchanged).
         Every random number comes from numpy.random.default_rng(seed), in this sequence:
         random order: one permutation of N per image; then per step: uniforms (B, N, C) for the
         channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
+        on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown).
         """
         device = next(self.parameters()).device
         labels = torch.as_tensor(labels, device=device)
@@ -691,6 +699,8 @@ class TokenBridge(nn.Module):
                 new = new[chosen[candidates]]
             tokens[chosen] = new
             mask = mask & ~chosen
+            if on_step is not None:  # copies: a watcher cannot change the sampling
+                on_step(s, tokens.clone(), mask.clone())
         return tokens
 
     @torch.no_grad()

@@ -20,12 +20,14 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import copy
 import functools
 import gc
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,17 +39,20 @@ import data
 import quality
 import runs
 import tokenbridge as tb
-from deploy import SAMPLING_FILE
-from training import (TrainingLoss, barrier, lr_at, make_optimizer, make_thread_invariant, recipe_summary,
-                      resolve_recipe, rng_state, sample_grid, set_rng_state, set_threads, setup_distributed,
-                      train_step, update_ema, validation_bits)
+from deploy import SAMPLING_FILE, check_launcher, exclusive
+from training import (PRECISIONS, TrainingLoss, barrier, loss_scaler, lr_at, make_optimizer,
+                      make_thread_invariant, recipe_summary, resolve_recipe, rng_state, sample_grid,
+                      set_rng_state, set_threads, setup_distributed, train_step, update_ema,
+                      validation_bits)
 
 # Flags that may differ on --resume: where and how this launch runs, and what the sample grid
 # shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
+# --latents moves the cache, whose key says what it holds; --encode-batch only sizes VAE calls.
+METRICS_FILE = "metrics.json"  # a run's end: "complete" once its last checkpoint is written
 RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers", "save_every", "sample_every",
-                "num_iter", "cfg", "temperature"}
+                "num_iter", "cfg", "temperature", "grid_per_class", "sweep", "latents", "encode_batch"}
 # The smallest value of each numeric flag: below it the run would fail late or do nothing.
-LOWER_BOUNDS = {"steps": 1, "batch": 1, "micro_batch": 1, "warmup_epochs": 0, "save_every": 1, "sample_every": 0,
+LOWER_BOUNDS = {"grid_per_class": 0, "steps": 1, "batch": 1, "micro_batch": 1, "warmup_epochs": 0, "save_every": 1, "sample_every": 0,
                 "stop_after": 0, "val_size": 0, "vae_steps": 1, "vae_batch": 1, "encode_batch": 1, "workers": 0,
                 "threads": 0, "head_positions": 0, "num_iter": 1, "cfg": 0, "temperature": 0, "grad_clip": 0,
                 "weight_decay": 0, "vae_kl": 0}
@@ -76,9 +81,14 @@ def train(args, given, dist_info, device):
     rank0, world, started = dist_info["rank"] == 0, dist_info["world"], time.time()
     if args.resume:
         ckpt, horizon = resume_args(args, given)
-        args = argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in RUNTIME_KEYS}, "out": args.resume})
+        runtime = {k: getattr(args, k) for k in RUNTIME_KEYS}
+        if "latents" not in given:  # the run's own cache, not a new one encoded into the run folder
+            runtime["latents"] = ckpt["args"].get("latents")
+        args = argparse.Namespace(**{**ckpt["args"], **runtime, "out": args.resume})
     else:
         ckpt, horizon, args = None, None, resolve_flags(args)
+    # the run's precision, resolved once (a checkpoint records it; before the flag: bf16 on CUDA)
+    args.precision = getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
     horizons = ckpt["horizons"] if ckpt else []
     run_dir = Path(args.out)
     if rank0:
@@ -92,6 +102,9 @@ def train(args, given, dist_info, device):
     log(recipe_summary(args, config), dist_info)
 
     images, labels, classes, non_images = load_images(args, config.image_size)  # 1. data
+    if not ckpt and (args.unconditional or len(classes) == 1):
+        config = replace(config, label_drop_prob=1.0)  # every label the null class: p(x)
+        log("[data] unconditional: every image trains with the null class", dist_info)
     if len(classes) > config.num_classes:
         raise ValueError(f"the data has {len(classes)} classes but the config has num_classes="
                          f"{config.num_classes}; pass --num-classes")
@@ -99,7 +112,7 @@ def train(args, given, dist_info, device):
     train_idx, val_idx = data.split_validation(len(images), args.val_size)
     vae, vae_source = prepare_vae(args, config, Subset(images, train_idx.tolist()), run_dir, device, dist_info)
     log(f"[vae] scaling_factor {vae.config.scaling_factor:.4f}, stride {data.vae_stride(vae)}", dist_info)
-    cache = prepare_latents(args, config, vae, vae_source, images, labels, run_dir, device, dist_info)  # 3. cache
+    cache = prepare_latents(args, config, vae, images, labels, device, dist_info)  # 3. cache
     if len(cache.unreadable) == len(images):
         raise ValueError(f"--data {args.data}: none of the {len(images)} image files could be read as an image")
     if rank0:
@@ -116,9 +129,11 @@ def train(args, given, dist_info, device):
     log(f"[model] preset {args.preset}: {model.num_params() / 1e6:.2f}M parameters, levels {config.levels}, "
         f"head {config.head}, order {config.order} {model.quantizer.order.tolist()}", dist_info)
     val_modes, val_labels = cache.read(val_idx, 0, moment=0), cache.labels[val_idx]  # at most --val-size
-    if rank0 and not ckpt:
-        originals = data.channels_last(data.read_images(images, val_idx[:500])[0])
-        report = data.reconstruction_report(vae, model.quantizer, originals, val_modes[:500], config.levels, run_dir)
+    if rank0 and not ckpt:  # on held-out images, else on training ones (the VAE never trained on them)
+        shown = (val_idx if len(val_idx) else train_idx)[:500]
+        originals = data.channels_last(data.read_images(images, shown)[0])
+        report = data.reconstruction_report(vae, model.quantizer, originals, cache.read(shown, 0, moment=0),
+                                            config.levels, run_dir)
         log("[calibration] reconstruction PSNR: " + ", ".join(
             f"{k} {v['psnr']:.2f} dB" for k, v in report.items() if k != "images"))
 
@@ -130,7 +145,8 @@ def train(args, given, dist_info, device):
     model.backbone.grad_checkpointing = args.grad_checkpointing
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = make_optimizer(model, lr, args.weight_decay)
-    start_step = restore_state(ckpt, horizon, args, ema, opt, lr_of, dist_info) if ckpt else 0
+    scaler = loss_scaler(args.precision, device)
+    start_step = restore_state(ckpt, horizon, args, ema, opt, scaler, lr_of, dist_info) if ckpt else 0
     if not ckpt:
         torch.manual_seed(args.seed + dist_info["rank"])  # mask/label-drop randomness per rank
     loss_fn = TrainingLoss(model, args.head_positions)
@@ -144,40 +160,65 @@ def train(args, given, dist_info, device):
     end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
     bar = tqdm(range(start_step, end), desc="train", unit="step", disable=not rank0, initial=start_step,
                total=args.steps)
-    t0 = time.time()
+    t0, launcher = time.time(), os.getppid()
     for step in bar:
+        check_launcher(launcher)  # a killed torchrun leaves no rank training
         latents, labels = data.get_batch(cache, train_idx, args.seed, step, args.batch, dist_info["rank"], world)
         micro_batches = list(zip(latents.split(micro_batch), labels.split(micro_batch)))
-        loss = train_step(loss_fn, opt, micro_batches, lr_of(step), args.grad_clip, device)
+        loss = train_step(loss_fn, opt, micro_batches, lr_of(step), args.grad_clip, device,
+                          args.precision, scaler)
         if not math.isfinite(loss):
             kept = "the last good checkpoint is kept" if (run_dir / runs.CHECKPOINT).exists() else "none was written"
             raise ValueError(f"non-finite loss ({loss}) at step {step + 1}; stopped, {kept}")
         update_ema(ema, model, step, args.ema, args.ema_ramp)
         done = step + 1
         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{(done - start_step) * args.batch / (time.time() - t0):.0f}")
-        if rank0 and args.sample_every and done % args.sample_every == 0 and done < args.steps:
-            sample_grid(ema, vae, run_dir / "samples.png", num_iter=args.num_iter, cfg=args.cfg,
-                        temperature=args.temperature, seed=args.seed)
+        if rank0 and args.sample_every and args.grid_per_class and done % args.sample_every == 0 \
+                and done < args.steps:
+            sample_grid(ema, vae, run_dir / "samples.png", per_class=args.grid_per_class,
+                        num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
+                        seed=args.seed)
         if done % args.save_every == 0 or done == end:
-            save_checkpoint(run_dir, model, ema, opt, done, args, horizons, classes, vae_source, dist_info)
+            save_checkpoint(run_dir, model, ema, (opt, scaler), done, args, horizons, classes, vae_source,
+                            dist_info)
 
     if rank0 and end == args.steps:                                            # 6. evaluation
-        metrics = {"step": end, "val_bits_per_token": validation_bits(ema, val_modes, val_labels)}
-        grid = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature}
-        if not args.data:  # the digits: the sampling settings that give the best samples, by measurement
-            rows, best = quality.sweep_sampling(ema, vae, seed=args.seed)
-            grid = {k: best[k] for k in grid}
-            runs.write_json({**best, "sweep": rows}, run_dir / SAMPLING_FILE)
-            metrics.update({k: best[k] for k in ("fd", "class_accuracy", "precision", "recall")})
-            log(f"[eval] best sampling of {len(rows)} tried ({run_dir / SAMPLING_FILE}): cfg {best['cfg']}, temperature "
-                f"{best['temperature']}, {best['num_iter']} steps: FD {best['fd']:.1f}, class accuracy "
-                f"{best['class_accuracy']:.1%}, precision {best['precision']:.2f}, recall {best['recall']:.2f}")
-        sample_grid(ema, vae, run_dir / "samples.png", seed=args.seed, **grid)
-        runs.write_json({**metrics, "wall_s": round(time.time() - started, 1)}, run_dir / "metrics.json")
-        log(f"[eval] validation NLL {metrics['val_bits_per_token']:.4f} bits/token (EMA), samples in "
-            f"{run_dir / 'samples.png'}")
+        # complete once the last checkpoint is written: marked before the optional evaluation
+        metrics = {"step": end, "complete": True, "wall_s": round(time.time() - started, 1)}
+        runs.write_json(metrics, run_dir / METRICS_FILE)
+        final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics)
     barrier(dist_info)
     return {"run_dir": str(run_dir), "step": end}
+
+
+def final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics):
+    """The end of a run, each phase announced as it starts and added to metrics.json as it ends:
+    the validation NLL, the digits' sampling sweep (--sweep), the sample grid (--grid-per-class;
+    0 skips it: at ImageNet size on a CPU it takes hours)."""
+    if len(val_labels):
+        log("[eval] validation NLL of the EMA weights")
+        metrics["val_bits_per_token"] = validation_bits(ema, val_modes, val_labels)
+        runs.write_json(metrics, run_dir / METRICS_FILE)
+        log(f"[eval] validation NLL {metrics['val_bits_per_token']:.4f} bits/token (EMA)")
+
+    grid = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature}
+    if args.sweep and not args.data:  # the digits: the sampling settings that sample best, measured
+        log("[eval] sampling sweep: cfg x temperature, then fewer steps for the best pair")
+        rows, best = quality.sweep_sampling(ema, vae, seed=args.seed)
+        grid = {k: best[k] for k in grid}
+        runs.write_json({**best, "sweep": rows}, run_dir / SAMPLING_FILE)
+        metrics.update({k: best[k] for k in ("fd", "class_accuracy", "precision", "recall")})
+        runs.write_json(metrics, run_dir / METRICS_FILE)
+        log(f"[eval] best sampling of {len(rows)} tried ({run_dir / SAMPLING_FILE}): cfg "
+            f"{best['cfg']}, temperature {best['temperature']}, {best['num_iter']} steps: FD "
+            f"{best['fd']:.1f}, class accuracy {best['class_accuracy']:.1%}, precision "
+            f"{best['precision']:.2f}, recall {best['recall']:.2f}")
+
+    if args.grid_per_class:
+        log(f"[eval] sample grid: {args.grid_per_class} images per class, {grid['num_iter']} steps")
+        sample_grid(ema, vae, run_dir / "samples.png", per_class=args.grid_per_class,
+                    seed=args.seed, progress=True, **grid)
+        log(f"[eval] samples in {run_dir / 'samples.png'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +245,8 @@ def resolve_flags(args):
     args.preset = args.preset or "digits"
     if args.flips is None:
         args.flips = 2 if args.data else 1
+    if args.val_size is None:
+        args.val_size = 0 if args.data else 500
     return resolve_recipe(args)
 
 
@@ -241,10 +284,13 @@ def resume_args(args, given):
     return ckpt, horizon
 
 
-def restore_state(ckpt, horizon, args, ema, opt, lr_of, dist_info):
-    """EMA, optimizer and RNG states from the checkpoint; returns the step to continue from."""
+def restore_state(ckpt, horizon, args, ema, opt, scaler, lr_of, dist_info):
+    """EMA, optimizer, loss scaler and RNG states from the checkpoint; returns the step to
+    continue from."""
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     start_step, states = ckpt["step"], ckpt["rng"]
     if len(states) == dist_info["world"]:
         set_rng_state(states[dist_info["rank"]])
@@ -266,15 +312,17 @@ def restore_state(ckpt, horizon, args, ema, opt, lr_of, dist_info):
     return start_step
 
 
-def save_checkpoint(run_dir, model, ema, opt, step, args, horizons, classes, vae_source, dist_info):
-    """Gathers every rank's RNG state (exact resume under DDP too); only rank 0 writes."""
+def save_checkpoint(run_dir, model, ema, optimizer, step, args, horizons, classes, vae_source, dist_info):
+    """Gathers every rank's RNG state (exact resume under DDP too); only rank 0 writes.
+    optimizer: (the optimizer, its loss scaler)."""
+    opt, scaler = optimizer
     states = [rng_state()]
     if dist_info["world"] > 1:
         states = [None] * dist_info["world"]
         dist.all_gather_object(states, rng_state())
     if dist_info["rank"] == 0:
         runs.atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "ema": ema.state_dict(),
-                          "optimizer": opt.state_dict(), "step": step, "rng": states,
+                          "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": states,
                           "threads": torch.get_num_threads(), "args": vars(args), "horizons": horizons,
                           "classes": classes, "vae": vae_source}, run_dir / runs.CHECKPOINT)
 
@@ -284,8 +332,12 @@ def save_checkpoint(run_dir, model, ema, opt, step, args, horizons, classes, vae
 # ---------------------------------------------------------------------------------------------
 
 def build_config(args):
+    """The preset with the flags that override it; with --vae, the latent grid and channels are the
+    VAE's (kl16: stride 16, 16 channels, as the ImageNet presets; another VAE needs no edit)."""
     overrides = {"levels": args.levels, "head": args.head, "order": args.order, "image_size": args.image_size,
                  "num_classes": args.num_classes}
+    if args.vae:
+        overrides["vae_stride"], overrides["channels"] = data.vae_geometry(args.vae)
     return tb.TokenBridgeConfig.preset(args.preset, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -317,24 +369,50 @@ def prepare_vae(args, config, images, run_dir, device, dist_info):
     return data.open_vae(own, config.vae_stride, config.channels).to(device), str(own)
 
 
-def prepare_latents(args, config, vae, vae_source, images, labels, run_dir, device, dist_info):
-    """Rank 0 encodes unless the run's cache matches this data, VAE and flips; every rank then
-    memory-maps it."""
-    size, grid = config.image_size, config.grid
-    key = {"data": str(args.data or "mnist-5k"), "n": len(images), "image_size": size, "flips": args.flips,
-           "vae": vae_source, "scaling": float(vae.config.scaling_factor),
-           "layout": "(N, flips, mean|std, C, h, w) float32"}
-    t = time.time()
-    if dist_info["rank"] == 0 and data.open_cache(run_dir, key) is None:
-        data.write_cache(vae, images, labels, args.flips, (config.channels, grid, grid), args.encode_batch,
-                         args.workers if args.data else 0, device, run_dir, key)
+def latent_key(args, config, vae, images):
+    """What the latent cache's bytes depend on, and no path, so runs can share one (--latents):
+    the listed images (names, sizes, modification times), the VAE's weights, flips, image size."""
+    return {"data": data.listing_digest(args.data, images.files) if args.data else "mnist-5k",
+            "n": len(images), "image_size": config.image_size, "flips": args.flips,
+            "vae": data.weights_digest(vae), "scaling": float(vae.config.scaling_factor),
+            "layout": "(N, flips, mean|std, C, h, w) float32"}
+
+
+def prepare_latents(args, config, vae, images, labels, device, dist_info):
+    """The latent cache at --latents (default: the run folder), memory-mapped by every rank. Unless
+    one of this key is complete, every rank encodes its share of the missing rows while rank 0
+    holds the cache's lock for the job (one writer; data.py says how a killed build resumes)."""
+    rank, world, t = dist_info["rank"], dist_info["world"], time.time()
+    where = args.latents or args.out
+    npy = data.cache_paths(where)[0]
+    shape = (len(images), args.flips, 2, config.channels, config.grid, config.grid)
+    done = 0
+    with contextlib.ExitStack() as lock:
+        if rank == 0:
+            key = latent_key(args, config, vae, images)
+            if data.open_cache(where, key) is None:
+                npy.parent.mkdir(parents=True, exist_ok=True)
+                lock.enter_context(exclusive(data.cache_file(where, ""), f"the latent cache {npy}"))
+                done = data.start_build(where, key, shape, replace=args.latents is None) or 0
+                if done:
+                    log(f"[cache] resuming the build of {npy}: {done} of {len(images)} images done")
+        barrier(dist_info)  # rank 0 has decided: a build record, or a complete cache
+        if data.build_started(where):
+            workers, t_fill = args.workers if args.data else 0, time.time()
+            data.fill_cache(vae, images, args.encode_batch, workers, device, where, rank, world)
+            barrier(dist_info)
+            if rank == 0:
+                data.finish_build(where, labels)
+                count, seconds = len(images) - done, time.time() - t_fill
+                log(f"[cache] encoded {count} images in {seconds:.1f} s on {world} process(es): "
+                    f"{count / seconds:.0f} images/s")
     barrier(dist_info)
-    cache = data.open_cache(run_dir, key)
+    cache = data.open_cache(where)  # its key checked by rank 0
     if cache is None:
-        raise ValueError(f"no complete latent cache in {run_dir} after rank 0 wrote it (is --out on a filesystem "
-                         "that every node shares?)")
+        raise ValueError(f"no complete latent cache at {npy} after rank 0 wrote it (is it on a "
+                         "filesystem that every node shares?)")
     log(f"[cache] latents {cache.moments.shape} (N, flips, mean|std, C, h, w), memory-mapped from "
-        f"{data.cache_paths(run_dir)[0]} ({time.time() - t:.1f} s)", dist_info)
+        f"{npy} ({time.time() - t:.1f} s)", dist_info)
     return cache
 
 
@@ -354,16 +432,24 @@ def get_parser():
     a("--preset", choices=sorted(tb.PRESETS), help="model configuration and its recipe (default: digits)")
     a("--image-size", type=int, help="image size (default: the preset's)")
     a("--num-classes", type=int, help="classes (default: the preset's)")
+    a("--unconditional", action="store_true", help="ignore the class folders: a model of p(x) that samples "
+      "with the null class (a folder with a single class trains so too)")
     a("--levels", type=int, help="quantization levels per channel (default: the preset's, 64)")
     a("--head", choices=["ar", "parallel"], help="ablation: AR or parallel channel head")
     a("--order", choices=["frequency", "default"], help="ablation: channel order")
     a("--flips", type=int, choices=[1, 2], help="1: no flip, 2: random horizontal flip (default: 2 for --data)")
-    a("--val-size", type=int, default=500, help="held-out images for validation (at most 10%%)")
+    a("--val-size", type=int, help="held-out images for the validation NLL, at most 10%% (default: 500 "
+      "digits; 0 with --data, as the official code trains on all of ImageNet)")
     a("--vae-steps", type=int, default=500, help="training steps of the demo VAE")
     a("--vae-batch", type=int, default=64, help="batch size of the demo VAE")
     a("--vae-lr", type=float, default=2e-3, help="peak learning rate of the demo VAE (warm-up + cosine)")
     a("--vae-kl", type=float, default=1e-4, help="KL weight per latent element (vs per-pixel MSE)")
-    a("--encode-batch", type=int, default=250, help="images per VAE call when filling the latent cache")
+    a("--latents", help="latent cache: an existing folder (its latents.npy) or a file prefix "
+      "(PREFIX.npy); runs of the same images, VAE, flips and image size can share one "
+      "(default: the run folder)")
+    a("--encode-batch", type=int, default=64,
+      help="images per VAE call and process when filling the latent cache: kl16 at 256 px holds "
+      "~160 MB of fp32 activations per image, so 64 (~10 GB) fits a 16-24 GB GPU")
     a("--workers", type=int, default=4, help="processes decoding --data images while the latent cache is filled")
     # the recipe: each default is the preset's (training.RECIPES; large: the official TokenBridge-L one)
     a("--batch", type=int, help="global batch size (all processes and accumulated micro-batches together)")
@@ -378,6 +464,9 @@ def get_parser():
     a("--ema", type=float, help="EMA rate of the weights")
     a("--ema-ramp", action=argparse.BooleanOptionalAction, help="let the EMA rate grow to --ema (official: no)")
     a("--head-positions", type=int, help="train the AR head on this many masked positions per image (0: all)")
+    a("--precision", choices=sorted(PRECISIONS), help="autocast of the forward passes: bf16 (default on "
+      "CUDA), fp16 with a loss scaler that skips overflowing steps (GPUs without bf16; the official "
+      "code's), fp32 (default on the CPU; to debug NaNs)")
     a("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
     a("--deterministic", action="store_true",
       help="bit-identical weights at any thread count, not only at a given one (LayerNorm ~10%% slower)")
@@ -387,6 +476,10 @@ def get_parser():
     a("--save-every", type=int, default=500, help="checkpoint interval in steps")
     a("--sample-every", type=int, default=0, help="write samples.png every N steps (0: only at the end)")
     a("--stop-after", type=int, help="stop (and save) after this many steps of this launch")
+    a("--grid-per-class", type=int, default=10, help="images per class row of the sample grid at the "
+      "end of a run and every --sample-every steps (0: no grid)")
+    a("--sweep", action=argparse.BooleanOptionalAction, default=True, help="digits: end a run with the "
+      "sampling sweep that picks the grid's and sample.py's settings (about 5 min on 2 cores)")
     a("--num-iter", type=int, default=64, help="decoding steps of the sample grid (at most one per position)")
     a("--cfg", type=float, default=4.0, help="classifier-free guidance scale of the sample grid")
     a("--temperature", type=float, default=0.7, help="sampling temperature of the sample grid")

@@ -10,7 +10,6 @@ x global batch / 256, linear warm-up from 0 then cosine to 0 at every step's fra
 AdamW (0.9, 0.95) with weight decay on every parameter but 1-D ones and biases, EMA. A step is
 bit-identical from run to run on the CPU: see clip_grad_norm and README "Deterministic".
 """
-import functools
 import math
 import os
 import random
@@ -79,7 +78,8 @@ def recipe_summary(args, cfg):
     return (f"[recipe] preset {args.preset}: global batch {args.batch}, lr {args.blr * args.batch / 256:g} = blr "
             f"{args.blr:g} x {args.batch} / 256, {args.epochs:g} epochs, warm-up {args.warmup_epochs:g} epochs, "
             f"{schedule}; AdamW betas (0.9, 0.95), weight decay {args.weight_decay}, grad clip {args.grad_clip}; "
-            f"{ema}; dropout {cfg.dropout}, label drop {cfg.label_drop_prob}; head on {head}")
+            f"{ema}; dropout {cfg.dropout}, label drop {cfg.label_drop_prob}; head on {head}; "
+            f"precision {args.precision}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,13 +172,27 @@ def clip_grad_norm(parameters, max_norm):
     return norm
 
 
-def train_step(loss_fn, opt, micro_batches, lr, clip, device):
+# --precision: the autocast dtype of the forward passes (fp32: none). fp16 also scales the loss
+# (GPUs without bf16: V100, T4; the official code trains so); fp32 is the debugging baseline.
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def loss_scaler(precision, device):
+    """fp16's gradient scaler: the loss times a large scale, so small gradients survive in fp16;
+    a step whose gradients overflow is skipped and the scale halves, as the official code does."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", scaler=None):
     """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped) over this process's
     micro-batches [(latents, labels), ...], gradients accumulated (averaged, as DDP averages
-    over processes). Returns the mean loss; a non-finite one skips the update (the caller stops)."""
+    over processes), the forward passes in `precision` (PRECISIONS; fp16 with `scaler`).
+    Returns the mean loss; a non-finite one skips the update (the caller stops)."""
     for g in opt.param_groups:
         g["lr"] = lr
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    scaler = scaler or loss_scaler(precision, device)
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for i, (latents, labels) in enumerate(micro_batches):
@@ -187,7 +201,7 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device):
         with no_sync:  # DDP averages the gradients once, after the last micro-batch
             with autocast, sdpa_kernel(TRAINING_ATTENTION):
                 loss = loss_fn(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-            (loss / len(micro_batches)).backward()
+            scaler.scale(loss / len(micro_batches)).backward()
         total = total + loss.detach().float()
     value = total / len(micro_batches)
     if dist.is_initialized():  # every rank must take the same stop-or-go decision
@@ -195,8 +209,10 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device):
     value = value.item()
     if not math.isfinite(value):
         return value
+    scaler.unscale_(opt)  # the clip sees true gradients
     clip_grad_norm(loss_fn.parameters(), clip)
-    opt.step()
+    scaler.step(opt)      # skipped when fp16 gradients overflowed
+    scaler.update()
     return value
 
 
@@ -234,17 +250,23 @@ def grid_classes(num_classes, rows=10):
 
 
 @torch.no_grad()
-def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperature=1.0, seed=0):
+def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperature=1.0, seed=0,
+                progress=False):
     """One row per class (at most 10 classes, evenly spaced), decoded with the VAE; num_iter
-    at most the number of token positions (one position per step)."""
-    classes = grid_classes(model.config.num_classes)
-    labels = classes.repeat_interleave(per_class)
+    at most the number of token positions (one position per step). Row r draws from seed
+    (seed, r); progress: a bar over the rows."""
+    from tqdm import tqdm
+    config = model.config
+    classes = torch.tensor([config.num_classes]) if config.unconditional else grid_classes(config.num_classes)
     was_training = model.training
     model.eval()  # no dropout in sampling
-    latents = model.generate(labels, num_iter=min(num_iter, model.config.seq_len), cfg=cfg,
-                             temperature=temperature, seed=seed)
-    model.train(was_training)
-    save_grid(decode(vae, latents.cpu()), path, cols=per_class)                # a row per class
+    try:
+        rows = [decode(vae, model.generate(c.repeat(per_class), num_iter=min(num_iter, model.config.seq_len),
+                                           cfg=cfg, temperature=temperature, seed=(seed, r)).cpu())
+                for r, c in enumerate(tqdm(classes, desc="sample grid", unit="row", disable=not progress))]
+    finally:
+        model.train(was_training)
+    save_grid(np.concatenate(rows), path, cols=per_class)                      # a row per class
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,6 +296,69 @@ def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_m
     assert 0 < metrics["val_bits_per_token"] < 8
 
 
+def test_a_run_is_complete_before_its_optional_evaluation(tmp_path, fake_data, vae_dir, small_model,
+                                                           monkeypatch):
+    """The checkpoint written is the run done: metrics.json says so before the evaluation starts,
+    so a run killed during a slow sample grid is still complete; --grid-per-class 0 skips it."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed in the final evaluation")
+    monkeypatch.setattr(train, "validation_bits", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run_args(tmp_path / "killed", fake_data, vae_dir))
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["step"] == 6 and "val_bits_per_token" not in metrics
+    monkeypatch.setattr(train, "validation_bits", training.validation_bits)
+    train.main(run_args(tmp_path / "no-grid", fake_data, vae_dir, "--grid-per-class", "0"))
+    metrics = json.loads((tmp_path / "no-grid" / "metrics.json").read_text())
+    assert metrics["complete"] and 0 < metrics["val_bits_per_token"] < 8
+    assert not (tmp_path / "no-grid" / "samples.png").exists()
+
+
+def test_the_latent_geometry_comes_from_the_vae(vae_dir, tmp_path):
+    """--vae sets the stride and channels whatever the preset says (another VAE needs no code),
+    for a diffusers folder and for an LDM checkpoint alike; the truth is the built VAE itself."""
+    args = train.get_parser().parse_args(["--preset", "large", "--vae", str(vae_dir)])
+    config = train.build_config(train.resolve_flags(args))
+    vae = data.open_vae(vae_dir, 4, 4)
+    assert (config.vae_stride, config.channels) == (data.vae_stride(vae), vae.config.latent_channels)
+    assert config.encoder_width == tb.TokenBridgeConfig.preset("large").encoder_width
+    ref = torch.load(Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt", weights_only=True)
+    torch.save({"model": ref["model"]}, tmp_path / "tiny.ckpt")
+    import interop
+    built = interop.load_ldm_vae(tmp_path / "tiny.ckpt")
+    assert data.vae_geometry(tmp_path / "tiny.ckpt") == (data.vae_stride(built), built.config.latent_channels)
+
+
+def test_validation_hold_out_defaults_to_the_official_zero_on_a_folder():
+    resolved = lambda *argv: train.resolve_flags(train.get_parser().parse_args(list(argv))).val_size
+    assert resolved() == 500 and resolved("--data", "somewhere") == 0
+    assert resolved("--data", "somewhere", "--val-size", "50") == 50
+
+
+def test_one_class_or_unconditional_trains_a_model_of_p_x(tmp_path, fake_data, vae_dir, small_model):
+    """A folder with one class (or --unconditional) trains with the null class only, and sample.py
+    then samples with the null class by default."""
+    import shutil
+    import sample
+    one = tmp_path / "one-class"
+    shutil.copytree(fake_data / "square", one / "square")
+    argv = [a if a != str(fake_data) else str(one) for a in run_argv(tmp_path / "run", fake_data, vae_dir)]
+    train.main(train.get_parser().parse_args(argv + ["--val-size", "0", "--grid-per-class", "2",
+                                                     "--num-iter", "2"]))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    config = tb.TokenBridgeConfig.from_dict(ckpt["config"])
+    assert config.unconditional and config.label_drop_prob == 1.0
+    npz = tmp_path / "samples.npz"
+    sample.main(sample.get_parser().parse_args(["--run-dir", str(tmp_path / "run"), "--num-images", "3",
+                                                "--num-iter", "2", "--out", "", "--npz", str(npz),
+                                                "--threads", "1", "--device", "cpu"]))
+    assert np.load(npz)["labels"].tolist() == [config.num_classes] * 3
+    train.main(run_args(tmp_path / "two", fake_data, vae_dir, "--unconditional", "--steps", "1",
+                        "--grid-per-class", "0"))
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert two["config"]["label_drop_prob"] == 1.0
+
+
 def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
     train.main(run_args(tmp_path / "straight", fake_data, vae_dir))
     train.main(run_args(tmp_path / "halves", fake_data, vae_dir, "--stop-after", "3"))
@@ -310,6 +373,42 @@ def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     assert not torch.equal(a["model"]["head.out_bias"], half["model"]["head.out_bias"])  # it moved
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_resume_is_bit_identical_at_each_precision(tmp_path, fake_data, vae_dir, small_model, precision):
+    """--precision is the run's own: recorded, kept on resume (the loss scaler's state too), and a
+    split run equals a straight one."""
+    flags = ("--precision", precision)
+    train.main(run_args(tmp_path / "straight", fake_data, vae_dir, *flags, "--grid-per-class", "0"))
+    train.main(run_args(tmp_path / "halves", fake_data, vae_dir, *flags, "--stop-after", "3"))
+    train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "halves"), "--threads", "1",
+                                              "--device", "cpu", "--grid-per-class", "0"]))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
+    assert a["args"]["precision"] == b["args"]["precision"] == precision
+    assert (b["scaler"].get("scale", 1.0) > 1) == (precision == "fp16")   # an fp16 scale is saved
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_fp16_skips_a_step_whose_gradients_overflow():
+    """The official fp16 recipe: a step whose scaled gradients overflow changes no weight and
+    halves the scale; the next one trains."""
+    torch.manual_seed(0)
+    model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).calibrate(torch.randn(8, 4, 4, 4))
+    opt = training.make_optimizer(model, 1e-3, 0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)      # overflows float32 at once
+    batch = [(torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 0, 1]))]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = lambda: training.train_step(training.TrainingLoss(model), opt, batch, 1e-3, 3.0,
+                                       torch.device("cpu"), "fp16", scaler)
+    assert math.isfinite(step())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert scaler.get_scale() == 2.0 ** 126
+    scaler.update(1.0)
+    step()
+    assert not torch.equal(before["head.out_bias"], model.state_dict()["head.out_bias"])
 
 
 def test_sample_grid_caps_decoding_steps_at_the_token_count(tmp_path, vae_dir):
@@ -363,7 +462,7 @@ def test_cache_is_memory_mapped_and_read_row_by_row(tmp_path):
     assert peak < 16 * 2 ** 20, peak                                         # vs 256 MB for the file
 
 
-def test_an_interrupted_cache_is_rebuilt_not_used(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
+def test_an_incomplete_or_other_cache_is_never_used(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
     run, encoder, real_encode, real_save = tmp_path / "r", {"calls": 0}, data.posterior_moments, runs.atomic_save
 
     def counted(*a, **k):
