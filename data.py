@@ -334,6 +334,15 @@ def cache_paths(where):
     return cache_file(where, ".npy"), cache_file(where, ".meta.pt")
 
 
+def latent_key(folder, images, vae, flips, image_size):
+    """What the latent cache's bytes depend on, and no path, so runs can share one (--latents):
+    the listed images (names, sizes, modification times), the VAE's weights, flips, image size."""
+    return {"data": listing_digest(folder, images.files) if folder else "mnist-5k",
+            "n": len(images), "image_size": image_size, "flips": flips,
+            "vae": weights_digest(vae), "scaling": float(vae.config.scaling_factor),
+            "layout": "(N, flips, mean|std, C, h, w) float32"}
+
+
 def open_cache(where, key=None):
     """The LatentCache at `where`, memory-mapped (nothing is read yet), or None when it is missing,
     was interrupted, or was built from other data, VAE or flips than `key` says."""

@@ -36,19 +36,17 @@ from torch.utils.data import Subset, TensorDataset
 from tqdm import tqdm
 
 import data
-import quality
 import runs
 import tokenbridge as tb
-from deploy import SAMPLING_FILE, check_launcher, exclusive
-from training import (PRECISIONS, TrainingLoss, barrier, loss_scaler, lr_at, make_optimizer,
-                      make_thread_invariant, recipe_summary, resolve_recipe, rng_state, sample_grid,
-                      set_rng_state, set_threads, setup_distributed, train_step, update_ema,
-                      validation_bits)
+from deploy import check_launcher, exclusive
+from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_evaluation, loss_scaler,
+                      lr_at, make_optimizer, make_thread_invariant, recipe_summary, resolve_recipe,
+                      rng_state, sample_grid, set_rng_state, set_threads, setup_distributed, train_step,
+                      update_ema)
 
 # Flags that may differ on --resume: where and how this launch runs, and what the sample grid
 # shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
 # --latents moves the cache, whose key says what it holds; --encode-batch only sizes VAE calls.
-METRICS_FILE = "metrics.json"  # a run's end: "complete" once its last checkpoint is written
 RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers", "save_every", "sample_every",
                 "num_iter", "cfg", "temperature", "grid_per_class", "sweep", "latents", "encode_batch"}
 # The smallest value of each numeric flag: below it the run would fail late or do nothing.
@@ -186,39 +184,9 @@ def train(args, given, dist_info, device):
         # complete once the last checkpoint is written: marked before the optional evaluation
         metrics = {"step": end, "complete": True, "wall_s": round(time.time() - started, 1)}
         runs.write_json(metrics, run_dir / METRICS_FILE)
-        final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics)
+        final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics, log)
     barrier(dist_info)
     return {"run_dir": str(run_dir), "step": end}
-
-
-def final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics):
-    """The end of a run, each phase announced as it starts and added to metrics.json as it ends:
-    the validation NLL, the digits' sampling sweep (--sweep), the sample grid (--grid-per-class;
-    0 skips it: at ImageNet size on a CPU it takes hours)."""
-    if len(val_labels):
-        log("[eval] validation NLL of the EMA weights")
-        metrics["val_bits_per_token"] = validation_bits(ema, val_modes, val_labels)
-        runs.write_json(metrics, run_dir / METRICS_FILE)
-        log(f"[eval] validation NLL {metrics['val_bits_per_token']:.4f} bits/token (EMA)")
-
-    grid = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature}
-    if args.sweep and not args.data:  # the digits: the sampling settings that sample best, measured
-        log("[eval] sampling sweep: cfg x temperature, then fewer steps for the best pair")
-        rows, best = quality.sweep_sampling(ema, vae, seed=args.seed)
-        grid = {k: best[k] for k in grid}
-        runs.write_json({**best, "sweep": rows}, run_dir / SAMPLING_FILE)
-        metrics.update({k: best[k] for k in ("fd", "class_accuracy", "precision", "recall")})
-        runs.write_json(metrics, run_dir / METRICS_FILE)
-        log(f"[eval] best sampling of {len(rows)} tried ({run_dir / SAMPLING_FILE}): cfg "
-            f"{best['cfg']}, temperature {best['temperature']}, {best['num_iter']} steps: FD "
-            f"{best['fd']:.1f}, class accuracy {best['class_accuracy']:.1%}, precision "
-            f"{best['precision']:.2f}, recall {best['recall']:.2f}")
-
-    if args.grid_per_class:
-        log(f"[eval] sample grid: {args.grid_per_class} images per class, {grid['num_iter']} steps")
-        sample_grid(ema, vae, run_dir / "samples.png", per_class=args.grid_per_class,
-                    seed=args.seed, progress=True, **grid)
-        log(f"[eval] samples in {run_dir / 'samples.png'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,15 +337,6 @@ def prepare_vae(args, config, images, run_dir, device, dist_info):
     return data.open_vae(own, config.vae_stride, config.channels).to(device), str(own)
 
 
-def latent_key(args, config, vae, images):
-    """What the latent cache's bytes depend on, and no path, so runs can share one (--latents):
-    the listed images (names, sizes, modification times), the VAE's weights, flips, image size."""
-    return {"data": data.listing_digest(args.data, images.files) if args.data else "mnist-5k",
-            "n": len(images), "image_size": config.image_size, "flips": args.flips,
-            "vae": data.weights_digest(vae), "scaling": float(vae.config.scaling_factor),
-            "layout": "(N, flips, mean|std, C, h, w) float32"}
-
-
 def prepare_latents(args, config, vae, images, labels, device, dist_info):
     """The latent cache at --latents (default: the run folder), memory-mapped by every rank. Unless
     one of this key is complete, every rank encodes its share of the missing rows while rank 0
@@ -389,7 +348,7 @@ def prepare_latents(args, config, vae, images, labels, device, dist_info):
     done = 0
     with contextlib.ExitStack() as lock:
         if rank == 0:
-            key = latent_key(args, config, vae, images)
+            key = data.latent_key(args.data, images, vae, args.flips, config.image_size)
             if data.open_cache(where, key) is None:
                 npy.parent.mkdir(parents=True, exist_ok=True)
                 lock.enter_context(exclusive(data.cache_file(where, ""), f"the latent cache {npy}"))

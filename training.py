@@ -22,8 +22,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import quality
+import runs
 from data import decode
-from deploy import save_grid
+from deploy import SAMPLING_FILE, save_grid
+
+METRICS_FILE = "metrics.json"  # a run's end: "complete" once its last checkpoint is written
 
 # ---------------------------------------------------------------------------------------------
 # Recipes
@@ -267,6 +271,36 @@ def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperatur
     finally:
         model.train(was_training)
     save_grid(np.concatenate(rows), path, cols=per_class)                      # a row per class
+
+
+def final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics, log=print):
+    """The end of a run, each phase announced as it starts and added to metrics.json as it ends:
+    the validation NLL, the digits' sampling sweep (--sweep), the sample grid (--grid-per-class;
+    0 skips it: at ImageNet size on a CPU it takes hours)."""
+    if len(val_labels):
+        log("[eval] validation NLL of the EMA weights")
+        metrics["val_bits_per_token"] = validation_bits(ema, val_modes, val_labels)
+        runs.write_json(metrics, run_dir / METRICS_FILE)
+        log(f"[eval] validation NLL {metrics['val_bits_per_token']:.4f} bits/token (EMA)")
+
+    grid = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature}
+    if args.sweep and not args.data:  # the digits: the sampling settings that sample best, measured
+        log("[eval] sampling sweep: cfg x temperature, then fewer steps for the best pair")
+        rows, best = quality.sweep_sampling(ema, vae, seed=args.seed)
+        grid = {k: best[k] for k in grid}
+        runs.write_json({**best, "sweep": rows}, run_dir / SAMPLING_FILE)
+        metrics.update({k: best[k] for k in ("fd", "class_accuracy", "precision", "recall")})
+        runs.write_json(metrics, run_dir / METRICS_FILE)
+        log(f"[eval] best sampling of {len(rows)} tried ({run_dir / SAMPLING_FILE}): cfg "
+            f"{best['cfg']}, temperature {best['temperature']}, {best['num_iter']} steps: FD "
+            f"{best['fd']:.1f}, class accuracy {best['class_accuracy']:.1%}, precision "
+            f"{best['precision']:.2f}, recall {best['recall']:.2f}")
+
+    if args.grid_per_class:
+        log(f"[eval] sample grid: {args.grid_per_class} images per class, {grid['num_iter']} steps")
+        sample_grid(ema, vae, run_dir / "samples.png", per_class=args.grid_per_class,
+                    seed=args.seed, progress=True, **grid)
+        log(f"[eval] samples in {run_dir / 'samples.png'}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -259,7 +259,8 @@ def test_a_changed_image_changes_the_key_and_the_cache_is_rebuilt(tmp_path, fold
     def key(data_dir):
         images = data.load_folder(data_dir, CONFIG.image_size)[0]
         vae = data.open_vae(vae_dir, CONFIG.vae_stride, CONFIG.channels)
-        return train.latent_key(cache_args(data_dir, vae_dir, tmp_path), CONFIG, vae, images)
+        flips = cache_args(data_dir, vae_dir, tmp_path).flips
+        return data.latent_key(data_dir, images, vae, flips, CONFIG.image_size)
     first = key(mine)
     assert key(folder) == first                                          # no path in the key
     assert build(tmp_path / "run", data_dir=mine)[1] == IMAGES

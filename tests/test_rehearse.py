@@ -1,5 +1,5 @@
-"""rehearse.py at tiny scale: every stage's real command line, torchrun and the SIGKILL included,
-ends in the stage table; and the tree-kill helper leaves no process behind."""
+"""rehearse.py at tiny scale, both paths: every stage's real command line, torchrun and the
+SIGKILLs included, ends in the stage table; and the tree-kill helper leaves no process behind."""
 import os
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import rehearse
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.rehearsal
 def test_tiny_rehearsal_runs_every_stage(tmp_path):
     argv = [sys.executable, "rehearse.py", "--scale", "tiny", "--out", str(tmp_path / "work")]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -21,6 +22,22 @@ def test_tiny_rehearsal_runs_every_stage(tmp_path):
     assert "SIGKILL of 3 processes" in table          # the launcher and its 2 workers
     assert "tokens that differ between ONNX Runtime and PyTorch" in done.stdout
     assert not (tmp_path / "work").exists()            # removed without --keep
+
+
+@pytest.mark.rehearsal
+def test_tiny_training_rehearsal_runs_every_stage(tmp_path):
+    argv = [sys.executable, "rehearse.py", "--path", "train", "--scale", "tiny",
+            "--out", str(tmp_path / "work")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout[done.stdout.index("\nstage "):]
+    rows = [line.split()[0] for line in table.strip().splitlines()[1:]]
+    assert set(rows) == {stage for stage, _ in rehearse.TRAIN_STAGES} | {"total"}
+    assert "images/s" in table                          # the resumed cache build's encode rate
+    assert "SIGKILL of 1 process after step" in table   # train.py alone
+    assert "SIGKILL of 3 processes after step" in table  # torchrun and its 2 ranks
+    assert table.count("bit for bit") == 2              # 1 process and DDP, both resumed
+    assert not (tmp_path / "work").exists()
 
 
 def test_kill_tree_kills_processes_in_other_sessions():

@@ -302,12 +302,13 @@ def test_a_run_is_complete_before_its_optional_evaluation(tmp_path, fake_data, v
     so a run killed during a slow sample grid is still complete; --grid-per-class 0 skips it."""
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed in the final evaluation")
-    monkeypatch.setattr(train, "validation_bits", killed)
+    real = training.validation_bits
+    monkeypatch.setattr(training, "validation_bits", killed)
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args(tmp_path / "killed", fake_data, vae_dir))
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert metrics["complete"] and metrics["step"] == 6 and "val_bits_per_token" not in metrics
-    monkeypatch.setattr(train, "validation_bits", training.validation_bits)
+    monkeypatch.setattr(training, "validation_bits", real)
     train.main(run_args(tmp_path / "no-grid", fake_data, vae_dir, "--grid-per-class", "0"))
     metrics = json.loads((tmp_path / "no-grid" / "metrics.json").read_text())
     assert metrics["complete"] and 0 < metrics["val_bits_per_token"] < 8
