@@ -47,8 +47,10 @@ from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_eva
 # Flags that may differ on --resume: where and how this launch runs, and what the sample grid
 # shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
 # --latents moves the cache, whose key says what it holds; --encode-batch only sizes VAE calls.
-RUNTIME_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers", "save_every", "sample_every",
-                "num_iter", "cfg", "temperature", "grid_per_class", "sweep", "latents", "encode_batch"}
+# Those not given again keep the run's value, except the launch's own (LAUNCH_KEYS).
+LAUNCH_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers"}
+RUNTIME_KEYS = LAUNCH_KEYS | {"save_every", "sample_every", "num_iter", "cfg", "temperature", "grid_per_class",
+                              "sweep", "latents", "encode_batch"}
 # The smallest value of each numeric flag: below it the run would fail late or do nothing.
 LOWER_BOUNDS = {"grid_per_class": 0, "steps": 1, "batch": 1, "micro_batch": 1, "warmup_epochs": 0, "save_every": 1, "sample_every": 0,
                 "stop_after": 0, "val_size": 0, "vae_steps": 1, "vae_batch": 1, "encode_batch": 1, "workers": 0,
@@ -79,9 +81,10 @@ def train(args, given, dist_info, device):
     rank0, world, started = dist_info["rank"] == 0, dist_info["world"], time.time()
     if args.resume:
         ckpt, horizon = resume_args(args, given)
-        runtime = {k: getattr(args, k) for k in RUNTIME_KEYS}
-        if "latents" not in given:  # the run's own cache, not a new one encoded into the run folder
-            runtime["latents"] = ckpt["args"].get("latents")
+        # a runtime flag not given again keeps the run's value (its grid, its cache), except
+        # where and how this launch runs
+        runtime = {k: getattr(args, k) if k in given or k in LAUNCH_KEYS
+                   else ckpt["args"].get(k, getattr(args, k)) for k in RUNTIME_KEYS}
         args = argparse.Namespace(**{**ckpt["args"], **runtime, "out": args.resume})
     else:
         ckpt, horizon, args = None, None, resolve_flags(args)
@@ -128,7 +131,7 @@ def train(args, given, dist_info, device):
         f"head {config.head}, order {config.order} {model.quantizer.order.tolist()}", dist_info)
     val_modes, val_labels = cache.read(val_idx, 0, moment=0), cache.labels[val_idx]  # at most --val-size
     if rank0 and not ckpt:  # on held-out images, else on training ones (the VAE never trained on them)
-        shown = (val_idx if len(val_idx) else train_idx)[:500]
+        shown = (val_idx if len(val_idx) else train_idx)[:64 if args.data else 500]
         originals = data.channels_last(data.read_images(images, shown)[0])
         report = data.reconstruction_report(vae, model.quantizer, originals, cache.read(shown, 0, moment=0),
                                             config.levels, run_dir)
@@ -364,7 +367,7 @@ def prepare_latents(args, config, vae, images, labels, device, dist_info):
                 data.finish_build(where, labels)
                 count, seconds = len(images) - done, time.time() - t_fill
                 log(f"[cache] encoded {count} images in {seconds:.1f} s on {world} process(es): "
-                    f"{count / seconds:.0f} images/s")
+                    f"{count / seconds:.2f} images/s")
     barrier(dist_info)
     cache = data.open_cache(where)  # its key checked by rank 0
     if cache is None:

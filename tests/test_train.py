@@ -412,6 +412,17 @@ def test_fp16_skips_a_step_whose_gradients_overflow():
     assert not torch.equal(before["head.out_bias"], model.state_dict()["head.out_bias"])
 
 
+def test_resume_keeps_the_runs_own_runtime_flags(tmp_path, fake_data, vae_dir, small_model):
+    """A grid switched off (or any runtime flag set) on the first launch stays so on --resume
+    unless the resume says otherwise; the launch's own flags (here --stop-after) do not carry."""
+    train.main(run_args(tmp_path / "run", fake_data, vae_dir, "--stop-after", "3", "--grid-per-class", "0"))
+    out = train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "run"), "--threads", "1",
+                                                    "--device", "cpu"]))
+    assert out["step"] == 6 and not (tmp_path / "run" / "samples.png").exists()
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["grid_per_class"] == 0 and ckpt["args"]["stop_after"] is None
+
+
 def test_sample_grid_caps_decoding_steps_at_the_token_count(tmp_path, vae_dir):
     """The grid's default of 64 steps must work for a model with fewer positions (here 16)."""
     model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).eval().calibrate(torch.randn(8, 4, 4, 4))
