@@ -20,7 +20,7 @@ def test_tiny_rehearsal_runs_every_stage(tmp_path):
     rows = [line.split()[0] for line in table.strip().splitlines()[1:]]
     assert set(rows) == {stage for stage, _ in rehearse.STAGES} | {"total"}
     assert "SIGKILL of 3 processes" in table          # the launcher and its 2 workers
-    assert "tokens that differ between ONNX Runtime and PyTorch" in done.stdout
+    assert "positions whose tokens differ between ONNX Runtime and PyTorch" in done.stdout
     assert not (tmp_path / "work").exists()            # removed without --keep
 
 
