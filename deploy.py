@@ -408,7 +408,7 @@ class Parts:
         self.folder, self.settings = folder, settings
         self._held = contextlib.ExitStack()
 
-    def __enter__(self, poll_s=0.2):
+    def __enter__(self):
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, "settings.json")
         if process_slot()[0] == 0:
@@ -416,8 +416,8 @@ class Parts:
                                                f"the sampling job in {self.folder}"))
             if not os.path.isfile(path):
                 write_atomic(path, lambda f: f.write(json.dumps(self.settings, indent=1).encode()))
-        while not os.path.isfile(path):
-            time.sleep(poll_s)
+        while not os.path.isfile(path):  # rank 0 writes it at once
+            time.sleep(0.2)
         with open(path) as f:
             found = json.load(f)
         if found != self.settings:
