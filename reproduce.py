@@ -351,21 +351,35 @@ def reconstruction_plot(rows, path):
     plt.close(fig)
 
 
-def guidance_plot(sweep, path):
-    """FD and class accuracy against cfg, one curve per temperature (the sweep's rows at its most
-    decoding steps), the chosen setting marked (RUN/sampling.json, written by train.py)."""
-    plt = pyplot()
-    rows, best = sweep["sweep"], sweep
+def guidance_curves(sweep):
+    """The sweep's grid as curves of FD and class accuracy against cfg: {temperature: rows by cfg}
+    from its coarse round (the whole grid, one sample count, the most decoding steps), and the
+    row of the chosen pair on them."""
+    rows = sweep["sweep"]
     steps = max(r["num_iter"] for r in rows)
+    count = min(r["n"] for r in rows)
+    grid = [r for r in rows if r["num_iter"] == steps and r["n"] == count]
+    curves = {t: sorted((r for r in grid if r["temperature"] == t), key=lambda r: r["cfg"])
+              for t in sorted({r["temperature"] for r in grid})}
+    chosen = next(r for r in grid
+                  if (r["cfg"], r["temperature"]) == (sweep["cfg"], sweep["temperature"]))
+    return curves, chosen
+
+
+def guidance_plot(sweep, path):
+    """FD and class accuracy against cfg, one curve per temperature, the chosen pair marked
+    (RUN/sampling.json, written by train.py)."""
+    plt = pyplot()
+    curves, chosen = guidance_curves(sweep)
     fig, ax = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=90)
-    for temperature in sorted({r["temperature"] for r in rows}):
-        curve = sorted((r for r in rows if r["temperature"] == temperature and r["num_iter"] == steps),
-                       key=lambda r: r["cfg"])
-        for axis, key in zip(ax, ("fd", "class_accuracy")):
-            axis.plot([r["cfg"] for r in curve], [r[key] for r in curve], "o-", label=f"temperature {temperature}")
-    for axis, key in zip(ax, ("fd", "class_accuracy")):
-        axis.plot([best["cfg"]], [best[key]], "k*", ms=12, label=f"chosen ({best['num_iter']} steps)")
-    ax[0].set(xlabel="cfg", ylabel="Fréchet distance (lower is better)", title=f"{steps} decoding steps")
+    for axis, key in zip(ax, ("fd", "class_accuracy"), strict=True):
+        for temperature, curve in curves.items():
+            axis.plot([r["cfg"] for r in curve], [r[key] for r in curve], "o-",
+                      label=f"temperature {temperature}")
+        axis.plot([chosen["cfg"]], [chosen[key]], "k*", ms=12,
+                  label=f"chosen (sampled with {sweep['num_iter']} steps)")
+    ax[0].set(xlabel="cfg", ylabel="Fréchet distance (lower is better)",
+              title=f"{chosen['num_iter']} decoding steps, {chosen['n']} samples each")
     ax[1].axhline(0.95, ls="--", c="gray")
     ax[1].set(xlabel="cfg", ylabel="class accuracy", title="does a 3 look like a 3")
     ax[1].legend(fontsize=7)

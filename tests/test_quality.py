@@ -227,17 +227,22 @@ def test_best_sampling_is_the_lowest_fd_among_accurate_settings():
             {"fd": 20.0, "class_accuracy": 0.96}, {"fd": 25.0, "class_accuracy": 0.99}]
     assert quality.best_sampling(rows) is rows[2]                        # 10 is lower, but 90% accurate
     assert quality.best_sampling(rows, min_accuracy=0.995) is rows[3]    # none reaches it: the most accurate
+    assert quality.ranked_sampling(rows) == [rows[2], rows[3], rows[1], rows[0]]
+    assert quality.ranked_sampling(rows, min_accuracy=0.97) == [rows[3], rows[1], rows[2], rows[0]]
 
 
-def test_sweep_scores_every_setting_then_fewer_steps_for_the_best(trained, perturb):
+def test_sweep_ranks_the_grid_on_few_samples_then_rescores_its_finalists(trained, perturb):
     import data
     import tokenbridge as tb
     torch.manual_seed(0)
     model = perturb(tb.TokenBridge(tb.TokenBridgeConfig.preset("digits")).calibrate(torch.randn(8, 16, 4, 4)))
     vae = data.build_small_vae(8, 16, width=8).eval()
-    rows, best = quality.sweep_sampling(model.train(), vae, cfgs=(1.0, 3.0), temperatures=(1.0,), steps=(16, 4),
-                                        n=20, net=trained[0])
-    assert [(r["cfg"], r["num_iter"]) for r in rows[:2]] == [(1.0, 16), (3.0, 16)]
-    assert rows[2]["num_iter"] == 4 and rows[2]["cfg"] == quality.best_sampling(rows[:2])["cfg"]
-    assert best is quality.best_sampling(rows) and all(r["n"] == 20 for r in rows)
+    rows, best = quality.sweep_sampling(model.train(), vae, cfgs=(1.0, 2.0, 3.0), temperatures=(1.0,),
+                                        steps=(16, 4), n=20, coarse_n=10, finalists=2, net=trained[0])
+    coarse, final = rows[:3], rows[3:]
+    assert [(r["cfg"], r["n"], r["num_iter"]) for r in coarse] == [(1.0, 10, 16), (2.0, 10, 16), (3.0, 10, 16)]
+    finalists = quality.ranked_sampling(coarse)[:2]
+    assert [(r["cfg"], r["n"], r["num_iter"]) for r in final[:2]] == [(f["cfg"], 20, 16) for f in finalists]
+    assert final[2]["num_iter"] == 4 and final[2]["cfg"] == quality.best_sampling(final[:2])["cfg"]
+    assert best is quality.best_sampling(final) and best["n"] == 20      # compared at the full count only
     assert model.training                                                 # the caller's mode is restored

@@ -59,13 +59,23 @@ def test_held_out_reads_the_validation_rows_of_the_latent_cache(tmp_path):
     assert torch.equal(labels, val_idx % 10)
 
 
-def test_guidance_plot_draws_the_run_sweep(tmp_path):
-    rows = [{"cfg": c, "temperature": t, "num_iter": 16, "fd": 40 - 5 * c + 10 * t, "class_accuracy": 0.8 + 0.04 * c}
-            for c in (1.0, 2.0, 3.0, 4.0) for t in (0.7, 1.0)] + [{"cfg": 4.0, "temperature": 0.7, "num_iter": 4,
-                                                                     "fd": 10.0, "class_accuracy": 0.97}]
-    reproduce.guidance_plot({**rows[-1], "sweep": rows}, tmp_path / "guidance.png")
+def test_guidance_plot_draws_the_coarse_round_and_marks_the_choice(tmp_path):
+    """The curves are the coarse round's rows (one sample count, the most steps), never the
+    finalists' rescoring on more samples nor the fewer-step rows."""
+    def row(cfg, temperature, n=250, steps=16):
+        return {"cfg": cfg, "temperature": temperature, "num_iter": steps, "n": n,
+                "fd": 40 - 5 * cfg + 10 * temperature, "class_accuracy": 0.8 + 0.04 * cfg}
+    coarse = [row(c, t) for c in (1.0, 2.0, 3.0, 4.0) for t in (0.7, 1.0)]
+    final = [row(4.0, 0.7, n=1000), row(3.0, 0.7, n=1000), row(4.0, 0.7, n=1000, steps=4)]
+    sweep = {**final[-1], "sweep": coarse + final}
+    curves, chosen = reproduce.guidance_curves(sweep)
+    assert list(curves) == [0.7, 1.0]
+    assert [r["cfg"] for r in curves[0.7]] == [1.0, 2.0, 3.0, 4.0]
+    assert all(r["n"] == 250 and r["num_iter"] == 16 for c in curves.values() for r in c)
+    assert chosen is coarse[6]                                   # cfg 4, temperature 0.7, 250 samples
+    reproduce.guidance_plot(sweep, tmp_path / "guidance.png")
     from PIL import Image
-    assert Image.open(tmp_path / "guidance.png").size == (675, 252)             # 7.5 x 2.8 inches at 90 dpi
+    assert Image.open(tmp_path / "guidance.png").size == (675, 252)   # 7.5 x 2.8 inches at 90 dpi
     with pytest.raises(ValueError, match="sampling.json is missing"):
         reproduce.part_demo(reproduce.get_parser().parse_args(["--runs", str(tmp_path)]), tmp_path, {})
 
