@@ -50,6 +50,10 @@ def unpatchify(tokens, grid):
 
 # --- 1. Post-training dimension-wise quantizer ---------------------------------------------------
 
+def normal_pdf(t):
+    return torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+
+
 class GaussianQuantizer(nn.Module):
     """Quantize each channel of a continuous latent into `levels` equiprobable Gaussian bins.
 
@@ -61,30 +65,38 @@ class GaussianQuantizer(nn.Module):
 
     def __init__(self, levels=64, std_range=3.0, channels=16, assign="bins"):
         super().__init__()
-        require(levels >= 2, f"levels must be >= 2 (got {levels}); the paper uses 64 (16 for the ablation)")
+        require(levels >= 2,
+                f"levels must be >= 2 (got {levels}); the paper uses 64 (16 for the ablation)")
         require(std_range > 0, f"std_range must be > 0 (got {std_range}); the paper uses 3")
-        require(assign in ("bins", "nearest"), f"assign must be 'bins' or 'nearest' (got {assign!r})")
-        self.levels, self.std_range, self.channels, self.assign = levels, std_range, channels, assign
+        require(assign in ("bins", "nearest"),
+                f"assign must be 'bins' or 'nearest' (got {assign!r})")
+        self.levels = levels
+        self.std_range = std_range
+        self.channels = channels
+        self.assign = assign
+
         # float64 for the tables: the tail bins are thin, and float32 Φ⁻¹ loses digits there.
         boundaries = torch.special.ndtri(torch.linspace(0, 1, levels + 1, dtype=torch.float64))
         boundaries = boundaries.clamp(-std_range, std_range)
         a, b = boundaries[:-1], boundaries[1:]
-        pdf = lambda t: torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
         mass = torch.special.ndtr(b) - torch.special.ndtr(a)
         # truncated-normal mean; a bin that the clamp to [-r, r] leaves empty (its mass under
         # N(0, 1) is below Φ(-r): from ~740 levels at r = 3) takes its edge, and is never assigned
-        centers = torch.where(mass > 0, (pdf(a) - pdf(b)) / mass, a)
-        self.register_buffer("boundaries", boundaries.float())                 # (levels+1,)
-        self.register_buffer("centers", centers.float())                       # (levels,)
-        self.register_buffer("mean", torch.zeros(channels))                    # (C,)
-        self.register_buffer("std", torch.ones(channels))                      # (C,)
-        self.register_buffer("order", torch.arange(channels))                  # (C,) AR slot -> channel
+        centers = torch.where(mass > 0, (normal_pdf(a) - normal_pdf(b)) / mass, a)
+
+        self.register_buffer("boundaries", boundaries.float())           # (levels+1,)
+        self.register_buffer("centers", centers.float())                 # (levels,)
+        self.register_buffer("mean", torch.zeros(channels))              # (C,)
+        self.register_buffer("std", torch.ones(channels))                # (C,)
+        self.register_buffer("order", torch.arange(channels))            # (C,) AR slot -> channel
 
     def _check_tokens(self, tokens):
-        require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels, f"expected channel-last tokens (..., "
-                f"{self.channels}), got {tuple(tokens.shape)}; for (B, C, H, W) latents use tokenbridge.patchify")
+        require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels,
+                f"expected channel-last tokens (..., {self.channels}), got {tuple(tokens.shape)}; "
+                "for (B, C, H, W) latents use tokenbridge.patchify")
         require(tokens.is_floating_point(), f"expected float tokens, got {tokens.dtype}")
-        require(bool(torch.isfinite(tokens).all()), "tokens contain NaN or inf; check the VAE output")
+        require(bool(torch.isfinite(tokens).all()),
+                "tokens contain NaN or inf; check the VAE output")
 
     @torch.no_grad()
     def calibrate(self, tokens):
@@ -102,7 +114,8 @@ class GaussianQuantizer(nn.Module):
 
     def with_levels(self, levels):
         """The same calibration (statistics and order) with another number of bins."""
-        other = GaussianQuantizer(levels, self.std_range, self.channels, self.assign).to(self.mean.device)
+        other = GaussianQuantizer(levels, self.std_range, self.channels, self.assign)
+        other.to(self.mean.device)
         for name in ("mean", "std", "order"):
             getattr(other, name).copy_(getattr(self, name))
         return other
@@ -114,7 +127,8 @@ class GaussianQuantizer(nn.Module):
     def quantize(self, tokens):
         """(..., C) float -> (..., C) long in [0, levels)."""
         self._check_tokens(tokens)
-        u = ((tokens.float() - self.mean) / self.std).clamp(-self.std_range, self.std_range).contiguous()
+        u = (tokens.float() - self.mean) / self.std
+        u = u.clamp(-self.std_range, self.std_range).contiguous()
         if self.assign == "nearest":
             return (u.unsqueeze(-1) - self.centers).abs().argmin(-1)
         # right=True: a value on a boundary b_k belongs to bin k, as in b_k <= u < b_{k+1}.
@@ -123,7 +137,8 @@ class GaussianQuantizer(nn.Module):
     def dequantize(self, indices):
         """(..., C) long -> (..., C) float, each index replaced by its bin's conditional mean."""
         require(not indices.is_floating_point() and indices.shape[-1] == self.channels,
-                f"expected integer indices (..., {self.channels}), got {indices.dtype} {tuple(indices.shape)}")
+                f"expected integer indices (..., {self.channels}), "
+                f"got {indices.dtype} {tuple(indices.shape)}")
         require(bool(((indices >= 0) & (indices < self.levels)).all()),
                 f"indices must lie in [0, {self.levels})")
         return self.centers[indices] * self.std + self.mean
@@ -190,11 +205,15 @@ class TokenBridgeConfig:
         require(self.levels >= 2, f"levels must be >= 2 (got {self.levels})")
         require(self.image_size % self.vae_stride == 0,
                 f"image_size {self.image_size} must be divisible by vae_stride {self.vae_stride}")
-        require(self.head in ("ar", "parallel"), f"head must be 'ar' or 'parallel' (got {self.head!r})")
-        require(self.order in ("frequency", "default"), f"order must be 'frequency' or 'default' (got {self.order!r})")
+        require(self.head in ("ar", "parallel"),
+                f"head must be 'ar' or 'parallel' (got {self.head!r})")
+        require(self.order in ("frequency", "default"),
+                f"order must be 'frequency' or 'default' (got {self.order!r})")
         for part in ("encoder", "decoder", "head"):
-            width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
-            require(width % heads == 0, f"{part}_width {width} must be divisible by {part}_heads {heads}")
+            width = getattr(self, f"{part}_width")
+            heads = getattr(self, f"{part}_heads")
+            require(width % heads == 0,
+                    f"{part}_width {width} must be divisible by {part}_heads {heads}")
 
     @property
     def unconditional(self):
@@ -224,7 +243,8 @@ class TokenBridgeConfig:
 
 
 def _imagenet(**kw):
-    return TokenBridgeConfig(image_size=256, vae_stride=16, num_classes=1000, buffer_size=64, dropout=0.1, **kw)
+    return TokenBridgeConfig(image_size=256, vae_stride=16, num_classes=1000, buffer_size=64,
+                             dropout=0.1, **kw)
 
 
 PRESETS = {
@@ -234,16 +254,20 @@ PRESETS = {
     # its latents are near Gaussian, as the bins assume (README: why not stride 4)
     "digits": TokenBridgeConfig(vae_stride=8),
     # 32px images, VAE stride 4 -> 8x8 tokens: the speed benchmark
-    "bench-s": TokenBridgeConfig(buffer_size=64, encoder_width=256, encoder_depth=4, encoder_heads=8,
+    "bench-s": TokenBridgeConfig(buffer_size=64,
+                                 encoder_width=256, encoder_depth=4, encoder_heads=8,
                                  decoder_width=256, decoder_depth=4, decoder_heads=8,
                                  head_width=256, head_depth=2, head_heads=8),
     # the paper reports L and H; B is MAR-B's backbone with a proportionally smaller head
-    "base": _imagenet(encoder_width=768, encoder_depth=12, encoder_heads=12, decoder_width=768,
-                      decoder_depth=12, decoder_heads=12, head_width=768, head_depth=4, head_heads=8),
-    "large": _imagenet(encoder_width=1024, encoder_depth=16, encoder_heads=16, decoder_width=1024,
-                       decoder_depth=16, decoder_heads=16, head_width=1024, head_depth=4, head_heads=8),
-    "huge": _imagenet(encoder_width=1280, encoder_depth=20, encoder_heads=16, decoder_width=1280,
-                      decoder_depth=20, decoder_heads=16, head_width=1024, head_depth=6, head_heads=8),
+    "base": _imagenet(encoder_width=768, encoder_depth=12, encoder_heads=12,
+                      decoder_width=768, decoder_depth=12, decoder_heads=12,
+                      head_width=768, head_depth=4, head_heads=8),
+    "large": _imagenet(encoder_width=1024, encoder_depth=16, encoder_heads=16,
+                       decoder_width=1024, decoder_depth=16, decoder_heads=16,
+                       head_width=1024, head_depth=4, head_heads=8),
+    "huge": _imagenet(encoder_width=1280, encoder_depth=20, encoder_heads=16,
+                      decoder_width=1280, decoder_depth=20, decoder_heads=16,
+                      head_width=1024, head_depth=6, head_heads=8),
 }
 
 
