@@ -277,11 +277,12 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-
 class Attention(nn.Module):
     def __init__(self, dim, heads, qk_norm=False, dropout=0.0):
         super().__init__()
-        self.heads, self.head_dim, self.dropout = heads, dim // heads, dropout
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
@@ -290,13 +291,15 @@ class Attention(nn.Module):
 
     def _qkv(self, x):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, L, hd)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)               # (B, L, 3, h, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                     # (B, h, L, hd)
         return self.q_norm(q), self.k_norm(k), v
 
     def _attend(self, q, k, v, mask):
         B, _, L, _ = q.shape
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, L, -1)))            # (B, L, D)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, L, -1)))   # (B, L, D)
 
     def forward(self, x, mask=None):
         """mask: bool, True = may attend; broadcast to (B, h, L, L)."""
@@ -313,7 +316,9 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, ratio, dropout):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, int(dim * ratio)), nn.Linear(int(dim * ratio), dim)
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -376,28 +381,36 @@ class Backbone(nn.Module):
     """Known positions (dequantized tokens) + class -> a feature z for every position. As in MAR,
     the encoder sees only the class buffer and the known positions, the decoder every position
     (unknown ones as the mask token). Every image of a batch has as many unknown positions, so the
-    known ones gather into a (B, V, D) batch, in training, sampling and ONNX (NonZero) alike."""
+    known ones gather into a (B, V, D) batch, in training, sampling and ONNX (NonZero) alike.
+    Shapes: S = buffer_size class slots, V the kept slots, De / Dd the encoder / decoder width."""
 
     def __init__(self, config):
         super().__init__()
-        De, Dd, S, N = config.encoder_width, config.decoder_width, config.buffer_size, config.seq_len
-        self.num_classes, self.buffer_size = config.num_classes, config.buffer_size
+        self.num_classes = config.num_classes
+        self.buffer_size = config.buffer_size
         self.grad_checkpointing = False
-        self.class_emb = nn.Embedding(config.num_classes, De)
-        self.fake_latent = nn.Parameter(torch.zeros(1, De))      # the null class, for CFG
-        self.z_proj = nn.Linear(config.channels, De)
-        self.z_proj_ln = nn.LayerNorm(De, eps=LN_EPS)
-        self.encoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, De))
+        slots = config.buffer_size + config.seq_len          # the class buffer, then the positions
+
+        # encoder: the class buffer and the known positions
+        self.class_emb = nn.Embedding(config.num_classes, config.encoder_width)
+        self.fake_latent = nn.Parameter(torch.zeros(1, config.encoder_width))  # the null class
+        self.z_proj = nn.Linear(config.channels, config.encoder_width)
+        self.z_proj_ln = nn.LayerNorm(config.encoder_width, eps=LN_EPS)
+        self.encoder_pos_embed = nn.Parameter(torch.zeros(1, slots, config.encoder_width))
         self.encoder_blocks = nn.ModuleList(
-            Block(De, config.encoder_heads, config.mlp_ratio, config.dropout) for _ in range(config.encoder_depth))
-        self.encoder_norm = nn.LayerNorm(De, eps=LN_EPS)
-        self.decoder_embed = nn.Linear(De, Dd)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, Dd))
+            Block(config.encoder_width, config.encoder_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.encoder_depth))
+        self.encoder_norm = nn.LayerNorm(config.encoder_width, eps=LN_EPS)
+
+        # decoder: every position, the unknown ones as the mask token
+        self.decoder_embed = nn.Linear(config.encoder_width, config.decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, slots, config.decoder_width))
         self.decoder_blocks = nn.ModuleList(
-            Block(Dd, config.decoder_heads, config.mlp_ratio, config.dropout) for _ in range(config.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(Dd, eps=LN_EPS)
-        self.output_pos_embed = nn.Parameter(torch.zeros(1, N, Dd))
+            Block(config.decoder_width, config.decoder_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(config.decoder_width, eps=LN_EPS)
+        self.output_pos_embed = nn.Parameter(torch.zeros(1, config.seq_len, config.decoder_width))
 
     def class_embedding(self, labels):
         """labels in [0, num_classes]; the extra label num_classes is the null class."""
@@ -405,7 +418,8 @@ class Backbone(nn.Module):
         return torch.where((labels == self.num_classes).unsqueeze(-1), self.fake_latent, known)
 
     def _run(self, blocks, x):
-        recompute = self.grad_checkpointing and self.training  # activations again in backward: less memory
+        # recomputes the activations in backward: less memory
+        recompute = self.grad_checkpointing and self.training
         for block in blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
@@ -415,17 +429,26 @@ class Backbone(nn.Module):
         B, L = values.shape[0], self.buffer_size + mask.shape[1]
         if not torch.jit.is_tracing() and (mask.sum(1) != mask[0].sum()).any():
             raise ValueError("every image needs the same number of masked positions "
-                             f"(got {mask.sum(1).tolist()}); draw masks as TokenBridge.random_mask does")
-        x = self.z_proj(values)                                                        # (B, N, De)
+                             f"(got {mask.sum(1).tolist()}); "
+                             "draw masks as TokenBridge.random_mask does")
+
+        # the class buffer, then the projected values
+        x = self.z_proj(values)                                                 # (B, N, De)
         buffer = self.class_embedding(labels).unsqueeze(1).expand(-1, self.buffer_size, -1)
-        x = self.z_proj_ln(torch.cat([buffer, x], dim=1) + self.encoder_pos_embed)     # (B, S+N, De)
-        keep = F.pad(~mask, (self.buffer_size, 0), value=True).nonzero(as_tuple=True)  # B*V (image, slot)
-        x = self._run(self.encoder_blocks, x[keep].view(B, -1, x.shape[-1]))           # (B, V, De)
-        x = self.decoder_embed(self.encoder_norm(x)).flatten(0, 1)                     # (B*V, Dd)
-        x = self.mask_token.to(x.dtype).repeat(B, L, 1).index_put(keep, x)             # (B, S+N, Dd)
+        x = torch.cat([buffer, x], dim=1)                                       # (B, S+N, De)
+        x = self.z_proj_ln(x + self.encoder_pos_embed)
+
+        # dropping: the encoder sees the buffer and the known positions only
+        kept = F.pad(~mask, (self.buffer_size, 0), value=True)                  # (B, S+N)
+        keep = kept.nonzero(as_tuple=True)                                      # B*V (image, slot)
+        x = self._run(self.encoder_blocks, x[keep].view(B, -1, x.shape[-1]))    # (B, V, De)
+
+        # the decoder: encoded slots back in place, the mask token everywhere else
+        x = self.decoder_embed(self.encoder_norm(x)).flatten(0, 1)              # (B*V, Dd)
+        x = self.mask_token.to(x.dtype).repeat(B, L, 1).index_put(keep, x)      # (B, S+N, Dd)
         x = self._run(self.decoder_blocks, x + self.decoder_pos_embed)
         x = self.decoder_norm(x)[:, self.buffer_size:]
-        return x + self.output_pos_embed                                               # (B, N, Dd)
+        return x + self.output_pos_embed                                        # (B, N, Dd)
 
 
 # --- 6. Dimension-wise AR head: p(q) = Π_c p(q^c | q^<c, z) at every position --------------------
