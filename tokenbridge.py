@@ -457,26 +457,38 @@ class DimensionwiseARHead(nn.Module):
     """A small causal transformer over C slots per position, in generation order. Slot 0 holds
     proj(z), slot c > 0 the embedding of token q^{c-1} (a table per slot); slot c predicts channel
     c with its own `levels`-way classifier; every block is adaLN-conditioned on proj(z) + a slot
-    embedding. parallel=True is the ablation: no tokens in, each channel from z alone."""
+    embedding. parallel=True is the ablation: no tokens in, each channel from z alone.
+    Shapes: M positions, C = channels slots, D = head_width, K = levels."""
 
     def __init__(self, config):
         super().__init__()
-        C, D, K = config.channels, config.head_width, config.levels
-        self.channels, self.levels, self.parallel = C, K, config.head == "parallel"
+        self.channels = config.channels
+        self.levels = config.levels
+        self.parallel = config.head == "parallel"
         self.slot0_quirk = config.official_compat
-        self.heads, self.head_dim = config.head_heads, D // config.head_heads
-        self.condition_proj = nn.Linear(config.decoder_width, D)
-        self.slot_pos = nn.Parameter(torch.zeros(C, D))          # added to each slot's input
-        self.slot_cond = nn.Parameter(torch.zeros(C, D))         # added to each slot's adaLN condition
+        self.heads = config.head_heads
+        self.head_dim = config.head_width // config.head_heads
+
+        # the slots' inputs: proj(z) in slot 0, token c's embedding in slot c+1 (a table each);
+        # every slot adds slot_pos to its input and slot_cond to its adaLN condition
+        self.condition_proj = nn.Linear(config.decoder_width, config.head_width)
+        self.slot_pos = nn.Parameter(torch.zeros(config.channels, config.head_width))   # (C, D)
+        self.slot_cond = nn.Parameter(torch.zeros(config.channels, config.head_width))  # (C, D)
         if not self.parallel:
-            self.token_embed = nn.Parameter(torch.zeros(C - 1, K, D))  # slot c+1 embeds token c
+            self.token_embed = nn.Parameter(
+                torch.zeros(config.channels - 1, config.levels, config.head_width))  # (C-1, K, D)
+
+        # the causal transformer over the slots, then one classifier per channel
         self.blocks = nn.ModuleList(
-            AdaLNBlock(D, config.head_heads, config.mlp_ratio, config.dropout) for _ in range(config.head_depth))
-        self.norm = nn.LayerNorm(D, eps=LN_EPS)
-        self.final = FinalLayer(D)
-        self.out_weight = nn.Parameter(torch.zeros(C, K, D))     # one classifier per channel
-        self.out_bias = nn.Parameter(torch.zeros(C, K))
-        self.register_buffer("causal", torch.ones(C, C, dtype=torch.bool).tril(), persistent=False)
+            AdaLNBlock(config.head_width, config.head_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.head_depth))
+        self.norm = nn.LayerNorm(config.head_width, eps=LN_EPS)
+        self.final = FinalLayer(config.head_width)
+        self.out_weight = nn.Parameter(
+            torch.zeros(config.channels, config.levels, config.head_width))        # (C, K, D)
+        self.out_bias = nn.Parameter(torch.zeros(config.channels, config.levels))    # (C, K)
+        causal = torch.ones(config.channels, config.channels, dtype=torch.bool).tril()
+        self.register_buffer("causal", causal, persistent=False)
 
     def project(self, z):
         """Backbone features (..., Dd) -> the head's condition (..., D), once per position."""
@@ -496,33 +508,42 @@ class DimensionwiseARHead(nn.Module):
         Returns logits (M, L+1, levels) for channels 0..L; L = C-1 gives the full training pass.
         """
         M, L = tokens.shape
+
+        # slot 0 holds cond, slot c > 0 token c-1 (zeros in the parallel ablation)
         if self.parallel:
             inputs = cond.new_zeros(M, L, cond.shape[-1])
         else:
-            inputs = self._embed(tokens, torch.arange(L, device=cond.device))             # (M, L, D)
-        x = torch.cat([cond.unsqueeze(1), inputs], dim=1) + self.slot_pos[:L + 1]        # (M, L+1, D)
-        c = cond.unsqueeze(1) + self.slot_cond[:L + 1]                                    # (M, L+1, D)
+            inputs = self._embed(tokens, torch.arange(L, device=cond.device))      # (M, L, D)
+        x = torch.cat([cond.unsqueeze(1), inputs], dim=1) + self.slot_pos[:L + 1]  # (M, L+1, D)
+        c = cond.unsqueeze(1) + self.slot_cond[:L + 1]                             # (M, L+1, D)
+
+        # causal attention over the slots, then each slot's classifier
         for block in self.blocks:
             x, _ = block(x, c, self.causal[:L + 1, :L + 1])
         return self._logits(x, c, slice(0, L + 1))
 
     def empty_cache(self, rows, device=None, dtype=torch.float32):
         """The KV cache before channel 0: (depth, 2, rows, heads, 0 slots, head_dim)."""
-        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim, device=device, dtype=dtype)
+        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim,
+                           device=device, dtype=dtype)
 
     def step(self, cond, prev_token, t, cache):
-        """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long tensor,
-        cache the t slots before. Returns logits (M, levels) for channel t, equal to forward()'s
-        slot t to float tolerance, and the cache grown to t+1 slots."""
+        """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long
+        tensor, cache the t slots before. Returns logits (M, levels) for channel t, equal to
+        forward()'s slot t to float tolerance, and the cache grown to t+1 slots."""
+        # slot t's input, as in forward()
         if self.parallel:
             token = torch.zeros_like(cond)
         else:  # slot t embeds token t-1 with table t-1 (clamped: slot 0 uses cond instead)
-            token = self._embed(prev_token, (t - 1).clamp(min=0))                          # (M, D)
+            token = self._embed(prev_token, (t - 1).clamp(min=0))                  # (M, D)
+        # official_compat: the official sampler adds slot_cond[0] to slot 0, unlike its training
         first = cond + self.slot_cond[0] if self.slot0_quirk else cond
-        x = (torch.where(t == 0, first, token) + self.slot_pos[t]).unsqueeze(1)          # (M, 1, D)
-        c = (cond + self.slot_cond[t]).unsqueeze(1)                                       # (M, 1, D)
+        x = (torch.where(t == 0, first, token) + self.slot_pos[t]).unsqueeze(1)   # (M, 1, D)
+        c = (cond + self.slot_cond[t]).unsqueeze(1)                                # (M, 1, D)
+
+        # every block attends to its cached slots and grows its cache by one
         new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
             x, layer_cache = block(x, c, cache=layer_cache)
             new_cache.append(layer_cache)
         return self._logits(x, c, t.view(1))[:, 0], torch.stack(new_cache)
