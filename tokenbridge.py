@@ -50,10 +50,6 @@ def unpatchify(tokens, grid):
 
 # --- 1. Post-training dimension-wise quantizer ---------------------------------------------------
 
-def normal_pdf(t):
-    return torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
-
-
 class GaussianQuantizer(nn.Module):
     """Quantize each channel of a continuous latent into `levels` equiprobable Gaussian bins.
 
@@ -80,10 +76,10 @@ class GaussianQuantizer(nn.Module):
         boundaries = boundaries.clamp(-std_range, std_range)
         a, b = boundaries[:-1], boundaries[1:]
         mass = torch.special.ndtr(b) - torch.special.ndtr(a)
+        pdf = torch.exp(-0.5 * boundaries * boundaries) / math.sqrt(2 * math.pi)   # φ(b_k)
         # truncated-normal mean; a bin that the clamp to [-r, r] leaves empty (its mass under
         # N(0, 1) is below Φ(-r): from ~740 levels at r = 3) takes its edge, and is never assigned
-        centers = torch.where(mass > 0, (normal_pdf(a) - normal_pdf(b)) / mass, a)
-
+        centers = torch.where(mass > 0, (pdf[:-1] - pdf[1:]) / mass, a)
         self.register_buffer("boundaries", boundaries.float())           # (levels+1,)
         self.register_buffer("centers", centers.float())                 # (levels,)
         self.register_buffer("mean", torch.zeros(channels))              # (C,)
@@ -115,10 +111,9 @@ class GaussianQuantizer(nn.Module):
     def with_levels(self, levels):
         """The same calibration (statistics and order) with another number of bins."""
         other = GaussianQuantizer(levels, self.std_range, self.channels, self.assign)
-        other.to(self.mean.device)
         for name in ("mean", "std", "order"):
             getattr(other, name).copy_(getattr(self, name))
-        return other
+        return other.to(self.mean.device)
 
     def round_trip(self, latents):
         """Latents (B, C, H, W) through the tokens and back: what the VAE decodes from them."""
@@ -210,8 +205,7 @@ class TokenBridgeConfig:
         require(self.order in ("frequency", "default"),
                 f"order must be 'frequency' or 'default' (got {self.order!r})")
         for part in ("encoder", "decoder", "head"):
-            width = getattr(self, f"{part}_width")
-            heads = getattr(self, f"{part}_heads")
+            width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
             require(width % heads == 0,
                     f"{part}_width {width} must be divisible by {part}_heads {heads}")
 
@@ -316,9 +310,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, ratio, dropout):
         super().__init__()
-        hidden = int(dim * ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -418,8 +411,7 @@ class Backbone(nn.Module):
         return torch.where((labels == self.num_classes).unsqueeze(-1), self.fake_latent, known)
 
     def _run(self, blocks, x):
-        # recomputes the activations in backward: less memory
-        recompute = self.grad_checkpointing and self.training
+        recompute = self.grad_checkpointing and self.training  # again in backward: less memory
         for block in blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
@@ -433,9 +425,8 @@ class Backbone(nn.Module):
                              "draw masks as TokenBridge.random_mask does")
 
         # the class buffer, then the projected values
-        x = self.z_proj(values)                                                 # (B, N, De)
         buffer = self.class_embedding(labels).unsqueeze(1).expand(-1, self.buffer_size, -1)
-        x = torch.cat([buffer, x], dim=1)                                       # (B, S+N, De)
+        x = torch.cat([buffer, self.z_proj(values)], dim=1)                     # (B, S+N, De)
         x = self.z_proj_ln(x + self.encoder_pos_embed)
 
         # dropping: the encoder sees the buffer and the known positions only
@@ -469,8 +460,7 @@ class DimensionwiseARHead(nn.Module):
         self.heads = config.head_heads
         self.head_dim = config.head_width // config.head_heads
 
-        # the slots' inputs: proj(z) in slot 0, token c's embedding in slot c+1 (a table each);
-        # every slot adds slot_pos to its input and slot_cond to its adaLN condition
+        # the slots: slot_pos is added to each slot's input, slot_cond to its adaLN condition
         self.condition_proj = nn.Linear(config.decoder_width, config.head_width)
         self.slot_pos = nn.Parameter(torch.zeros(config.channels, config.head_width))   # (C, D)
         self.slot_cond = nn.Parameter(torch.zeros(config.channels, config.head_width))  # (C, D)
@@ -505,8 +495,7 @@ class DimensionwiseARHead(nn.Module):
     def forward(self, cond, tokens):
         """Teacher forcing. cond (M, D), tokens (M, L) in generation order, L < C.
 
-        Returns logits (M, L+1, levels) for channels 0..L; L = C-1 gives the full training pass.
-        """
+        Returns logits (M, L+1, levels) for channels 0..L; L = C-1 gives the full training pass."""
         M, L = tokens.shape
 
         # slot 0 holds cond, slot c > 0 token c-1 (zeros in the parallel ablation)
@@ -618,30 +607,45 @@ class TokenBridge(nn.Module):
 
     # --- input checks ----------------------------------------------------------------------------
     def _check_latents(self, latents):
-        c, g = self.config.channels, self.config.grid
-        require(latents.dim() == 4 and tuple(latents.shape[1:]) == (c, g, g),
-                f"expected latents (B, {c}, {g}, {g}) for image_size {self.config.image_size} / vae_stride "
-                 f"{self.config.vae_stride}, got {tuple(latents.shape)}; check the VAE and the config")
-        require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf; check the VAE output")
+        channels, grid = self.config.channels, self.config.grid
+        require(latents.dim() == 4 and tuple(latents.shape[1:]) == (channels, grid, grid),
+                f"expected latents (B, {channels}, {grid}, {grid}) for image_size "
+                f"{self.config.image_size} / vae_stride {self.config.vae_stride}, "
+                f"got {tuple(latents.shape)}; check the VAE and the config")
+        require(bool(torch.isfinite(latents).all()),
+                "latents contain NaN or inf; check the VAE output")
 
     def _check_labels(self, labels, batch=None, allow_null=False):
         """allow_null: in sampling, label num_classes is the null class (unconditional)."""
-        k = self.config.num_classes
+        num_classes = self.config.num_classes
         require(labels.dim() == 1 and not labels.is_floating_point(),
                 f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         require(batch is None or labels.shape[0] == batch,
                 f"got {labels.shape[0]} labels for a batch of {batch} latents")
-        top = k + 1 if allow_null else k
+        top = num_classes + 1 if allow_null else num_classes
+        null = f" ({num_classes}: unconditional)" if allow_null else ""
         require(bool(((labels >= 0) & (labels < top)).all()),
-                f"labels must lie in [0, {top}) for this model's {k} classes"
-                 + (f" ({k}: unconditional)" if allow_null else "") + f", got {labels.tolist()[:8]}")
+                f"labels must lie in [0, {top}) for this model's {num_classes} classes{null}, "
+                f"got {labels.tolist()[:8]}")
+
+    def _check_sampling(self, num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order):
+        N = self.config.seq_len
+        require(1 <= num_iter <= N,
+                f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
+        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+        require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        for name, value, choices in (("cfg_mode", cfg_mode, ("features", "logits")),
+                                     ("position_order", position_order, ("random", "confidence")),
+                                     ("cfg_schedule", cfg_schedule, ("linear", "constant"))):
+            require(value in choices, f"{name} must be one of {choices}, got {value!r}")
 
     @torch.no_grad()
     def calibrate(self, latents):
-        """Fit the quantizer's per-channel statistics and the channel order, latents (N, C, H, W)."""
+        """Fit the quantizer's per-channel statistics and channel order to latents (N, C, H, W)."""
         self._check_latents(latents)
         self.quantizer.calibrate(patchify(latents))
-        order = frequency_order(latents) if self.config.order == "frequency" else torch.arange(self.config.channels)
+        frequency = self.config.order == "frequency"
+        order = frequency_order(latents) if frequency else torch.arange(self.config.channels)
         self.quantizer.order.copy_(order)
         return self
 
@@ -649,12 +653,13 @@ class TokenBridge(nn.Module):
     def random_mask(self, batch, device):
         """MAR masking: one ratio per batch ~ truncated N(1, 0.25) on [mask_ratio_min, 1], a random
         order per image. Returns mask (B, N), True = masked (to predict)."""
-        N, lo = self.config.seq_len, self.config.mask_ratio_min
-        ndtr_lo = torch.special.ndtr(torch.tensor((lo - 1.0) / 0.25, dtype=torch.float64))
-        u = ndtr_lo + (0.5 - ndtr_lo) * torch.rand((), dtype=torch.float64)      # inverse-CDF draw
+        N = self.config.seq_len
+        lo = (self.config.mask_ratio_min - 1.0) / 0.25             # the lower bound, standardised
+        ndtr_lo = torch.special.ndtr(torch.tensor(lo, dtype=torch.float64))
+        u = ndtr_lo + (0.5 - ndtr_lo) * torch.rand((), dtype=torch.float64)   # inverse-CDF draw
         ratio = 1.0 + 0.25 * torch.special.ndtri(u).item()
         num_masked = min(N, math.ceil(N * ratio))
-        rank = torch.rand(batch, N, device=device).argsort(-1).argsort(-1)       # random order
+        rank = torch.rand(batch, N, device=device).argsort(-1).argsort(-1)    # random order
         return rank < num_masked
 
     def token_logits(self, latents, labels, mask, head_positions=0):
@@ -662,13 +667,18 @@ class TokenBridge(nn.Module):
         positions, channels in generation order. head_positions > 0 runs the head on that many
         random masked positions per image: an unbiased estimate of the same loss, for when the
         head (C slots per position) dominates a step. 0 = every masked position (the paper)."""
-        tokens = patchify(latents)                                                    # (B, N, C)
-        indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
-        z = self.backbone(self.quantizer.dequantize(indices), mask, labels)
+        tokens = patchify(latents)                                                 # (B, N, C)
+        indices = self.quantizer.quantize(tokens)                                  # (B, N, C)
+        z = self.backbone(self.quantizer.dequantize(indices), mask, labels)        # (B, N, Dd)
+
+        # head_positions > 0: keep that many of each image's masked positions, at random
         if 0 < head_positions < self.config.seq_len:
             score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
-            mask = mask & torch.zeros_like(mask).scatter_(1, score.topk(head_positions, dim=-1).indices, True)
-        targets = indices[mask][:, self.quantizer.order]                              # (M, C)
+            picked = score.topk(head_positions, dim=-1).indices
+            mask = mask & torch.zeros_like(mask).scatter_(1, picked, True)
+
+        # the head, teacher-forced on each position's channels in generation order
+        targets = indices[mask][:, self.quantizer.order]                           # (M, C)
         return self.head(self.head.project(z[mask]), targets[:, :-1]), targets
 
     def forward(self, latents, labels, head_positions=0):
@@ -676,10 +686,14 @@ class TokenBridge(nn.Module):
         the official code's F.cross_entropy; in nats (divide by ln 2 for bits/token)."""
         self._check_latents(latents)
         self._check_labels(labels, latents.shape[0])
+
+        # the mask; in training, labels dropped to the null class for classifier-free guidance
         mask = self.random_mask(latents.shape[0], latents.device)
-        if self.training:  # drop labels to the null class, for classifier-free guidance
+        if self.training:
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_drop_prob
             labels = torch.where(drop, self.config.num_classes, labels)
+
+        # cross-entropy of the head's logits
         logits, targets = self.token_logits(latents, labels, mask, head_positions)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
@@ -706,65 +720,73 @@ class TokenBridge(nn.Module):
             if logit_guidance is not None:
                 token = token.repeat(2)
         tokens = torch.empty_like(uniforms, dtype=torch.long)
-        tokens[:, self.quantizer.order] = torch.stack(generated, dim=1)               # (M, C)
+        tokens[:, self.quantizer.order] = torch.stack(generated, dim=1)            # (M, C)
         return tokens, score
 
     @torch.no_grad()
-    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
-                      cfg_schedule="linear", position_order="random", confidence_noise=1.0,
-                      on_step=None):
-        """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,): classes,
-        or num_classes for unconditional samples (guidance leaves the null class unchanged).
-        Every random number comes from numpy.random.default_rng(seed), in this sequence:
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
+                      cfg_mode="features", cfg_schedule="linear", position_order="random",
+                      confidence_noise=1.0, on_step=None):
+        """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,):
+        classes, or num_classes for unconditional samples (guidance leaves the null class
+        unchanged). Every random number comes from numpy.random.default_rng(seed), in this order:
         random order: one permutation of N per image; then per step: uniforms (B, N, C) for the
         channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
-        on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown).
-        """
+        on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown)."""
         device = next(self.parameters()).device
         labels = torch.as_tensor(labels, device=device)
         self._check_labels(labels, allow_null=True)
+        self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order)
         B, N, C = len(labels), self.config.seq_len, self.config.channels
-        require(1 <= num_iter <= N, f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
-        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-        require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        for name, value, choices in (("cfg_mode", cfg_mode, ("features", "logits")), ("position_order", position_order,
-                                     ("random", "confidence")), ("cfg_schedule", cfg_schedule, ("linear", "constant"))):
-            require(value in choices, f"{name} must be one of {choices}, got {value!r}")
+
+        # random order: the permutations are the generator's first draws
         rng = np.random.default_rng(seed)
         if position_order == "random":
             orders = torch.from_numpy(np.stack([rng.permutation(N) for _ in range(B)])).to(device)
-            rank = orders.argsort(-1)                                  # rank[b, n]: when n is decoded
+            rank = orders.argsort(-1)                          # rank[b, n]: when n is decoded
+
+        # guidance runs every image twice: its class first, then the null class
         guided = cfg != 1.0
-        all_labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)]) if guided else labels
+        reps = 2 if guided else 1
+        null_labels = torch.full_like(labels, self.config.num_classes)
+        all_labels = torch.cat([labels, null_labels]) if guided else labels
         tokens = torch.zeros(B, N, C, dtype=torch.long, device=device)
         mask = torch.ones(B, N, dtype=torch.bool, device=device)
         for s, left in enumerate(mask_schedule(N, num_iter)):
+            # this step's uniforms, and every position conditioned on the tokens known so far
             uniforms = torch.from_numpy(rng.random((B, N, C))).float().to(device)
-            values = self.quantizer.dequantize(tokens)
-            reps = 2 if guided else 1
-            cond = self.condition(values.repeat(reps, 1, 1), mask.repeat(reps, 1), all_labels)  # (rB, N, D)
+            values = self.quantizer.dequantize(tokens).repeat(reps, 1, 1)
+            cond = self.condition(values, mask.repeat(reps, 1), all_labels)   # (reps*B, N, D)
             w = guidance_weight(cfg, N, left, cfg_schedule, self.config.official_compat)
             if guided and cfg_mode == "features":
                 # Guidance on backbone features z, applied after the head's linear projection:
                 # proj(z_u + w (z_c - z_u)) = proj(z_u) + w (proj(z_c) - proj(z_u)), exactly.
                 cond_c, cond_u = cond.chunk(2)
                 cond = cond_u + w * (cond_c - cond_u)
+
+            # the channels of every candidate position
             if position_order == "random":
-                chosen = mask & (rank >= left)                         # decode the next slice of each order
+                chosen = mask & (rank >= left)      # decode the next slice of each order
                 candidates = chosen
             else:
-                candidates = mask                                      # sample all, keep the most confident
+                candidates = mask                   # sample all, keep the most confident
             rows = candidates.repeat(cond.shape[0] // B, 1)
+            logit_guidance = w if guided and cfg_mode == "logits" else None
             new, score = self._sample_channels(cond[rows], uniforms[candidates], temperature,
-                                               w if guided and cfg_mode == "logits" else None)
+                                               logit_guidance)
+
+            # confidence order: keep the most likely positions, Gumbel noise fading out
             if position_order == "confidence":
-                gumbel = -torch.log(-torch.log(torch.from_numpy(rng.random((B, N))).float().to(device)))
+                noise = torch.from_numpy(rng.random((B, N))).float().to(device)
+                gumbel = -torch.log(-torch.log(noise))
                 scores = torch.full((B, N), -math.inf, device=device)
                 scores[candidates] = score
                 scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
                 keep = scores.topk(int(mask[0].sum()) - left, dim=-1).indices
                 chosen = torch.zeros_like(mask).scatter_(1, keep, True)
                 new = new[chosen[candidates]]
+
+            # the chosen positions become known
             tokens[chosen] = new
             mask = mask & ~chosen
             if on_step is not None:  # copies: a watcher cannot change the sampling
