@@ -449,7 +449,7 @@ class DimensionwiseARHead(nn.Module):
     proj(z), slot c > 0 the embedding of token q^{c-1} (a table per slot); slot c predicts channel
     c with its own `levels`-way classifier; every block is adaLN-conditioned on proj(z) + a slot
     embedding. parallel=True is the ablation: no tokens in, each channel from z alone.
-    Shapes: M positions, C = channels slots, D = head_width, K = levels."""
+    Shapes: M positions, C slots (one per channel), D = head_width, K = levels."""
 
     def __init__(self, config):
         super().__init__()
@@ -464,7 +464,7 @@ class DimensionwiseARHead(nn.Module):
         self.condition_proj = nn.Linear(config.decoder_width, config.head_width)
         self.slot_pos = nn.Parameter(torch.zeros(config.channels, config.head_width))   # (C, D)
         self.slot_cond = nn.Parameter(torch.zeros(config.channels, config.head_width))  # (C, D)
-        if not self.parallel:
+        if not self.parallel:  # slot c+1 embeds token c, with table c
             self.token_embed = nn.Parameter(
                 torch.zeros(config.channels - 1, config.levels, config.head_width))  # (C-1, K, D)
 
@@ -729,9 +729,9 @@ class TokenBridge(nn.Module):
                       confidence_noise=1.0, on_step=None):
         """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,):
         classes, or num_classes for unconditional samples (guidance leaves the null class
-        unchanged). Every random number comes from numpy.random.default_rng(seed), in this order:
-        random order: one permutation of N per image; then per step: uniforms (B, N, C) for the
-        channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
+        unchanged). Every random number comes from numpy.random.default_rng(seed), in this
+        sequence: random order: one permutation of N per image; then per step: uniforms (B, N, C)
+        for the channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
         on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown)."""
         device = next(self.parameters()).device
         labels = torch.as_tensor(labels, device=device)
