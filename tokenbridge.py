@@ -61,30 +61,38 @@ class GaussianQuantizer(nn.Module):
 
     def __init__(self, levels=64, std_range=3.0, channels=16, assign="bins"):
         super().__init__()
-        require(levels >= 2, f"levels must be >= 2 (got {levels}); the paper uses 64 (16 for the ablation)")
+        require(levels >= 2,
+                f"levels must be >= 2 (got {levels}); the paper uses 64 (16 for the ablation)")
         require(std_range > 0, f"std_range must be > 0 (got {std_range}); the paper uses 3")
-        require(assign in ("bins", "nearest"), f"assign must be 'bins' or 'nearest' (got {assign!r})")
-        self.levels, self.std_range, self.channels, self.assign = levels, std_range, channels, assign
+        require(assign in ("bins", "nearest"),
+                f"assign must be 'bins' or 'nearest' (got {assign!r})")
+        self.levels = levels
+        self.std_range = std_range
+        self.channels = channels
+        self.assign = assign
+
         # float64 for the tables: the tail bins are thin, and float32 Φ⁻¹ loses digits there.
         boundaries = torch.special.ndtri(torch.linspace(0, 1, levels + 1, dtype=torch.float64))
         boundaries = boundaries.clamp(-std_range, std_range)
         a, b = boundaries[:-1], boundaries[1:]
-        pdf = lambda t: torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
         mass = torch.special.ndtr(b) - torch.special.ndtr(a)
+        pdf = torch.exp(-0.5 * boundaries * boundaries) / math.sqrt(2 * math.pi)   # φ(b_k)
         # truncated-normal mean; a bin that the clamp to [-r, r] leaves empty (its mass under
         # N(0, 1) is below Φ(-r): from ~740 levels at r = 3) takes its edge, and is never assigned
-        centers = torch.where(mass > 0, (pdf(a) - pdf(b)) / mass, a)
-        self.register_buffer("boundaries", boundaries.float())                 # (levels+1,)
-        self.register_buffer("centers", centers.float())                       # (levels,)
-        self.register_buffer("mean", torch.zeros(channels))                    # (C,)
-        self.register_buffer("std", torch.ones(channels))                      # (C,)
-        self.register_buffer("order", torch.arange(channels))                  # (C,) AR slot -> channel
+        centers = torch.where(mass > 0, (pdf[:-1] - pdf[1:]) / mass, a)
+        self.register_buffer("boundaries", boundaries.float())           # (levels+1,)
+        self.register_buffer("centers", centers.float())                 # (levels,)
+        self.register_buffer("mean", torch.zeros(channels))              # (C,)
+        self.register_buffer("std", torch.ones(channels))                # (C,)
+        self.register_buffer("order", torch.arange(channels))            # (C,) AR slot -> channel
 
     def _check_tokens(self, tokens):
-        require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels, f"expected channel-last tokens (..., "
-                f"{self.channels}), got {tuple(tokens.shape)}; for (B, C, H, W) latents use tokenbridge.patchify")
+        require(tokens.dim() >= 1 and tokens.shape[-1] == self.channels,
+                f"expected channel-last tokens (..., {self.channels}), got {tuple(tokens.shape)}; "
+                "for (B, C, H, W) latents use tokenbridge.patchify")
         require(tokens.is_floating_point(), f"expected float tokens, got {tokens.dtype}")
-        require(bool(torch.isfinite(tokens).all()), "tokens contain NaN or inf; check the VAE output")
+        require(bool(torch.isfinite(tokens).all()),
+                "tokens contain NaN or inf; check the VAE output")
 
     @torch.no_grad()
     def calibrate(self, tokens):
@@ -102,10 +110,10 @@ class GaussianQuantizer(nn.Module):
 
     def with_levels(self, levels):
         """The same calibration (statistics and order) with another number of bins."""
-        other = GaussianQuantizer(levels, self.std_range, self.channels, self.assign).to(self.mean.device)
+        other = GaussianQuantizer(levels, self.std_range, self.channels, self.assign)
         for name in ("mean", "std", "order"):
             getattr(other, name).copy_(getattr(self, name))
-        return other
+        return other.to(self.mean.device)
 
     def round_trip(self, latents):
         """Latents (B, C, H, W) through the tokens and back: what the VAE decodes from them."""
@@ -114,7 +122,8 @@ class GaussianQuantizer(nn.Module):
     def quantize(self, tokens):
         """(..., C) float -> (..., C) long in [0, levels)."""
         self._check_tokens(tokens)
-        u = ((tokens.float() - self.mean) / self.std).clamp(-self.std_range, self.std_range).contiguous()
+        u = (tokens.float() - self.mean) / self.std
+        u = u.clamp(-self.std_range, self.std_range).contiguous()
         if self.assign == "nearest":
             return (u.unsqueeze(-1) - self.centers).abs().argmin(-1)
         # right=True: a value on a boundary b_k belongs to bin k, as in b_k <= u < b_{k+1}.
@@ -123,7 +132,8 @@ class GaussianQuantizer(nn.Module):
     def dequantize(self, indices):
         """(..., C) long -> (..., C) float, each index replaced by its bin's conditional mean."""
         require(not indices.is_floating_point() and indices.shape[-1] == self.channels,
-                f"expected integer indices (..., {self.channels}), got {indices.dtype} {tuple(indices.shape)}")
+                f"expected integer indices (..., {self.channels}), "
+                f"got {indices.dtype} {tuple(indices.shape)}")
         require(bool(((indices >= 0) & (indices < self.levels)).all()),
                 f"indices must lie in [0, {self.levels})")
         return self.centers[indices] * self.std + self.mean
@@ -190,11 +200,14 @@ class TokenBridgeConfig:
         require(self.levels >= 2, f"levels must be >= 2 (got {self.levels})")
         require(self.image_size % self.vae_stride == 0,
                 f"image_size {self.image_size} must be divisible by vae_stride {self.vae_stride}")
-        require(self.head in ("ar", "parallel"), f"head must be 'ar' or 'parallel' (got {self.head!r})")
-        require(self.order in ("frequency", "default"), f"order must be 'frequency' or 'default' (got {self.order!r})")
+        require(self.head in ("ar", "parallel"),
+                f"head must be 'ar' or 'parallel' (got {self.head!r})")
+        require(self.order in ("frequency", "default"),
+                f"order must be 'frequency' or 'default' (got {self.order!r})")
         for part in ("encoder", "decoder", "head"):
             width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
-            require(width % heads == 0, f"{part}_width {width} must be divisible by {part}_heads {heads}")
+            require(width % heads == 0,
+                    f"{part}_width {width} must be divisible by {part}_heads {heads}")
 
     @property
     def unconditional(self):
@@ -224,7 +237,8 @@ class TokenBridgeConfig:
 
 
 def _imagenet(**kw):
-    return TokenBridgeConfig(image_size=256, vae_stride=16, num_classes=1000, buffer_size=64, dropout=0.1, **kw)
+    return TokenBridgeConfig(image_size=256, vae_stride=16, num_classes=1000, buffer_size=64,
+                             dropout=0.1, **kw)
 
 
 PRESETS = {
@@ -234,16 +248,20 @@ PRESETS = {
     # its latents are near Gaussian, as the bins assume (README: why not stride 4)
     "digits": TokenBridgeConfig(vae_stride=8),
     # 32px images, VAE stride 4 -> 8x8 tokens: the speed benchmark
-    "bench-s": TokenBridgeConfig(buffer_size=64, encoder_width=256, encoder_depth=4, encoder_heads=8,
+    "bench-s": TokenBridgeConfig(buffer_size=64,
+                                 encoder_width=256, encoder_depth=4, encoder_heads=8,
                                  decoder_width=256, decoder_depth=4, decoder_heads=8,
                                  head_width=256, head_depth=2, head_heads=8),
     # the paper reports L and H; B is MAR-B's backbone with a proportionally smaller head
-    "base": _imagenet(encoder_width=768, encoder_depth=12, encoder_heads=12, decoder_width=768,
-                      decoder_depth=12, decoder_heads=12, head_width=768, head_depth=4, head_heads=8),
-    "large": _imagenet(encoder_width=1024, encoder_depth=16, encoder_heads=16, decoder_width=1024,
-                       decoder_depth=16, decoder_heads=16, head_width=1024, head_depth=4, head_heads=8),
-    "huge": _imagenet(encoder_width=1280, encoder_depth=20, encoder_heads=16, decoder_width=1280,
-                      decoder_depth=20, decoder_heads=16, head_width=1024, head_depth=6, head_heads=8),
+    "base": _imagenet(encoder_width=768, encoder_depth=12, encoder_heads=12,
+                      decoder_width=768, decoder_depth=12, decoder_heads=12,
+                      head_width=768, head_depth=4, head_heads=8),
+    "large": _imagenet(encoder_width=1024, encoder_depth=16, encoder_heads=16,
+                       decoder_width=1024, decoder_depth=16, decoder_heads=16,
+                       head_width=1024, head_depth=4, head_heads=8),
+    "huge": _imagenet(encoder_width=1280, encoder_depth=20, encoder_heads=16,
+                      decoder_width=1280, decoder_depth=20, decoder_heads=16,
+                      head_width=1024, head_depth=6, head_heads=8),
 }
 
 
@@ -253,11 +271,12 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-
 class Attention(nn.Module):
     def __init__(self, dim, heads, qk_norm=False, dropout=0.0):
         super().__init__()
-        self.heads, self.head_dim, self.dropout = heads, dim // heads, dropout
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=LN_EPS) if qk_norm else nn.Identity()
@@ -266,13 +285,15 @@ class Attention(nn.Module):
 
     def _qkv(self, x):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, L, hd)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)               # (B, L, 3, h, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                     # (B, h, L, hd)
         return self.q_norm(q), self.k_norm(k), v
 
     def _attend(self, q, k, v, mask):
         B, _, L, _ = q.shape
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, L, -1)))            # (B, L, D)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, L, -1)))   # (B, L, D)
 
     def forward(self, x, mask=None):
         """mask: bool, True = may attend; broadcast to (B, h, L, L)."""
@@ -289,7 +310,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, ratio, dropout):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, int(dim * ratio)), nn.Linear(int(dim * ratio), dim)
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -352,28 +374,36 @@ class Backbone(nn.Module):
     """Known positions (dequantized tokens) + class -> a feature z for every position. As in MAR,
     the encoder sees only the class buffer and the known positions, the decoder every position
     (unknown ones as the mask token). Every image of a batch has as many unknown positions, so the
-    known ones gather into a (B, V, D) batch, in training, sampling and ONNX (NonZero) alike."""
+    known ones gather into a (B, V, D) batch, in training, sampling and ONNX (NonZero) alike.
+    Shapes: S = buffer_size class slots, V the kept slots, De / Dd the encoder / decoder width."""
 
     def __init__(self, config):
         super().__init__()
-        De, Dd, S, N = config.encoder_width, config.decoder_width, config.buffer_size, config.seq_len
-        self.num_classes, self.buffer_size = config.num_classes, config.buffer_size
+        self.num_classes = config.num_classes
+        self.buffer_size = config.buffer_size
         self.grad_checkpointing = False
-        self.class_emb = nn.Embedding(config.num_classes, De)
-        self.fake_latent = nn.Parameter(torch.zeros(1, De))      # the null class, for CFG
-        self.z_proj = nn.Linear(config.channels, De)
-        self.z_proj_ln = nn.LayerNorm(De, eps=LN_EPS)
-        self.encoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, De))
+        slots = config.buffer_size + config.seq_len          # the class buffer, then the positions
+
+        # encoder: the class buffer and the known positions
+        self.class_emb = nn.Embedding(config.num_classes, config.encoder_width)
+        self.fake_latent = nn.Parameter(torch.zeros(1, config.encoder_width))  # the null class
+        self.z_proj = nn.Linear(config.channels, config.encoder_width)
+        self.z_proj_ln = nn.LayerNorm(config.encoder_width, eps=LN_EPS)
+        self.encoder_pos_embed = nn.Parameter(torch.zeros(1, slots, config.encoder_width))
         self.encoder_blocks = nn.ModuleList(
-            Block(De, config.encoder_heads, config.mlp_ratio, config.dropout) for _ in range(config.encoder_depth))
-        self.encoder_norm = nn.LayerNorm(De, eps=LN_EPS)
-        self.decoder_embed = nn.Linear(De, Dd)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, S + N, Dd))
+            Block(config.encoder_width, config.encoder_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.encoder_depth))
+        self.encoder_norm = nn.LayerNorm(config.encoder_width, eps=LN_EPS)
+
+        # decoder: every position, the unknown ones as the mask token
+        self.decoder_embed = nn.Linear(config.encoder_width, config.decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_width))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, slots, config.decoder_width))
         self.decoder_blocks = nn.ModuleList(
-            Block(Dd, config.decoder_heads, config.mlp_ratio, config.dropout) for _ in range(config.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(Dd, eps=LN_EPS)
-        self.output_pos_embed = nn.Parameter(torch.zeros(1, N, Dd))
+            Block(config.decoder_width, config.decoder_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(config.decoder_width, eps=LN_EPS)
+        self.output_pos_embed = nn.Parameter(torch.zeros(1, config.seq_len, config.decoder_width))
 
     def class_embedding(self, labels):
         """labels in [0, num_classes]; the extra label num_classes is the null class."""
@@ -381,7 +411,7 @@ class Backbone(nn.Module):
         return torch.where((labels == self.num_classes).unsqueeze(-1), self.fake_latent, known)
 
     def _run(self, blocks, x):
-        recompute = self.grad_checkpointing and self.training  # activations again in backward: less memory
+        recompute = self.grad_checkpointing and self.training  # again in backward: less memory
         for block in blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
@@ -391,17 +421,25 @@ class Backbone(nn.Module):
         B, L = values.shape[0], self.buffer_size + mask.shape[1]
         if not torch.jit.is_tracing() and (mask.sum(1) != mask[0].sum()).any():
             raise ValueError("every image needs the same number of masked positions "
-                             f"(got {mask.sum(1).tolist()}); draw masks as TokenBridge.random_mask does")
-        x = self.z_proj(values)                                                        # (B, N, De)
+                             f"(got {mask.sum(1).tolist()}); "
+                             "draw masks as TokenBridge.random_mask does")
+
+        # the class buffer, then the projected values
         buffer = self.class_embedding(labels).unsqueeze(1).expand(-1, self.buffer_size, -1)
-        x = self.z_proj_ln(torch.cat([buffer, x], dim=1) + self.encoder_pos_embed)     # (B, S+N, De)
-        keep = F.pad(~mask, (self.buffer_size, 0), value=True).nonzero(as_tuple=True)  # B*V (image, slot)
-        x = self._run(self.encoder_blocks, x[keep].view(B, -1, x.shape[-1]))           # (B, V, De)
-        x = self.decoder_embed(self.encoder_norm(x)).flatten(0, 1)                     # (B*V, Dd)
-        x = self.mask_token.to(x.dtype).repeat(B, L, 1).index_put(keep, x)             # (B, S+N, Dd)
+        x = torch.cat([buffer, self.z_proj(values)], dim=1)                     # (B, S+N, De)
+        x = self.z_proj_ln(x + self.encoder_pos_embed)
+
+        # dropping: the encoder sees the buffer and the known positions only
+        kept = F.pad(~mask, (self.buffer_size, 0), value=True)                  # (B, S+N)
+        keep = kept.nonzero(as_tuple=True)                                      # B*V (image, slot)
+        x = self._run(self.encoder_blocks, x[keep].view(B, -1, x.shape[-1]))    # (B, V, De)
+
+        # the decoder: encoded slots back in place, the mask token everywhere else
+        x = self.decoder_embed(self.encoder_norm(x)).flatten(0, 1)              # (B*V, Dd)
+        x = self.mask_token.to(x.dtype).repeat(B, L, 1).index_put(keep, x)      # (B, S+N, Dd)
         x = self._run(self.decoder_blocks, x + self.decoder_pos_embed)
         x = self.decoder_norm(x)[:, self.buffer_size:]
-        return x + self.output_pos_embed                                               # (B, N, Dd)
+        return x + self.output_pos_embed                                        # (B, N, Dd)
 
 
 # --- 6. Dimension-wise AR head: p(q) = Π_c p(q^c | q^<c, z) at every position --------------------
@@ -410,26 +448,37 @@ class DimensionwiseARHead(nn.Module):
     """A small causal transformer over C slots per position, in generation order. Slot 0 holds
     proj(z), slot c > 0 the embedding of token q^{c-1} (a table per slot); slot c predicts channel
     c with its own `levels`-way classifier; every block is adaLN-conditioned on proj(z) + a slot
-    embedding. parallel=True is the ablation: no tokens in, each channel from z alone."""
+    embedding. parallel=True is the ablation: no tokens in, each channel from z alone.
+    Shapes: M positions, C slots (one per channel), D = head_width, K = levels."""
 
     def __init__(self, config):
         super().__init__()
-        C, D, K = config.channels, config.head_width, config.levels
-        self.channels, self.levels, self.parallel = C, K, config.head == "parallel"
+        self.channels = config.channels
+        self.levels = config.levels
+        self.parallel = config.head == "parallel"
         self.slot0_quirk = config.official_compat
-        self.heads, self.head_dim = config.head_heads, D // config.head_heads
-        self.condition_proj = nn.Linear(config.decoder_width, D)
-        self.slot_pos = nn.Parameter(torch.zeros(C, D))          # added to each slot's input
-        self.slot_cond = nn.Parameter(torch.zeros(C, D))         # added to each slot's adaLN condition
-        if not self.parallel:
-            self.token_embed = nn.Parameter(torch.zeros(C - 1, K, D))  # slot c+1 embeds token c
+        self.heads = config.head_heads
+        self.head_dim = config.head_width // config.head_heads
+
+        # the slots: slot_pos is added to each slot's input, slot_cond to its adaLN condition
+        self.condition_proj = nn.Linear(config.decoder_width, config.head_width)
+        self.slot_pos = nn.Parameter(torch.zeros(config.channels, config.head_width))   # (C, D)
+        self.slot_cond = nn.Parameter(torch.zeros(config.channels, config.head_width))  # (C, D)
+        if not self.parallel:  # slot c+1 embeds token c, with table c
+            self.token_embed = nn.Parameter(
+                torch.zeros(config.channels - 1, config.levels, config.head_width))  # (C-1, K, D)
+
+        # the causal transformer over the slots, then one classifier per channel
         self.blocks = nn.ModuleList(
-            AdaLNBlock(D, config.head_heads, config.mlp_ratio, config.dropout) for _ in range(config.head_depth))
-        self.norm = nn.LayerNorm(D, eps=LN_EPS)
-        self.final = FinalLayer(D)
-        self.out_weight = nn.Parameter(torch.zeros(C, K, D))     # one classifier per channel
-        self.out_bias = nn.Parameter(torch.zeros(C, K))
-        self.register_buffer("causal", torch.ones(C, C, dtype=torch.bool).tril(), persistent=False)
+            AdaLNBlock(config.head_width, config.head_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.head_depth))
+        self.norm = nn.LayerNorm(config.head_width, eps=LN_EPS)
+        self.final = FinalLayer(config.head_width)
+        self.out_weight = nn.Parameter(
+            torch.zeros(config.channels, config.levels, config.head_width))        # (C, K, D)
+        self.out_bias = nn.Parameter(torch.zeros(config.channels, config.levels))    # (C, K)
+        causal = torch.ones(config.channels, config.channels, dtype=torch.bool).tril()
+        self.register_buffer("causal", causal, persistent=False)
 
     def project(self, z):
         """Backbone features (..., Dd) -> the head's condition (..., D), once per position."""
@@ -446,36 +495,44 @@ class DimensionwiseARHead(nn.Module):
     def forward(self, cond, tokens):
         """Teacher forcing. cond (M, D), tokens (M, L) in generation order, L < C.
 
-        Returns logits (M, L+1, levels) for channels 0..L; L = C-1 gives the full training pass.
-        """
+        Returns logits (M, L+1, levels) for channels 0..L; L = C-1 gives the full training pass."""
         M, L = tokens.shape
+
+        # slot 0 holds cond, slot c > 0 token c-1 (zeros in the parallel ablation)
         if self.parallel:
             inputs = cond.new_zeros(M, L, cond.shape[-1])
         else:
-            inputs = self._embed(tokens, torch.arange(L, device=cond.device))             # (M, L, D)
-        x = torch.cat([cond.unsqueeze(1), inputs], dim=1) + self.slot_pos[:L + 1]        # (M, L+1, D)
-        c = cond.unsqueeze(1) + self.slot_cond[:L + 1]                                    # (M, L+1, D)
+            inputs = self._embed(tokens, torch.arange(L, device=cond.device))      # (M, L, D)
+        x = torch.cat([cond.unsqueeze(1), inputs], dim=1) + self.slot_pos[:L + 1]  # (M, L+1, D)
+        c = cond.unsqueeze(1) + self.slot_cond[:L + 1]                             # (M, L+1, D)
+
+        # causal attention over the slots, then each slot's classifier
         for block in self.blocks:
             x, _ = block(x, c, self.causal[:L + 1, :L + 1])
         return self._logits(x, c, slice(0, L + 1))
 
     def empty_cache(self, rows, device=None, dtype=torch.float32):
         """The KV cache before channel 0: (depth, 2, rows, heads, 0 slots, head_dim)."""
-        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim, device=device, dtype=dtype)
+        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim,
+                           device=device, dtype=dtype)
 
     def step(self, cond, prev_token, t, cache):
-        """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long tensor,
-        cache the t slots before. Returns logits (M, levels) for channel t, equal to forward()'s
-        slot t to float tolerance, and the cache grown to t+1 slots."""
+        """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long
+        tensor, cache the t slots before. Returns logits (M, levels) for channel t, equal to
+        forward()'s slot t to float tolerance, and the cache grown to t+1 slots."""
+        # slot t's input, as in forward()
         if self.parallel:
             token = torch.zeros_like(cond)
         else:  # slot t embeds token t-1 with table t-1 (clamped: slot 0 uses cond instead)
-            token = self._embed(prev_token, (t - 1).clamp(min=0))                          # (M, D)
+            token = self._embed(prev_token, (t - 1).clamp(min=0))                  # (M, D)
+        # official_compat: the official sampler adds slot_cond[0] to slot 0, unlike its training
         first = cond + self.slot_cond[0] if self.slot0_quirk else cond
-        x = (torch.where(t == 0, first, token) + self.slot_pos[t]).unsqueeze(1)          # (M, 1, D)
-        c = (cond + self.slot_cond[t]).unsqueeze(1)                                       # (M, 1, D)
+        x = (torch.where(t == 0, first, token) + self.slot_pos[t]).unsqueeze(1)   # (M, 1, D)
+        c = (cond + self.slot_cond[t]).unsqueeze(1)                                # (M, 1, D)
+
+        # every block attends to its cached slots and grows its cache by one
         new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
             x, layer_cache = block(x, c, cache=layer_cache)
             new_cache.append(layer_cache)
         return self._logits(x, c, t.view(1))[:, 0], torch.stack(new_cache)
@@ -550,30 +607,45 @@ class TokenBridge(nn.Module):
 
     # --- input checks ----------------------------------------------------------------------------
     def _check_latents(self, latents):
-        c, g = self.config.channels, self.config.grid
-        require(latents.dim() == 4 and tuple(latents.shape[1:]) == (c, g, g),
-                f"expected latents (B, {c}, {g}, {g}) for image_size {self.config.image_size} / vae_stride "
-                 f"{self.config.vae_stride}, got {tuple(latents.shape)}; check the VAE and the config")
-        require(bool(torch.isfinite(latents).all()), "latents contain NaN or inf; check the VAE output")
+        channels, grid = self.config.channels, self.config.grid
+        require(latents.dim() == 4 and tuple(latents.shape[1:]) == (channels, grid, grid),
+                f"expected latents (B, {channels}, {grid}, {grid}) for image_size "
+                f"{self.config.image_size} / vae_stride {self.config.vae_stride}, "
+                f"got {tuple(latents.shape)}; check the VAE and the config")
+        require(bool(torch.isfinite(latents).all()),
+                "latents contain NaN or inf; check the VAE output")
 
     def _check_labels(self, labels, batch=None, allow_null=False):
         """allow_null: in sampling, label num_classes is the null class (unconditional)."""
-        k = self.config.num_classes
+        num_classes = self.config.num_classes
         require(labels.dim() == 1 and not labels.is_floating_point(),
                 f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
         require(batch is None or labels.shape[0] == batch,
                 f"got {labels.shape[0]} labels for a batch of {batch} latents")
-        top = k + 1 if allow_null else k
+        top = num_classes + 1 if allow_null else num_classes
+        null = f" ({num_classes}: unconditional)" if allow_null else ""
         require(bool(((labels >= 0) & (labels < top)).all()),
-                f"labels must lie in [0, {top}) for this model's {k} classes"
-                 + (f" ({k}: unconditional)" if allow_null else "") + f", got {labels.tolist()[:8]}")
+                f"labels must lie in [0, {top}) for this model's {num_classes} classes{null}, "
+                f"got {labels.tolist()[:8]}")
+
+    def _check_sampling(self, num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order):
+        N = self.config.seq_len
+        require(1 <= num_iter <= N,
+                f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
+        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+        require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        for name, value, choices in (("cfg_mode", cfg_mode, ("features", "logits")),
+                                     ("position_order", position_order, ("random", "confidence")),
+                                     ("cfg_schedule", cfg_schedule, ("linear", "constant"))):
+            require(value in choices, f"{name} must be one of {choices}, got {value!r}")
 
     @torch.no_grad()
     def calibrate(self, latents):
-        """Fit the quantizer's per-channel statistics and the channel order, latents (N, C, H, W)."""
+        """Fit the quantizer's per-channel statistics and channel order to latents (N, C, H, W)."""
         self._check_latents(latents)
         self.quantizer.calibrate(patchify(latents))
-        order = frequency_order(latents) if self.config.order == "frequency" else torch.arange(self.config.channels)
+        frequency = self.config.order == "frequency"
+        order = frequency_order(latents) if frequency else torch.arange(self.config.channels)
         self.quantizer.order.copy_(order)
         return self
 
@@ -581,12 +653,13 @@ class TokenBridge(nn.Module):
     def random_mask(self, batch, device):
         """MAR masking: one ratio per batch ~ truncated N(1, 0.25) on [mask_ratio_min, 1], a random
         order per image. Returns mask (B, N), True = masked (to predict)."""
-        N, lo = self.config.seq_len, self.config.mask_ratio_min
-        ndtr_lo = torch.special.ndtr(torch.tensor((lo - 1.0) / 0.25, dtype=torch.float64))
-        u = ndtr_lo + (0.5 - ndtr_lo) * torch.rand((), dtype=torch.float64)      # inverse-CDF draw
+        N = self.config.seq_len
+        lo = (self.config.mask_ratio_min - 1.0) / 0.25             # the lower bound, standardised
+        ndtr_lo = torch.special.ndtr(torch.tensor(lo, dtype=torch.float64))
+        u = ndtr_lo + (0.5 - ndtr_lo) * torch.rand((), dtype=torch.float64)   # inverse-CDF draw
         ratio = 1.0 + 0.25 * torch.special.ndtri(u).item()
         num_masked = min(N, math.ceil(N * ratio))
-        rank = torch.rand(batch, N, device=device).argsort(-1).argsort(-1)       # random order
+        rank = torch.rand(batch, N, device=device).argsort(-1).argsort(-1)    # random order
         return rank < num_masked
 
     def token_logits(self, latents, labels, mask, head_positions=0):
@@ -594,13 +667,18 @@ class TokenBridge(nn.Module):
         positions, channels in generation order. head_positions > 0 runs the head on that many
         random masked positions per image: an unbiased estimate of the same loss, for when the
         head (C slots per position) dominates a step. 0 = every masked position (the paper)."""
-        tokens = patchify(latents)                                                    # (B, N, C)
-        indices = self.quantizer.quantize(tokens)                                     # (B, N, C)
-        z = self.backbone(self.quantizer.dequantize(indices), mask, labels)
+        tokens = patchify(latents)                                                 # (B, N, C)
+        indices = self.quantizer.quantize(tokens)                                  # (B, N, C)
+        z = self.backbone(self.quantizer.dequantize(indices), mask, labels)        # (B, N, Dd)
+
+        # head_positions > 0: keep that many of each image's masked positions, at random
         if 0 < head_positions < self.config.seq_len:
             score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
-            mask = mask & torch.zeros_like(mask).scatter_(1, score.topk(head_positions, dim=-1).indices, True)
-        targets = indices[mask][:, self.quantizer.order]                              # (M, C)
+            picked = score.topk(head_positions, dim=-1).indices
+            mask = mask & torch.zeros_like(mask).scatter_(1, picked, True)
+
+        # the head, teacher-forced on each position's channels in generation order
+        targets = indices[mask][:, self.quantizer.order]                           # (M, C)
         return self.head(self.head.project(z[mask]), targets[:, :-1]), targets
 
     def forward(self, latents, labels, head_positions=0):
@@ -608,10 +686,14 @@ class TokenBridge(nn.Module):
         the official code's F.cross_entropy; in nats (divide by ln 2 for bits/token)."""
         self._check_latents(latents)
         self._check_labels(labels, latents.shape[0])
+
+        # the mask; in training, labels dropped to the null class for classifier-free guidance
         mask = self.random_mask(latents.shape[0], latents.device)
-        if self.training:  # drop labels to the null class, for classifier-free guidance
+        if self.training:
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_drop_prob
             labels = torch.where(drop, self.config.num_classes, labels)
+
+        # cross-entropy of the head's logits
         logits, targets = self.token_logits(latents, labels, mask, head_positions)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
@@ -638,65 +720,73 @@ class TokenBridge(nn.Module):
             if logit_guidance is not None:
                 token = token.repeat(2)
         tokens = torch.empty_like(uniforms, dtype=torch.long)
-        tokens[:, self.quantizer.order] = torch.stack(generated, dim=1)               # (M, C)
+        tokens[:, self.quantizer.order] = torch.stack(generated, dim=1)            # (M, C)
         return tokens, score
 
     @torch.no_grad()
-    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
-                      cfg_schedule="linear", position_order="random", confidence_noise=1.0,
-                      on_step=None):
-        """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,): classes,
-        or num_classes for unconditional samples (guidance leaves the null class unchanged).
-        Every random number comes from numpy.random.default_rng(seed), in this sequence:
-        random order: one permutation of N per image; then per step: uniforms (B, N, C) for the
-        channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
-        on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown).
-        """
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
+                      cfg_mode="features", cfg_schedule="linear", position_order="random",
+                      confidence_noise=1.0, on_step=None):
+        """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,):
+        classes, or num_classes for unconditional samples (guidance leaves the null class
+        unchanged). Every random number comes from numpy.random.default_rng(seed), in this
+        sequence: random order: one permutation of N per image; then per step: uniforms (B, N, C)
+        for the channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
+        on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown)."""
         device = next(self.parameters()).device
         labels = torch.as_tensor(labels, device=device)
         self._check_labels(labels, allow_null=True)
+        self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order)
         B, N, C = len(labels), self.config.seq_len, self.config.channels
-        require(1 <= num_iter <= N, f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
-        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-        require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        for name, value, choices in (("cfg_mode", cfg_mode, ("features", "logits")), ("position_order", position_order,
-                                     ("random", "confidence")), ("cfg_schedule", cfg_schedule, ("linear", "constant"))):
-            require(value in choices, f"{name} must be one of {choices}, got {value!r}")
+
+        # random order: the permutations are the generator's first draws
         rng = np.random.default_rng(seed)
         if position_order == "random":
             orders = torch.from_numpy(np.stack([rng.permutation(N) for _ in range(B)])).to(device)
-            rank = orders.argsort(-1)                                  # rank[b, n]: when n is decoded
+            rank = orders.argsort(-1)                          # rank[b, n]: when n is decoded
+
+        # guidance runs every image twice: its class first, then the null class
         guided = cfg != 1.0
-        all_labels = torch.cat([labels, torch.full_like(labels, self.config.num_classes)]) if guided else labels
+        reps = 2 if guided else 1
+        null_labels = torch.full_like(labels, self.config.num_classes)
+        all_labels = torch.cat([labels, null_labels]) if guided else labels
         tokens = torch.zeros(B, N, C, dtype=torch.long, device=device)
         mask = torch.ones(B, N, dtype=torch.bool, device=device)
         for s, left in enumerate(mask_schedule(N, num_iter)):
+            # this step's uniforms, and every position conditioned on the tokens known so far
             uniforms = torch.from_numpy(rng.random((B, N, C))).float().to(device)
-            values = self.quantizer.dequantize(tokens)
-            reps = 2 if guided else 1
-            cond = self.condition(values.repeat(reps, 1, 1), mask.repeat(reps, 1), all_labels)  # (rB, N, D)
+            values = self.quantizer.dequantize(tokens).repeat(reps, 1, 1)
+            cond = self.condition(values, mask.repeat(reps, 1), all_labels)   # (reps*B, N, D)
             w = guidance_weight(cfg, N, left, cfg_schedule, self.config.official_compat)
             if guided and cfg_mode == "features":
                 # Guidance on backbone features z, applied after the head's linear projection:
                 # proj(z_u + w (z_c - z_u)) = proj(z_u) + w (proj(z_c) - proj(z_u)), exactly.
                 cond_c, cond_u = cond.chunk(2)
                 cond = cond_u + w * (cond_c - cond_u)
+
+            # the channels of every candidate position
             if position_order == "random":
-                chosen = mask & (rank >= left)                         # decode the next slice of each order
+                chosen = mask & (rank >= left)      # decode the next slice of each order
                 candidates = chosen
             else:
-                candidates = mask                                      # sample all, keep the most confident
+                candidates = mask                   # sample all, keep the most confident
             rows = candidates.repeat(cond.shape[0] // B, 1)
+            logit_guidance = w if guided and cfg_mode == "logits" else None
             new, score = self._sample_channels(cond[rows], uniforms[candidates], temperature,
-                                               w if guided and cfg_mode == "logits" else None)
+                                               logit_guidance)
+
+            # confidence order: keep the most likely positions, Gumbel noise fading out
             if position_order == "confidence":
-                gumbel = -torch.log(-torch.log(torch.from_numpy(rng.random((B, N))).float().to(device)))
+                noise = torch.from_numpy(rng.random((B, N))).float().to(device)
+                gumbel = -torch.log(-torch.log(noise))
                 scores = torch.full((B, N), -math.inf, device=device)
                 scores[candidates] = score
                 scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
                 keep = scores.topk(int(mask[0].sum()) - left, dim=-1).indices
                 chosen = torch.zeros_like(mask).scatter_(1, keep, True)
                 new = new[chosen[candidates]]
+
+            # the chosen positions become known
             tokens[chosen] = new
             mask = mask & ~chosen
             if on_step is not None:  # copies: a watcher cannot change the sampling

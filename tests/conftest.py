@@ -25,7 +25,8 @@ def perturb():
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """(net, info, cache path): quality.py's feature net at its default recipe, trained into a tmp cache."""
+    """(net, info, cache path): quality.py's feature net at its default recipe, trained into a
+    tmp cache."""
     import quality
     cache = tmp_path_factory.mktemp("quality") / "features.pt"
     net, info = quality.load_feature_net(cache)

@@ -4,13 +4,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import ROOT
 
 # The project's modules, lowest first: each may import only modules before it.
-LAYERS = ["tokenbridge", "deploy", "runs", "interop", "data", "quality", "training", "export", "sample",
-          "watch", "train", "evaluate", "reproduce", "benchmark", "rehearse"]
+LAYERS = ["tokenbridge", "deploy", "runs", "interop", "data", "quality", "training", "export",
+          "sample", "watch", "train", "evaluate", "reproduce", "benchmark", "rehearse"]
 
 
 def project_imports(module):
@@ -47,7 +46,8 @@ def test_deploy_runs_alone_without_torch(tmp_path, perturb):
         __import__("torch").randn(8, 16, 8, 8)))
     run = tmp_path / "run"
     run.mkdir()
-    runs.atomic_save({"config": model.config.to_dict(), "model": model.state_dict()}, run / runs.CHECKPOINT)
+    checkpoint = {"config": model.config.to_dict(), "model": model.state_dict()}
+    runs.atomic_save(checkpoint, run / runs.CHECKPOINT)
     export.export(str(run), str(tmp_path / "site" / "graphs"), verbose=False)
     shutil.copy(ROOT / "deploy.py", tmp_path / "site")
     script = (
@@ -61,6 +61,6 @@ def test_deploy_runs_alone_without_torch(tmp_path, perturb):
         "tokens = OnnxSampler('graphs', 'cpu').sample_tokens([1, 2], num_iter=4, seed=0)\n"
         "print(tokens.shape)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "site", env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "site", env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "(2, 64, 16)", proc.stderr[-2000:]

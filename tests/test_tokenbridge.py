@@ -19,8 +19,6 @@ def tiny(**overrides):
     return tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny", **overrides)).eval()
 
 
-
-
 # --- 1. quantizer ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("levels", [16, 64])
@@ -34,17 +32,17 @@ def test_tables_match_scipy(levels):
 
 
 def test_tables_are_finite_when_the_clamp_empties_the_end_bins():
-    """At 1024 levels the end bins lie beyond ±3σ (Φ(-3) > 1/1024): the clamp gives them no width."""
+    """At 1024 levels the end bins lie beyond ±3σ (Φ(-3) > 1/1024): the clamp leaves them empty."""
     q = tb.GaussianQuantizer(levels=1024, std_range=3.0)
     b = q.boundaries.numpy().astype(np.float64)
     empty = b[1:] == b[:-1]
     assert empty[0] and empty[-1] and torch.isfinite(q.centers).all()
     assert (q.centers.diff() >= 0).all() and q.centers.abs().max() <= 3.0
-    np.testing.assert_allclose(q.centers.numpy()[~empty], scipy.stats.truncnorm(b[:-1][~empty], b[1:][~empty]).mean(),
-                               atol=1e-5)
-    assert q.centers[0] == -3.0 and q.centers[-1] == 3.0                        # an empty bin is its edge
+    expected = scipy.stats.truncnorm(b[:-1][~empty], b[1:][~empty]).mean()
+    np.testing.assert_allclose(q.centers.numpy()[~empty], expected, atol=1e-5)
+    assert q.centers[0] == -3.0 and q.centers[-1] == 3.0      # an empty bin is its edge
     x = torch.randn(1000, 16) * 2
-    error = q.dequantize(q.quantize(x)) - x.clamp(-3, 3)                          # the clamp edge decodes to itself
+    error = q.dequantize(q.quantize(x)) - x.clamp(-3, 3)      # the clamp edge decodes to itself
     assert error.abs().max() < 0.1
 
 
@@ -59,7 +57,8 @@ def test_bins_are_equiprobable_after_calibration():
     idx = q.quantize(x)
     for c in range(4):
         share = torch.bincount(idx[:, c], minlength=levels).double() / n
-        assert (share - 1 / levels).abs().max() < 0.2 / levels, f"channel {c} bins are not equiprobable"
+        error = (share - 1 / levels).abs().max()
+        assert error < 0.2 / levels, f"channel {c} bins are not equiprobable"
 
 
 def test_quantize_is_the_bin_lookup():
@@ -69,14 +68,17 @@ def test_quantize_is_the_bin_lookup():
     naive = (u.unsqueeze(-1) >= q.boundaries[1:-1]).sum(-1)          # b_k <= u counts bins passed
     assert torch.equal(q.quantize(x), naive)
     unit = tb.GaussianQuantizer(16, channels=1)                      # mean 0, std 1: u = x exactly
-    assert torch.equal(unit.quantize(unit.boundaries[1:-1, None])[:, 0], torch.arange(1, 16))  # b_k is in bin k
+    inner = unit.boundaries[1:-1, None]                              # b_1 .. b_15, one per row
+    assert torch.equal(unit.quantize(inner)[:, 0], torch.arange(1, 16))      # b_k is in bin k
 
 
 def test_dequantize_inverts_quantize():
-    q = tb.GaussianQuantizer(64, channels=4).calibrate(torch.randn(500, 4) * torch.tensor([1, 2, 3, 4.0]))
+    x = torch.randn(500, 4) * torch.tensor([1, 2, 3, 4.0])
+    q = tb.GaussianQuantizer(64, channels=4).calibrate(x)
     i = torch.arange(64).unsqueeze(-1).expand(-1, 4)
     assert torch.equal(q.quantize(q.dequantize(i)), i)
-    np.testing.assert_allclose(q.dequantize(i)[:, 1].numpy(), (q.centers * q.std[1] + q.mean[1]).numpy())
+    expected = q.centers * q.std[1] + q.mean[1]                      # channel 1's bin means
+    np.testing.assert_allclose(q.dequantize(i)[:, 1].numpy(), expected.numpy())
 
 
 # --- 2. frequency order ------------------------------------------------------------------------
@@ -113,7 +115,8 @@ def test_calibrate_sets_frequency_or_default_order():
 
 # --- 3. configuration --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset, official", [("large", "tokenbridge_large"), ("huge", "tokenbridge_huge"),
+@pytest.mark.parametrize("preset, official", [("large", "tokenbridge_large"),
+                                              ("huge", "tokenbridge_huge"),
                                               ("bench-s", "tokenbridge_small_bench")])
 def test_preset_parameter_counts_match_the_official_models(preset, official):
     shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())[official]["shapes"]
@@ -136,9 +139,10 @@ def test_config_round_trips_through_a_plain_dict():
 def naive_backbone(backbone, values, mask, labels):
     """Image by image, with plain boolean indexing: the reference for the batched gather/scatter."""
     S, out = backbone.buffer_size, []
-    for v, m, label in zip(values, mask, labels):
+    for v, m, label in zip(values, mask, labels, strict=True):
         buffer = backbone.class_embedding(label[None]).expand(S, -1)
-        x = backbone.z_proj_ln(torch.cat([buffer, backbone.z_proj(v)]) + backbone.encoder_pos_embed[0])
+        x = torch.cat([buffer, backbone.z_proj(v)]) + backbone.encoder_pos_embed[0]
+        x = backbone.z_proj_ln(x)
         visible = torch.cat([torch.ones(S, dtype=torch.bool), ~m])
         h = x[visible][None]
         for block in backbone.encoder_blocks:
@@ -157,8 +161,8 @@ def test_backbone_batched_gather_equals_image_by_image(perturb):
     values = torch.randn(3, 64, 16)
     mask = torch.rand(3, 64).argsort(-1) < 40                        # 40 masked in every image
     labels = torch.tensor([1, 10, 4])                                # 10 = the null class
-    torch.testing.assert_close(model.backbone(values, mask, labels),
-                               naive_backbone(model.backbone, values, mask, labels), atol=1e-5, rtol=1e-5)
+    naive = naive_backbone(model.backbone, values, mask, labels)
+    torch.testing.assert_close(model.backbone(values, mask, labels), naive, atol=1e-5, rtol=1e-5)
 
 
 def test_backbone_refuses_unequal_mask_counts():
@@ -174,7 +178,8 @@ def test_masked_positions_carry_no_information(perturb):
     values, mask = torch.randn(2, 64, 16), torch.rand(2, 64).argsort(-1) < 32
     other = torch.where(mask.unsqueeze(-1), torch.randn(2, 64, 16), values)
     labels = torch.tensor([0, 1])
-    torch.testing.assert_close(model.backbone(values, mask, labels), model.backbone(other, mask, labels))
+    torch.testing.assert_close(model.backbone(values, mask, labels),
+                               model.backbone(other, mask, labels))
 
 
 # --- 6. AR head --------------------------------------------------------------------------------
@@ -193,7 +198,8 @@ def test_cached_head_equals_teacher_forced(head, perturb):
     model = perturb(tiny(head=head))
     cond, tokens = torch.randn(10, 64), torch.randint(0, 64, (10, 16))
     forced = model.head(cond, tokens[:, :-1])                        # (10, 16, 64)
-    torch.testing.assert_close(stepwise_logits(model.head, cond, tokens), forced, atol=1e-5, rtol=1e-5)
+    stepwise = stepwise_logits(model.head, cond, tokens)
+    torch.testing.assert_close(stepwise, forced, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.head(cond, tokens[:, :5]), forced[:, :6], atol=1e-5, rtol=1e-5)
 
 
@@ -210,16 +216,19 @@ def test_greedy_channel_sampling_follows_the_teacher_forced_argmax(perturb):
     cond = torch.randn(6, 64)
     tokens, _ = model._sample_channels(cond, torch.rand(6, 16), temperature=0)
     in_generation_order = tokens[:, model.quantizer.order]
-    assert torch.equal(model.head(cond, in_generation_order[:, :-1]).argmax(-1), in_generation_order)
+    greedy = model.head(cond, in_generation_order[:, :-1]).argmax(-1)
+    assert torch.equal(greedy, in_generation_order)
 
 
 def test_inverse_cdf_sampling_matches_numpy():
     logits, u = torch.randn(500, 64) * 3, torch.rand(500)
     token, logp = tb.sample_from_logits(logits, u, temperature=0.7)
     p = scipy.special.softmax(logits.double().numpy() / 0.7, axis=-1)
-    expected = np.array([np.searchsorted(np.cumsum(row), x, side="right") for row, x in zip(p, u.double().numpy())])
+    expected = np.array([np.searchsorted(np.cumsum(row), x, side="right")
+                         for row, x in zip(p, u.double().numpy(), strict=True)])
     assert (token.numpy() != expected).sum() <= 1                   # a float near-tie may flip one
-    np.testing.assert_allclose(logp.numpy(), np.log(p[np.arange(500), token.numpy()]), rtol=1e-4, atol=1e-6)
+    chosen = p[np.arange(500), token.numpy()]
+    np.testing.assert_allclose(logp.numpy(), np.log(chosen), rtol=1e-4, atol=1e-6)
 
 
 # --- 7. training and sampling ------------------------------------------------------------------
@@ -248,8 +257,9 @@ def test_loss_is_the_mean_cross_entropy_over_position_channel_pairs(perturb):
     loss = model(latents, labels)
     torch.manual_seed(7)  # the same draws, in forward's order: the mask, then the label drop
     mask = model.random_mask(3, latents.device)
-    dropped = torch.where(torch.rand(3) < model.config.label_drop_prob, model.config.num_classes, labels)
-    logits, targets = model.token_logits(latents, dropped, mask)                   # (M, C, K), (M, C)
+    drop = torch.rand(3) < model.config.label_drop_prob
+    dropped = torch.where(drop, model.config.num_classes, labels)
+    logits, targets = model.token_logits(latents, dropped, mask)     # (M, C, K), (M, C)
     logp = logits.double().log_softmax(-1)
     pairs = [-logp[m, c, targets[m, c]] for m in range(len(targets)) for c in range(16)]
     assert len(pairs) == int(mask.sum()) * 16
@@ -257,10 +267,13 @@ def test_loss_is_the_mean_cross_entropy_over_position_channel_pairs(perturb):
 
 
 def test_guidance_weight_schedules():
-    w = lambda left, **kw: tb.guidance_weight(3.1, 256, left, **kw)
-    assert w(256) == 1.0 and w(128) == pytest.approx(2.05) and w(0) == 3.1          # linear: 1 -> cfg
-    assert w(0, official_clamp=True) == pytest.approx(1 + 2.1 * 255 / 256)          # 3.0918, the official end
-    assert w(7, official_clamp=True) == w(7)                                        # the clamp only acts at 0
+    def w(left, **kw):
+        return tb.guidance_weight(3.1, 256, left, **kw)
+
+    assert w(256) == 1.0 and w(128) == pytest.approx(2.05) and w(0) == 3.1  # linear: 1 -> cfg
+    # the official clamp ends at 3.0918 and acts only when no position is left
+    assert w(0, official_clamp=True) == pytest.approx(1 + 2.1 * 255 / 256)
+    assert w(7, official_clamp=True) == w(7)
     assert all(w(left, schedule="constant") == 3.1 for left in (256, 100, 0))
 
 
@@ -269,11 +282,13 @@ def test_cfg_schedule_and_unconditional_labels_reach_the_sampler(perturb):
     kw = dict(num_iter=4, cfg=3.0, seed=0)
     linear = model.sample_tokens([1, 2], **kw)
     assert not torch.equal(linear, model.sample_tokens([1, 2], cfg_schedule="constant", **kw))
-    null = [model.config.num_classes] * 2                       # unconditional: guidance changes nothing
+    # unconditional: guidance changes nothing
+    null = [model.config.num_classes] * 2
     uncond = model.sample_tokens(null, **kw)
     assert torch.equal(uncond, model.sample_tokens(null, **{**kw, "cfg": 5.0}))
     assert not torch.equal(uncond, linear)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):         # training: no null class
+    # training has no null class
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         model(torch.randn(2, 16, 8, 8), torch.tensor(null))
 
 
@@ -282,9 +297,11 @@ def test_mask_schedule_is_the_cosine_schedule():
         left = tb.mask_schedule(n, steps)
         assert left[-1] == 0 and len(left) == steps
         before = [n] + left[:-1]
-        assert all(a > b for a, b in zip(before, left))             # at least one position per step
+        # at least one position per step
+        assert all(a > b for a, b in zip(before, left, strict=True))
         for s in range(steps - 1):
-            assert left[s] == max(1, min(before[s] - 1, int(np.floor(n * np.cos(np.pi / 2 * (s + 1) / steps)))))
+            cosine = int(np.floor(n * np.cos(np.pi / 2 * (s + 1) / steps)))
+            assert left[s] == max(1, min(before[s] - 1, cosine))
 
 
 def test_random_mask_follows_the_truncated_normal_ratio():
@@ -314,24 +331,28 @@ def test_guidance_mode_reaches_the_sampler(perturb):
     kw = dict(num_iter=3, seed=5)
     feats = model.sample_tokens([3, 4], cfg=3.0, cfg_mode="features", **kw)
     logits = model.sample_tokens([3, 4], cfg=3.0, cfg_mode="logits", **kw)
-    assert not torch.equal(feats, logits) and not torch.equal(feats, model.sample_tokens([3, 4], **kw))
+    unguided = model.sample_tokens([3, 4], **kw)
+    assert not torch.equal(feats, logits) and not torch.equal(feats, unguided)
 
 
 def test_feature_guidance_commutes_with_the_head_projection(perturb):
     model, w = perturb(tiny()), 2.7
     z_c, z_u = torch.randn(5, 64), torch.randn(5, 64)
     p = model.head.project
-    torch.testing.assert_close(p(z_u + w * (z_c - z_u)), p(z_u) + w * (p(z_c) - p(z_u)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p(z_u + w * (z_c - z_u)), p(z_u) + w * (p(z_c) - p(z_u)),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_confidence_order_without_noise_keeps_the_most_likely_positions(perturb):
     model = perturb(tiny()).calibrate(torch.randn(8, 16, 8, 8))
     # With one step per position the first step keeps exactly one position: the argmax score.
-    tokens = model.sample_tokens([0], num_iter=64, position_order="confidence", confidence_noise=0.0, seed=3)
+    tokens = model.sample_tokens([0], num_iter=64, position_order="confidence",
+                                 confidence_noise=0.0, seed=3)
     rng = np.random.default_rng(3)
     u = torch.from_numpy(rng.random((1, 64, 16))).float()
-    cond = model.condition(torch.zeros(1, 64, 16) + model.quantizer.mean, torch.ones(1, 64, dtype=torch.bool),
-                           torch.tensor([0]))
+    values = torch.zeros(1, 64, 16) + model.quantizer.mean
+    unknown = torch.ones(1, 64, dtype=torch.bool)                    # the first step: all unknown
+    cond = model.condition(values, unknown, torch.tensor([0]))
     first, score = model._sample_channels(cond[0], u[0], 1.0)
     best = int(score.argmax())
     assert torch.equal(tokens[0, best], first[best])
