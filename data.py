@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
 import runs
@@ -121,6 +121,16 @@ def load_folder(root, image_size):
     non_images = [p for p, _ in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
     labels = torch.tensor([k for _, k in images])
     return FolderImages([str(p) for p, _ in images], image_size), labels, classes, non_images
+
+
+def load_images(folder, image_size):
+    """--data FOLDER, else the digits: (dataset of (image, readable), labels, classes, non-image
+    files skipped). A folder is decoded lazily; the 5,000 digits are small enough to stay in
+    memory."""
+    if folder:
+        return load_folder(folder, image_size)
+    images, labels, classes = load_digits(image_size)
+    return TensorDataset(images, torch.ones(len(images), dtype=torch.bool)), labels, classes, []
 
 
 def read_images(images, idx):
