@@ -207,6 +207,8 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", 
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     scaler = scaler or loss_scaler(precision, device)
     opt.zero_grad(set_to_none=True)
+
+    # a forward and backward pass per micro-batch, the gradients accumulated
     total = 0.0
     for i, (latents, labels) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -218,12 +220,16 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", 
                 loss = loss_fn(latents, labels)
             scaler.scale(loss / len(micro_batches)).backward()
         total = total + loss.detach().float()
+
+    # the mean loss: a non-finite one stops the step before the update
     value = total / len(micro_batches)
     if dist.is_initialized():  # every rank must take the same stop-or-go decision
         dist.all_reduce(value)
     value = value.item()
     if not math.isfinite(value):
         return value
+
+    # the update: clipped gradients, and fp16's scale adjusted
     scaler.unscale_(opt)  # the clip sees true gradients
     clip_grad_norm(loss_fn.parameters(), clip)
     scaler.step(opt)      # skipped when fp16 gradients overflowed
