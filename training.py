@@ -1,6 +1,7 @@
 """How a TokenBridge model is trained and evaluated: the pieces train.py's train() puts together.
 
     args = resolve_recipe(args)            # the preset's recipe for every flag left out
+    args, ckpt, horizon = resume_flags(args, given)   # --resume RUN: the run's own flags
     opt = make_optimizer(model, lr, args.weight_decay)
     loss_fn = TrainingLoss(model, args.head_positions)
     loss = train_step(loss_fn, opt, micro_batches, lr, args.grad_clip, device)
