@@ -170,7 +170,7 @@ def train(args, given, dist_info, device):
         f"{world} process(es) x {accumulated} accumulated micro-batch(es) of {micro_batch}; "
         f"{torch.get_num_threads()} threads each, device {device}", dist_info)
 
-    # the loop: a step, the EMA, a grid every --sample-every and a checkpoint every --save-every
+    # The loop: a step, the EMA, a grid every --sample-every and a checkpoint every --save-every
     end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
     bar = tqdm(range(start_step, end), desc="train", unit="step", disable=not rank0,
                initial=start_step, total=args.steps)
