@@ -161,7 +161,8 @@ class OnnxSampler:
             raise ValueError(f"--device cuda, but onnxruntime's CUDAExecutionProvider {why}; "
                              "use --device auto (CPU when CUDA does not work) or cpu")
         self.iobinding = self.on_cuda if iobinding is None else iobinding
-        self.device, self.device_id = ("cuda", device_id) if self.on_cuda else ("cpu", 0)
+        self.device = "cuda" if self.on_cuda else "cpu"
+        self.device_id = device_id if self.on_cuda else 0
 
         # the model's sizes and the quantizer's tables
         config = self.config = meta["config"]
@@ -472,7 +473,8 @@ class Parts:
     writes settings.json; the other ranks read it (no two processes write one file)."""
 
     def __init__(self, folder, settings):
-        self.folder, self.settings = folder, settings
+        self.folder = folder
+        self.settings = settings
         self._held = contextlib.ExitStack()
 
     def __enter__(self):
@@ -537,7 +539,9 @@ class RowWriter:
     batch's row shape and dtype, then each batch's bytes): never held whole in memory."""
 
     def __init__(self, file, count):
-        self.file, self.count, self.written = file, count, 0
+        self.file = file
+        self.count = count
+        self.written = 0
 
     def write(self, rows):
         if self.written == 0:
