@@ -1,8 +1,8 @@
 """Speed figures as one JSON line each: sampling (PyTorch vs ONNX Runtime) and the training step.
 
-    python benchmark.py sample                       # bench-s: KV-cached head, torch vs ONNX fp32 / int8
-    python benchmark.py train                        # bench-s: one optimizer step, the paper's loss
-    python benchmark.py train --preset large --device cuda   # and the days TokenBridge-L's recipe takes
+    python benchmark.py sample            # bench-s: KV-cached head, torch vs ONNX fp32 / int8
+    python benchmark.py train             # bench-s: one optimizer step, the paper's loss
+    python benchmark.py train --preset large --device cuda   # and days for TokenBridge-L's recipe
 
 Random weights and latents: no run folder, data or VAE needed. The README quotes these lines.
 """
@@ -29,7 +29,7 @@ def _best_seconds(fns, repeats, sync=lambda: None):
     """{name: function} -> {name: best seconds of `repeats`}, {name: its last result}, after a
     warm-up each (allocator, thread pools, ORT's first run). The rounds interleave the functions,
     so a burst of load on a shared machine hits them alike; it only ever adds time, so the minimum
-    is the least disturbed figure. sync waits for queued GPU work, so a timing ends when the work does."""
+    is the least disturbed figure. sync waits for queued GPU work: a timing ends with the work."""
     results = {name: fn() for name, fn in fns.items()}
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
@@ -43,7 +43,7 @@ def _best_seconds(fns, repeats, sync=lambda: None):
 
 
 def _onnx_runtime(run, precision, args):
-    """One ONNX runtime of the benchmark: RUN exported at `precision` (checked against PyTorch), opened."""
+    """RUN exported at `precision` (checked against PyTorch) and opened: one ONNX runtime."""
     graphs = os.path.join(run, precision)
     export(run, graphs, precision=precision, verbose=False)
     return OnnxSampler(graphs, args.device, threads=args.threads, head_threads=args.head_threads)
@@ -55,68 +55,88 @@ def sampling(args):
     Each ONNX runtime stands alone: one whose export fails its parity check, or that ONNX Runtime
     cannot load, is reported as NAME_error (one line) and its keys are absent; the others are
     still timed. PyTorch is the reference every figure is relative to, so it must run."""
+    # a random model of the preset
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     device = torch_device(args.device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    cfg = tb.TokenBridgeConfig.preset(args.preset)
-    model = tb.TokenBridge(cfg).eval()
+    config = tb.TokenBridgeConfig.preset(args.preset)
+    model = tb.TokenBridge(config).eval()
     state = model.state_dict()
     model.to(device)
-    head, C = model.head, cfg.channels
+    head = model.head
     images, steps = 16, 16
-    rows = images * cfg.seq_len // steps  # positions decoded per step, on average, in the run below
-    cond = torch.randn(rows, cfg.head_width, device=device)
+    rows = images * config.seq_len // steps  # positions decoded per step, on average, in sampling
+    cond = torch.randn(rows, config.head_width, device=device)
 
+    # the head alone: every channel of `rows` positions, with the KV cache and without
     @torch.no_grad()
     def cached():  # the step path _sample_channels uses: one slot through the blocks per channel
-        cache, token = head.empty_cache(rows, device), torch.zeros(rows, dtype=torch.long, device=device)
-        for t in range(C):
+        cache = head.empty_cache(rows, device)
+        token = torch.zeros(rows, dtype=torch.long, device=device)
+        for t in range(config.channels):
             logits, cache = head.step(cond, token, torch.tensor(t, device=device), cache)
             token = logits.argmax(-1)
 
     @torch.no_grad()
     def recompute():  # the official code: the whole prefix again for every channel
         tokens = torch.zeros(rows, 0, dtype=torch.long, device=device)
-        for t in range(C):
+        for _ in range(config.channels):
             logits = head(cond, tokens)[:, -1]
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
 
     head_s, _ = _best_seconds({"cached": cached, "recompute": recompute}, 5, sync)
-    labels = np.arange(images) % cfg.num_classes
+
+    # whole images: PyTorch, and each ONNX runtime that exports and loads
+    labels = np.arange(images) % config.num_classes
     kwargs = dict(num_iter=steps, cfg=args.cfg, temperature=args.temperature, seed=args.seed,
                   cfg_mode=args.cfg_mode, position_order=args.position_order)
+    precisions = {"onnx": "fp32"}
+    if device == "cpu":  # ORT's int8 kernels are CPU ones
+        precisions["onnx_int8"] = "int8"
     with tempfile.TemporaryDirectory() as run:
-        torch.save({"config": cfg.to_dict(), "model": state}, os.path.join(run, "checkpoint.pt"))
+        checkpoint = {"config": config.to_dict(), "model": state}
+        torch.save(checkpoint, os.path.join(run, "checkpoint.pt"))
         samplers, errors = {}, {}
-        precisions = {"onnx": "fp32", "onnx_int8": "int8"} if device == "cpu" else {"onnx": "fp32"}  # int8: CPU kernels
         for name, precision in precisions.items():
             try:
                 samplers[name] = _onnx_runtime(run, precision, args)
             except (ValueError, *ORT_ERRORS) as e:
                 errors[f"{name}_error"] = one_line(e)
-        runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy(),
-                    **{name: functools.partial(s.sample_tokens, labels, **kwargs) for name, s in samplers.items()}}
+        runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy()}
+        for name, sampler in samplers.items():
+            runtimes[name] = functools.partial(sampler.sample_tokens, labels, **kwargs)
         seconds, result = _best_seconds(runtimes, 3, sync)
+
+    # the figures, and how far the runtimes' tokens agree
     figures = {f"{k}_images_per_s": round(images / v, 2) for k, v in seconds.items()}
-    figures.update({f"{k}_speedup": round(seconds["torch"] / v, 2) for k, v in seconds.items() if k != "torch"})
+    figures.update({f"{k}_speedup": round(seconds["torch"] / v, 2)
+                    for k, v in seconds.items() if k != "torch"})
     agreement = {}
     if "onnx" in result:
         agreement["onnx_provider"] = "cuda" if samplers["onnx"].on_cuda else "cpu"
         agreement["tokens_equal"] = bool((result["torch"] == result["onnx"]).all())
     if "onnx_int8" in result:
-        agreement["int8_tokens_differing"] = round(float((result["torch"] != result["onnx_int8"]).mean()), 3)
+        differing = float((result["torch"] != result["onnx_int8"]).mean())
+        agreement["int8_tokens_differing"] = round(differing, 3)
     print(json.dumps({
-        "preset": args.preset, "images": images, "num_iter": steps, "cfg": args.cfg, "order": args.position_order,
+        "preset": args.preset,
+        "images": images,
+        "num_iter": steps,
+        "cfg": args.cfg,
+        "order": args.position_order,
         "head_rows": rows,
         "head_cached_ms_per_position": round(head_s["cached"] * 1e3 / rows, 4),
         "head_recompute_ms_per_position": round(head_s["recompute"] * 1e3 / rows, 4),
         "head_speedup": round(head_s["recompute"] / head_s["cached"], 2),
-        **figures, **errors,
-        "torch_device": device, **agreement,
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        **figures,
+        **errors,
+        "torch_device": device,
+        **agreement,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }))
 
@@ -127,19 +147,27 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 def training(args):
     """Training step time of a preset (default bench-s) on random latents (no data, no VAE), and
     what it means for one device: hours per ImageNet epoch, and days for the preset's recipe."""
+    # a random model of the preset, and one batch of random latents
     preset, device = args.preset, torch.device(torch_device(args.device))
-    cfg = tb.TokenBridgeConfig.preset(preset)
+    config = tb.TokenBridgeConfig.preset(preset)
     torch.manual_seed(0)
-    model = tb.TokenBridge(cfg).to(device)
-    model.calibrate(torch.randn(1024, cfg.channels, cfg.grid, cfg.grid))
+    model = tb.TokenBridge(config).to(device)
+    latent_shape = (config.channels, config.grid, config.grid)
+    model.calibrate(torch.randn(1024, *latent_shape))
     opt = make_optimizer(model, 1e-4, 0.02)
-    latents = torch.randn(args.batch, cfg.channels, cfg.grid, cfg.grid)
-    labels = torch.randint(cfg.num_classes, (args.batch,))
-    result = {"benchmark": "train_step", "preset": preset, "batch": args.batch,
-              "device": str(device), "threads": torch.get_num_threads(), "params": model.num_params()}
-    for positions in (0, 16):  # the paper's loss, then the head on 16 positions per image
+    latents = torch.randn(args.batch, *latent_shape)
+    labels = torch.randint(config.num_classes, (args.batch,))
+    result = {"benchmark": "train_step",
+              "preset": preset,
+              "batch": args.batch,
+              "device": str(device),
+              "threads": torch.get_num_threads(),
+              "params": model.num_params()}
+
+    # the median step: the paper's loss, then the head on 16 positions per image
+    for positions in (0, 16):
         times = []
-        for i in range(args.steps + 2):  # two warm-up steps (allocator, kernels)
+        for _ in range(args.steps + 2):  # two warm-up steps (allocator, kernels)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -151,7 +179,9 @@ def training(args):
         suffix = "" if positions == 0 else f"_head{positions}"
         result[f"step_ms{suffix}"] = round(step * 1000, 1)
         result[f"img_per_s{suffix}"] = round(args.batch / step, 1)
-    epoch_h = IMAGENET_TRAIN_IMAGES * result["step_ms"] / 1000 / args.batch / 3600  # the paper's loss
+
+    # what the paper's loss takes on one device
+    epoch_h = IMAGENET_TRAIN_IMAGES * result["step_ms"] / 1000 / args.batch / 3600
     result["imagenet_epoch_hours_one_device"] = round(epoch_h, 2)
     result["recipe_days_one_device"] = round(epoch_h * RECIPES[preset].epochs / 24, 1)
     print(json.dumps(result), flush=True)
@@ -159,21 +189,27 @@ def training(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["sample", "train"], help="which figures")
-    p.add_argument("--preset", default="bench-s", choices=sorted(tb.PRESETS), help="model configuration")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when it works")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
-    p.add_argument("--head-threads", type=int, default=1, help="ONNX Runtime threads for the head step on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model and of sampling")
-    p.add_argument("--cfg", type=float, default=1.0, help="sampling: guidance scale")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling: temperature")
-    p.add_argument("--cfg-mode", choices=["features", "logits"], default="features", help="sampling: guide features or logits")
-    p.add_argument("--position-order", choices=["random", "confidence"], default="random",
-                   help="sampling: which positions each step keeps")
-    p.add_argument("--batch", type=int, default=64, help="training: batch of one step")
-    p.add_argument("--steps", type=int, default=3, help="training: timed steps (after 2 warm-up steps)")
-    return p
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["sample", "train"], help="which figures")
+    parser.add_argument("--preset", default="bench-s", choices=sorted(tb.PRESETS),
+                        help="model configuration")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when it works")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    parser.add_argument("--head-threads", type=int, default=1,
+                        help="ONNX Runtime threads for the head step on CPU")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random model and of sampling")
+    parser.add_argument("--cfg", type=float, default=1.0, help="sampling: guidance scale")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling: temperature")
+    parser.add_argument("--cfg-mode", choices=["features", "logits"], default="features",
+                        help="sampling: guide features or logits")
+    parser.add_argument("--position-order", choices=["random", "confidence"], default="random",
+                        help="sampling: which positions each step keeps")
+    parser.add_argument("--batch", type=int, default=64, help="training: batch of one step")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="training: timed steps (after 2 warm-up steps)")
+    return parser
 
 
 if __name__ == "__main__":

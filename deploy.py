@@ -31,7 +31,10 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 # The graphs' file and tensor names: export.py writes them, the sampler below reads them.
-META_FILE, BACKBONE_FILE, HEAD_FILE, VAE_FILE = "tokenbridge.json", "backbone.onnx", "head_step.onnx", "vae_decoder.onnx"
+META_FILE = "tokenbridge.json"
+BACKBONE_FILE = "backbone.onnx"
+HEAD_FILE = "head_step.onnx"
+VAE_FILE = "vae_decoder.onnx"
 # A graph's weights over 1 GiB live beside it in NAME.onnx.data (ONNX external data; ORT finds it)
 DATA_SUFFIX = ".data"
 BACKBONE_INPUTS, BACKBONE_OUTPUTS = ("values", "mask", "labels"), ("cond",)
@@ -47,12 +50,13 @@ SAMPLING_FILE = "sampling.json"
 EXPORT_FORMAT = 2
 # What ORT raises for a graph file it cannot load or a provider that fails: its own exception
 # classes, plain Exception subclasses (not RuntimeError), so they are named one by one.
-ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.InvalidProtobuf,
-              ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
+              ort_state.InvalidProtobuf, ort_state.NoSuchFile, ort_state.NotImplemented,
+              ort_state.RuntimeException)
 
 
 def one_line(error):
-    """An exception's text on one line (ORT's and torch's span several), for reports and `error: ...`."""
+    """An exception's text on one line (ORT's and torch's span several), for `error: ...`."""
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -74,16 +78,17 @@ def make_session(path, device="auto", threads=0, device_id=0):
         _preload_cuda_libraries()
         # ORT's CUDA provider uses TF32 by default (fp32 matmuls at 10 mantissa bits); PyTorch does
         # not, and that much rounding changes sampled tokens, so the fp32 graphs run in fp32
-        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0", "device_id": str(device_id)}))
+        cuda_options = {"use_tf32": "0", "device_id": str(device_id)}
+        providers.insert(0, ("CUDAExecutionProvider", cuda_options))
     session = ort.InferenceSession(path, options, providers=providers)
-    # get_providers(), not get_available_providers(): the latter lists CUDA even without its libraries
+    # get_providers(), not get_available_providers(): the latter lists CUDA without its libraries
     return session, "CUDAExecutionProvider" in session.get_providers()
 
 
 @functools.cache
 def _preload_cuda_libraries():
     """Load CUDA/cuDNN from the nvidia-* pip packages (as installed beside torch), which the CUDA
-    provider does not search itself. Silent: when they are missing, the caller's one line says so."""
+    provider does not search itself. Silent: when they are missing, the caller's line says so."""
     if hasattr(ort, "preload_dlls"):
         with contextlib.redirect_stdout(io.StringIO()):
             ort.preload_dlls()
@@ -116,41 +121,38 @@ def guidance_weight(cfg, seq_len, left, schedule="linear", official_clamp=False)
 
 
 class OnnxSampler:
-    """The exported graphs + tokenbridge.json, and the torch-free mirror of TokenBridge.sample_tokens."""
+    """The exported graphs + tokenbridge.json, and the torch-free mirror of
+    TokenBridge.sample_tokens."""
 
-    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0, head_threads=1,
-                 device_id=0):
+    def __init__(self, onnx_dir, device="auto", iobinding=None, checkpoint=None, threads=0,
+                 head_threads=1, device_id=0):
         """threads: ORT's intra-op threads for the backbone and the VAE decoder (0 = ORT's default).
         head_threads: for head_step.onnx, 1 by default: ORT's CPU thread pool synchronises after
         every operator, and the head step is a few hundred small ones, run C times per decoding
         step, where that costs more than a second thread gains (README, Speed). Raise it for wide
         heads on many cores. device_id: the GPU (one per process under torchrun)."""
-        meta_path = os.path.join(onnx_dir, META_FILE)
-        if not os.path.isfile(meta_path):
-            raise ValueError(f"no {META_FILE} in {onnx_dir}; run export.py --run-dir RUN --out {onnx_dir} first")
-        with open(meta_path) as f:
-            try:
-                self.meta = meta = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run export.py") from None
-        if meta.get("format", 1) != EXPORT_FORMAT:
-            raise ValueError(f"{onnx_dir} was written by another export.py (format {meta.get('format', 1)}, "
-                             f"this sample.py reads {EXPORT_FORMAT}); re-run export.py")
+        # tokenbridge.json, the graph files it names, the checkpoint they came from
+        self.meta = meta = self._read_meta(onnx_dir)
         files = [BACKBONE_FILE, HEAD_FILE] + ([meta["vae"]["file"]] if meta["vae"] else [])
         missing = [name for name in files if not os.path.isfile(os.path.join(onnx_dir, name))]
         if missing:
-            raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; re-run export.py")
+            raise ValueError(f"missing graph file(s) {', '.join(missing)} in {onnx_dir}; "
+                             "re-run export.py")
         if checkpoint is not None:
             self._check_checkpoint(checkpoint)
-        sessions = [self._open(onnx_dir, name, device, head_threads if name == HEAD_FILE else threads, device_id)
-                    for name in files]
-        for name, (session, _) in zip(files, sessions):
-            got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
-            if got != meta["fingerprint"]:
-                raise ValueError(f"{name} was exported from other weights (fingerprint {str(got)[:12]}, "
-                                 f"{META_FILE} says {meta['fingerprint'][:12]}); re-run export.py")
-        self.backbone, self.head = sessions[0][0], sessions[1][0]
+
+        # one session per graph, all exported from the same weights
+        sessions = []
+        for name in files:
+            graph_threads = head_threads if name == HEAD_FILE else threads
+            sessions.append(self._open(onnx_dir, name, device, graph_threads, device_id))
+        for name, (session, _) in zip(files, sessions, strict=True):
+            self._check_fingerprint(name, session)
+        self.backbone = sessions[0][0]
+        self.head = sessions[1][0]
         self.vae = sessions[2][0] if meta["vae"] else None
+
+        # the device: CUDA only when every graph loaded there
         self.on_cuda = all(on_cuda for _, on_cuda in sessions)
         if device == "cuda" and not self.on_cuda:
             why = ("did not load (no GPU, or CUDA/cuDNN libraries missing)"
@@ -159,20 +161,46 @@ class OnnxSampler:
             raise ValueError(f"--device cuda, but onnxruntime's CUDAExecutionProvider {why}; "
                              "use --device auto (CPU when CUDA does not work) or cpu")
         self.iobinding = self.on_cuda if iobinding is None else iobinding
-        self.device, self.device_id = ("cuda", device_id) if self.on_cuda else ("cpu", 0)
+        self.device = "cuda" if self.on_cuda else "cpu"
+        self.device_id = device_id if self.on_cuda else 0
 
+        # the model's sizes and the quantizer's tables
         config = self.config = meta["config"]
-        self.N, self.C, self.K = (config["image_size"] // config["vae_stride"]) ** 2, config["channels"], config["levels"]
         self.stride = config["vae_stride"]
+        self.N = (config["image_size"] // self.stride) ** 2                      # positions
+        self.C = config["channels"]
+        self.K = config["levels"]
         self.dtype = np.dtype(meta["dtype"])
-        q = meta["quantizer"]
-        self.centers, self.mean, self.std = (np.asarray(q[k], np.float32) for k in ("centers", "mean", "std"))
-        self.order = np.asarray(q["order"], np.int64)
-        h = meta["head"]
-        self.cache_shape = (h["depth"], 2, None, h["heads"], 0, h["head_dim"])  # G*M rows; no slots yet
+        quantizer = meta["quantizer"]
+        self.centers = np.asarray(quantizer["centers"], np.float32)
+        self.mean = np.asarray(quantizer["mean"], np.float32)
+        self.std = np.asarray(quantizer["std"], np.float32)
+        self.order = np.asarray(quantizer["order"], np.int64)
+        head = meta["head"]
+        # (depth, 2, G*M rows, heads, slots, head_dim): the rows are set per call; no slots yet
+        self.cache_shape = (head["depth"], 2, None, head["heads"], 0, head["head_dim"])
         # step indices live on the device once, so the channel loop never uploads them
         self.steps = [np.array(t, np.int64) for t in range(self.C)]
-        self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, self.device_id) for t in self.steps]
+        self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, self.device_id)
+                            for t in self.steps]
+
+    @staticmethod
+    def _read_meta(onnx_dir):
+        """tokenbridge.json, refused when absent, not JSON, or of another EXPORT_FORMAT."""
+        meta_path = os.path.join(onnx_dir, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"no {META_FILE} in {onnx_dir}; "
+                             f"run export.py --run-dir RUN --out {onnx_dir} first")
+        with open(meta_path) as f:
+            try:
+                meta = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta_path} is not valid JSON ({e}); re-run export.py") from None
+        found = meta.get("format", 1)
+        if found != EXPORT_FORMAT:
+            raise ValueError(f"{onnx_dir} was written by another export.py (format {found}, "
+                             f"this sample.py reads {EXPORT_FORMAT}); re-run export.py")
+        return meta
 
     @staticmethod
     def _open(onnx_dir, name, device, threads, device_id):
@@ -185,12 +213,23 @@ class OnnxSampler:
             raise ValueError(f"{path} cannot be loaded by onnxruntime ({one_line(e)}); "
                              f"re-run export.py --run-dir RUN --out {onnx_dir}") from None
 
+    def _check_fingerprint(self, name, session):
+        """Each graph must come from the weights tokenbridge.json names."""
+        got = session.get_modelmeta().custom_metadata_map.get("fingerprint")
+        want = self.meta["fingerprint"]
+        if got != want:
+            raise ValueError(f"{name} was exported from other weights "
+                             f"(fingerprint {str(got)[:12]}, {META_FILE} says {want[:12]}); "
+                             "re-run export.py")
+
     def _check_checkpoint(self, checkpoint):
         """The run's checkpoint must be the one the graphs came from (file hash: no torch here)."""
         digest = file_sha256(checkpoint)
-        if digest != self.meta["checkpoint_sha256"]:
-            raise ValueError(f"the ONNX graphs were exported from another checkpoint than {checkpoint} "
-                             f"(sha256 {digest[:12]} != {self.meta['checkpoint_sha256'][:12]}); re-run export.py")
+        want = self.meta["checkpoint_sha256"]
+        if digest != want:
+            raise ValueError(f"the ONNX graphs were exported from another checkpoint than "
+                             f"{checkpoint} (sha256 {digest[:12]} != {want[:12]}); "
+                             "re-run export.py")
 
     # --- the pieces of TokenBridge the loop needs, in numpy ------------------------------------
 
@@ -205,7 +244,7 @@ class OnnxSampler:
 
     def condition(self, values, mask, labels):
         """Twin of TokenBridge.condition: backbone.onnx."""
-        feeds = dict(zip(BACKBONE_INPUTS, (values.astype(self.dtype), mask, labels)))
+        feeds = dict(zip(BACKBONE_INPUTS, (values.astype(self.dtype), mask, labels), strict=True))
         return self.backbone.run(None, feeds)[0]                                       # (B, N, D)
 
     def decode(self, latents):
@@ -219,16 +258,20 @@ class OnnxSampler:
         G, M, _ = cond.shape
         shape = list(self.cache_shape)
         shape[2] = G * M
-        feeds = {"cond": cond.astype(self.dtype), "cache": np.zeros(shape, self.dtype),   # empty_cache
-                 "tokens": np.zeros((M, self.C), np.int64), "uniforms": uniforms,
-                 "temperature": np.array(temperature, np.float32), "guidance": np.array(guidance, np.float32),
+        feeds = {"cond": cond.astype(self.dtype),
+                 "cache": np.zeros(shape, self.dtype),                                # empty_cache
+                 "tokens": np.zeros((M, self.C), np.int64),
+                 "uniforms": uniforms,
+                 "temperature": np.array(temperature, np.float32),
+                 "guidance": np.array(guidance, np.float32),
                  "score": np.zeros(M, np.float32)}
         if self.iobinding:
             generated, score = self._channel_loop_bound(feeds)
         else:
             for t in range(self.C):  # head.step + logit guidance + sample_from_logits, in one graph
                 feeds["step"] = self.steps[t]
-                _, feeds["tokens"], feeds["score"], feeds["cache"] = self.head.run(HEAD_OUTPUTS, feeds)
+                _, tokens_out, score_out, cache_out = self.head.run(HEAD_OUTPUTS, feeds)
+                feeds.update(tokens=tokens_out, score=score_out, cache=cache_out)
             generated, score = feeds["tokens"], feeds["score"]
         tokens = np.empty_like(generated)
         tokens[:, self.order] = generated                                               # (M, C)
@@ -240,7 +283,9 @@ class OnnxSampler:
         step's inputs; only the final tokens and scores come back to the host (the logits output
         is not bound, so never copied). On CPU an OrtValue shares its numpy array's memory, so
         every array put here is one that `feeds` keeps alive (no temporaries)."""
-        put = lambda a: ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id)
+        def put(array):
+            return ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id)
+
         binding = self.head.io_binding()
         for name in ("cond", "uniforms", "temperature", "guidance"):
             binding.bind_ortvalue_input(name, put(feeds[name]))
@@ -252,63 +297,86 @@ class OnnxSampler:
                 binding.bind_ortvalue_input(n, state[n])
                 binding.bind_output(n + "_out", self.device, self.device_id)
             self.head.run_with_iobinding(binding)
-            state = dict(zip(HEAD_STATE, binding.get_outputs()))
+            state = dict(zip(HEAD_STATE, binding.get_outputs(), strict=True))
         return state["tokens"].numpy().copy(), state["score"].numpy().copy()
 
     # --- the sampler: twin of TokenBridge.sample_tokens, line by line -------------------------
 
-    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, cfg_mode="features",
-                      cfg_schedule="linear", position_order="random", confidence_noise=1.0):
+    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
+                      cfg_mode="features", cfg_schedule="linear", position_order="random",
+                      confidence_noise=1.0):
+        # the arguments, refused with TokenBridge.sample_tokens' messages
         labels = np.asarray(labels, np.int64)
-        k = self.config["num_classes"]
-        check_labels(labels, k, allow_null=True)
+        num_classes = self.config["num_classes"]
+        check_labels(labels, num_classes, allow_null=True)
         B, N, C = len(labels), self.N, self.C
-        if not 1 <= num_iter <= N:
-            raise ValueError(f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not cfg >= 0:
-            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        if (cfg_mode not in ("features", "logits") or cfg_schedule not in ("linear", "constant")
-                or position_order not in ("random", "confidence")):
-            raise ValueError(f"cfg_mode must be features|logits, cfg_schedule linear|constant and order "
-                             f"random|confidence, got {cfg_mode!r}, {cfg_schedule!r}, {position_order!r}")
+        self._check_sampling(num_iter, temperature, cfg, cfg_mode, cfg_schedule, position_order)
+
+        # the decoding order, both guidance halves' labels, nothing known yet
         rng = np.random.default_rng(seed)
         if position_order == "random":
-            rank = np.stack([rng.permutation(N) for _ in range(B)]).argsort(-1)          # rank[b, n]
+            orders = np.stack([rng.permutation(N) for _ in range(B)])
+            rank = orders.argsort(-1)                           # rank[b, n]: when n is decoded
         guided = cfg != 1.0
-        all_labels = np.concatenate([labels, np.full_like(labels, k)]) if guided else labels
+        all_labels = labels
+        if guided:  # the unconditional half: the null class
+            all_labels = np.concatenate([labels, np.full_like(labels, num_classes)])
         tokens = np.zeros((B, N, C), np.int64)
         mask = np.ones((B, N), bool)
+
         for s, left in enumerate(mask_schedule(N, num_iter)):
+            # condition every position on the known ones (both halves when guided)
             uniforms = rng.random((B, N, C)).astype(np.float32)
             values = self.dequantize(tokens)
             reps = 2 if guided else 1
-            cond = self.condition(np.tile(values, (reps, 1, 1)), np.tile(mask, (reps, 1)), all_labels)
+            cond = self.condition(np.tile(values, (reps, 1, 1)), np.tile(mask, (reps, 1)),
+                                  all_labels)                                         # (rB, N, D)
             w = guidance_weight(cfg, N, left, cfg_schedule, self.config["official_compat"])
             if guided and cfg_mode == "features":                     # guidance on proj(z)
                 cond_c, cond_u = np.split(cond, 2)
                 cond = cond_u + w * (cond_c - cond_u)
+
+            # choose the candidate positions, sample their channels
             if position_order == "random":
-                chosen = mask & (rank >= left)
+                chosen = mask & (rank >= left)          # decode the next slice of each order
                 candidates = chosen
             else:
-                candidates = mask
-            halves = cond.reshape(-1, B, N, cond.shape[-1])[:, candidates]             # (G, M, D) = cond[rows]
-            new, score = self.sample_channels(halves, uniforms[candidates], temperature,
-                                              w if guided and cfg_mode == "logits" else 1.0)
+                candidates = mask                       # sample all, keep the most confident
+            halves = cond.reshape(-1, B, N, cond.shape[-1])                         # (G, B, N, D)
+            cond_rows = halves[:, candidates]                              # (G, M, D): cond[rows]
+            logit_guidance = w if guided and cfg_mode == "logits" else 1.0
+            new, score = self.sample_channels(cond_rows, uniforms[candidates], temperature,
+                                              logit_guidance)
+
+            # confidence order: keep the best-scored candidates, under shrinking Gumbel noise
             if position_order == "confidence":
                 gumbel = -np.log(-np.log(rng.random((B, N)).astype(np.float32)))
                 scores = np.full((B, N), -np.inf, np.float32)
                 scores[candidates] = score
                 scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
-                keep = np.argsort(-scores, axis=-1, kind="stable")[:, :int(mask[0].sum()) - left]  # topk
+                count = int(mask[0].sum()) - left
+                keep = np.argsort(-scores, axis=-1, kind="stable")[:, :count]          # topk
                 chosen = np.zeros_like(mask)
                 np.put_along_axis(chosen, keep, True, axis=1)
                 new = new[chosen[candidates]]
             tokens[chosen] = new
             mask = mask & ~chosen
         return tokens
+
+    def _check_sampling(self, num_iter, temperature, cfg, cfg_mode, cfg_schedule, position_order):
+        """Twin of the argument checks of TokenBridge.sample_tokens."""
+        if not 1 <= num_iter <= self.N:
+            raise ValueError(f"num_iter must be in [1, {self.N}] (one position at least per step), "
+                             f"got {num_iter}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not cfg >= 0:
+            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        if (cfg_mode not in ("features", "logits") or cfg_schedule not in ("linear", "constant")
+                or position_order not in ("random", "confidence")):
+            raise ValueError("cfg_mode must be features|logits, cfg_schedule linear|constant and "
+                             f"order random|confidence, got {cfg_mode!r}, {cfg_schedule!r}, "
+                             f"{position_order!r}")
 
 
 # --- labels and images, for both runtimes ----------------------------------------------------
@@ -330,14 +398,15 @@ def to_uint8(images):
 
 def latent_preview(latents, stride):
     """Without a VAE: the first three latent channels as colours, each image scaled on its own."""
-    x = latents[:, :3].astype(np.float32)                                              # (B, 3, h, w)
+    x = latents[:, :3].astype(np.float32)                                           # (B, 3, h, w)
     lo, hi = x.min((1, 2, 3), keepdims=True), x.max((1, 2, 3), keepdims=True)
     x = (x - lo) / np.maximum(hi - lo, 1e-8) * 2 - 1
     return to_uint8(x.repeat(stride, axis=2).repeat(stride, axis=3))
 
 
 def tile(images, cols=None):
-    """images (B, H, W, 3) uint8 -> one (rows*H, cols*W, 3) image, `cols` per row (default: a square)."""
+    """images (B, H, W, 3) uint8 -> one (rows*H, cols*W, 3) image, `cols` images per row
+    (default: a square)."""
     B, H, W, _ = images.shape
     cols = cols or math.ceil(math.sqrt(B))
     rows = math.ceil(B / cols)
@@ -351,7 +420,6 @@ def save_grid(images, path, cols=None):
     """tile(images, cols) as a PNG."""
     from PIL import Image
     Image.fromarray(tile(images, cols)).save(path)
-
 
 
 # --- sampling in batches: progress, resumable, shared between processes ---------------------
@@ -405,7 +473,8 @@ class Parts:
     writes settings.json; the other ranks read it (no two processes write one file)."""
 
     def __init__(self, folder, settings):
-        self.folder, self.settings = folder, settings
+        self.folder = folder
+        self.settings = settings
         self._held = contextlib.ExitStack()
 
     def __enter__(self):
@@ -437,7 +506,8 @@ class Parts:
         return os.path.isfile(self.path(b))
 
     def write(self, b, tokens, images, labels):
-        write_atomic(self.path(b), lambda f: np.savez(f, tokens=tokens, images=images, labels=labels))
+        write_atomic(self.path(b),
+                     lambda f: np.savez(f, tokens=tokens, images=images, labels=labels))
 
     def read(self, b):
         with np.load(self.path(b)) as part:
@@ -469,7 +539,9 @@ class RowWriter:
     batch's row shape and dtype, then each batch's bytes): never held whole in memory."""
 
     def __init__(self, file, count):
-        self.file, self.count, self.written = file, count, 0
+        self.file = file
+        self.count = count
+        self.written = 0
 
     def write(self, rows):
         if self.written == 0:
@@ -521,25 +593,32 @@ def sample_in_batches(sample, labels, batch_size, seed, parts=None):
     skips them). On rank 0, once every batch is done, returns the batches in order as
     (tokens, images, labels), read back from `parts` one at a time when given (a job of any
     size is never held whole); None on the other ranks."""
+    # this rank's batches, and those of them a previous run finished
     rank, world, _ = process_slot()
     launcher = os.getppid()
     starts = range(0, len(labels), batch_size)
+    sizes = [min(batch_size, len(labels) - start) for start in starts]
     mine = [b for b in range(len(starts)) if b % world == rank]
-    size = lambda b: min(batch_size, len(labels) - starts[b])
     skipped = [b for b in mine if parts is not None and parts.done(b)]
-    bar = _progress_bar(total=sum(map(size, mine)), initial=sum(map(size, skipped)), unit="img", dynamic_ncols=True,
-                        desc="sample" if world == 1 else f"sample (rank {rank})", disable=len(starts) == 1)
+
+    # sample the rest
+    bar = _progress_bar(total=sum(sizes[b] for b in mine), initial=sum(sizes[b] for b in skipped),
+                        unit="img", dynamic_ncols=True,
+                        desc="sample" if world == 1 else f"sample (rank {rank})",
+                        disable=len(starts) == 1)
     kept = []
     for b in (b for b in mine if b not in skipped):
         check_launcher(launcher)
-        batch_labels = labels[starts[b]:starts[b] + size(b)]
+        batch_labels = labels[starts[b]:starts[b] + sizes[b]]
         tokens, images = sample(batch_labels, batch_seed(seed, b))
         if parts is None:
             kept.append((tokens, images, batch_labels))
         else:
             parts.write(b, tokens, images, batch_labels)
-        bar.update(size(b))
+        bar.update(sizes[b])
     bar.close()
+
+    # rank 0 returns every batch, in order
     if rank != 0:
         return None
     if parts is None:
@@ -549,7 +628,8 @@ def sample_in_batches(sample, labels, batch_size, seed, parts=None):
 
 
 def _progress_bar(**kwargs):
-    """tqdm's bar when tqdm is installed (the deployment itself needs only numpy, onnxruntime, Pillow)."""
+    """tqdm's bar when tqdm is installed (the deployment itself needs only numpy, onnxruntime
+    and Pillow)."""
     try:
         from tqdm import tqdm
     except ImportError:

@@ -320,14 +320,19 @@ def check_args(args):
     if not args.batch_size >= 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     folder = os.path.dirname(os.path.abspath(args.out))
-    why = ("it is a folder; give a file name" if os.path.isdir(args.out) else
-           f"folder {folder} does not exist" if not os.path.isdir(folder) else
-           f"folder {folder} is not writable" if not os.access(folder, os.W_OK) else None)
+    why = None
+    if os.path.isdir(args.out):
+        why = "it is a folder; give a file name"
+    elif not os.path.isdir(folder):
+        why = f"folder {folder} does not exist"
+    elif not os.access(folder, os.W_OK):
+        why = f"folder {folder} is not writable"
     if why:
         raise ValueError(f"--out {args.out}: cannot write there ({why})")
 
 
 def main(args):
+    # Inputs: every file checked before the Inception network loads
     args.out = args.out or default_out(args.samples)
     check_args(args)
     num_samples = image_count(args.samples, "samples")
@@ -347,14 +352,22 @@ def main(args):
         ref_stats = feature_statistics(ref_pool)
     fid = frechet_distance(*feature_statistics(pool), *ref_stats)
     precision, recall = precision_recall(ref_pool, pool, K, BLOCK, device)
-    metrics = {"fid": fid, "inception_score": inception_score(logits), "precision": precision,
-               "recall": recall, "samples": args.samples, "reference": args.reference,
-               "num_samples": num_samples, "num_reference": num_reference,
-               "fid_reference_statistics": stats_from, "k": K, "is_split_size": SPLIT_SIZE,
+    metrics = {"fid": fid,
+               "inception_score": inception_score(logits),
+               "precision": precision,
+               "recall": recall,
+               "samples": args.samples,
+               "reference": args.reference,
+               "num_samples": num_samples,
+               "num_reference": num_reference,
+               "fid_reference_statistics": stats_from,
+               "k": K,
+               "is_split_size": SPLIT_SIZE,
                "inception_weights": args.inception_weights or "torch hub cache (torch-fidelity)",
                "device": device}
     runs.write_json(metrics, args.out)
 
+    # Report
     for name, key in (("FID", "fid"), ("Inception Score", "inception_score"),
                       ("Precision", "precision"), ("Recall", "recall")):
         print(f"{name:<16} {metrics[key]:.4f}")
@@ -363,19 +376,22 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", required=True, help=f"samples .npz: {LAYOUT} (sample.py --npz)")
-    p.add_argument("--reference", required=True,
-                   help="reference .npz, e.g. ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 and "
-                        "optionally mu/sigma (then FID uses those, as ADM)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CUDA when it works")
-    p.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
-    p.add_argument("--inception-weights",
-                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
-                        "downloaded into the torch hub cache)")
-    p.add_argument("--out", help="metrics JSON (default: next to --samples, fid.metrics.json)")
-    return p
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", required=True,
+                        help=f"samples .npz: {LAYOUT} (sample.py --npz)")
+    parser.add_argument("--reference", required=True,
+                        help="reference .npz, e.g. ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 "
+                             "and optionally mu/sigma (then FID uses those, as ADM)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when it works")
+    parser.add_argument("--batch-size", type=int, default=200,
+                        help="images per Inception forward pass")
+    parser.add_argument("--inception-weights",
+                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                             "(default: downloaded into the torch hub cache)")
+    parser.add_argument("--out",
+                        help="metrics JSON (default: next to --samples, fid.metrics.json)")
+    return parser
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ Writes three graphs and one JSON (DESIGN.md §3):
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
                      = TokenBridge.condition: backbone + head.project; fixed-shape inputs, the
                      known positions gathered inside (every image has as many masked: NonZero)
-  head_step.onnx     one channel of the AR head with its KV cache (t slots in, t+1 out), the logit-level CFG
-                     mix and the inverse-CDF sampler inside (head.step + sample_from_logits), so a
-                     whole channel loop can stay on the device
+  head_step.onnx     one channel of the AR head with its KV cache (t slots in, t+1 out), the
+                     logit-level CFG mix and the inverse-CDF sampler inside (head.step +
+                     sample_from_logits), so a whole channel loop can stay on the device
   vae_decoder.onnx   scaled latents (B, C, H, W) -> image (B, 3, H', W') in [-1, 1]
   tokenbridge.json   config, quantizer tables, channel order, graph I/O names, fingerprint
 A graph with over 1 GiB of weights (TokenBridge-H's backbone) keeps them beside it in one
@@ -41,8 +41,9 @@ import torch.nn as nn
 
 import tokenbridge as tb
 import runs
-from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, DATA_SUFFIX, EXPORT_FORMAT, HEAD_FILE,
-                    HEAD_INPUTS, HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS, VAE_OUTPUTS, file_sha256, make_session)
+from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, DATA_SUFFIX, EXPORT_FORMAT,
+                    HEAD_FILE, HEAD_INPUTS, HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS,
+                    VAE_OUTPUTS, file_sha256, make_session)
 
 OPSET = 17
 
@@ -50,7 +51,8 @@ OPSET = 17
 # --- export wrappers: thin shells around tokenbridge.py, in the order the loop calls them -----
 
 class BackboneGraph(nn.Module):
-    """Twin of TokenBridge.condition: values (B, N, C), mask (B, N) bool, labels (B,) -> (B, N, D)."""
+    """Twin of TokenBridge.condition: values (B, N, C), mask (B, N) bool, labels (B,)
+    -> (B, N, D)."""
 
     def __init__(self, model):
         super().__init__()
@@ -84,7 +86,7 @@ class HeadStepGraph(nn.Module):
         # and this is logits + w * 0, exactly the unguided logits.
         halves = logits.view(G, M, -1)
         logits = halves[-1] + guidance * (halves[0] - halves[-1])                         # (M, K)
-        u = torch.where(slots == step, uniforms, 0).sum(1)                                # (M,) = uniforms[:, t]
+        u = torch.where(slots == step, uniforms, 0).sum(1)                # (M,): uniforms[:, t]
         token, token_logp = tb.sample_from_logits(logits, u, temperature)
         tokens = torch.where(slots == step, token.unsqueeze(1), tokens)                   # (M, C)
         return logits, tokens, score + token_logp, cache
@@ -103,26 +105,28 @@ class VAEDecoderGraph(nn.Module):
 
 # --- random example inputs, used for tracing and for the parity check ------------------------
 
-def backbone_inputs(cfg, batch, gen):
-    N, C = cfg.seq_len, cfg.channels
-    values = torch.randn(batch, N, C, generator=gen)
-    masked = int(torch.randint(1, N, (), generator=gen))     # as in sampling: as many in every image
-    mask = torch.rand(batch, N, generator=gen).argsort(-1) < masked
-    labels = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen)   # incl. the null class
-    labels[-1] = cfg.num_classes
+def backbone_inputs(config, batch, gen):
+    values = torch.randn(batch, config.seq_len, config.channels, generator=gen)
+    # as in sampling: as many positions masked in every image
+    masked = int(torch.randint(1, config.seq_len, (), generator=gen))
+    mask = torch.rand(batch, config.seq_len, generator=gen).argsort(-1) < masked
+    # the null class included
+    labels = torch.randint(0, config.num_classes + 1, (batch,), generator=gen)
+    labels[-1] = config.num_classes
     return values, mask, labels
 
 
 def head_inputs(model, guidance_halves, rows, step, gen):
-    cfg, head = model.config, model.head
-    C, D = cfg.channels, cfg.head_width
-    cond = torch.randn(guidance_halves, rows, D, generator=gen)
-    cache = torch.randn(len(head.blocks), 2, guidance_halves * rows, head.heads, step, head.head_dim,
+    config, head = model.config, model.head
+    cond = torch.randn(guidance_halves, rows, config.head_width, generator=gen)
+    cache_rows = guidance_halves * rows
+    cache = torch.randn(len(head.blocks), 2, cache_rows, head.heads, step, head.head_dim,
                         generator=gen)                              # the `step` slots before it
-    tokens = torch.randint(0, cfg.levels, (rows, C), generator=gen)
-    uniforms = torch.rand(rows, C, generator=gen)
+    tokens = torch.randint(0, config.levels, (rows, config.channels), generator=gen)
+    uniforms = torch.rand(rows, config.channels, generator=gen)
+    guidance = 2.5 if guidance_halves == 2 else 1.0
     return (cond, torch.tensor(step), cache, tokens, uniforms, torch.tensor(0.9),
-            torch.tensor(2.5 if guidance_halves == 2 else 1.0), torch.randn(rows, generator=gen))
+            torch.tensor(guidance), torch.randn(rows, generator=gen))
 
 
 # --- export + check ---------------------------------------------------------------------------
@@ -158,7 +162,10 @@ PRECISIONS = {"fp32": dict(tolerance=1e-4, token_flips=0.01),
 # 7-bit weights. ORT's u8 x s8 kernels on CPUs without AVX-512 VNNI (AVX2, plain AVX-512) add
 # pairs of products in 16 bits (VPMADDUBSW), which saturates with 8-bit weights; with 7-bit ones
 # the pair stays below 2^15, so the same graphs give the same numbers on every x86 CPU.
-INT8_SETTINGS = {"weight_type": "QInt8", "activation_type": "QUInt8", "per_channel": True, "reduce_range": True,
+INT8_SETTINGS = {"weight_type": "QInt8",
+                 "activation_type": "QUInt8",
+                 "per_channel": True,
+                 "reduce_range": True,
                  "op_types": ["MatMul"]}
 
 
@@ -255,17 +262,20 @@ def _max_diff(module, examples, path, inputs, outputs, relative):
         with torch.no_grad():
             want = module(*example)
         want = [w.numpy() for w in (want if isinstance(want, tuple) else (want,))]
-        got = session.run(list(outputs), {name: x.numpy() for name, x in zip(inputs, example)})
+        feeds = {name: x.numpy() for name, x in zip(inputs, example, strict=True)}
+        got = session.run(list(outputs), feeds)
         kept = True  # rows of the head whose sampled tokens agree
         if "tokens_out" in outputs:
             i = outputs.index("tokens_out")
             kept = (want[i] == got[i]).all(-1)
-        for name, w, g in zip(outputs, want, got):
-            if name == "score_out":  # where a token flipped, this is another token's log-probability
+        for name, w, g in zip(outputs, want, got, strict=True):
+            # where a token flipped, its score is another token's log-probability
+            if name == "score_out":
                 w, g = w[kept], g[kept]
             if np.issubdtype(w.dtype, np.floating):
                 diff = float(np.abs(w - g.astype(np.float32)).max(initial=0.0))
-                worst = max(worst, diff / (1.0 + float(np.abs(w).max(initial=0.0))) if relative else diff)
+                scale = 1.0 + float(np.abs(w).max(initial=0.0))
+                worst = max(worst, diff / scale if relative else diff)
             else:
                 mismatched += int((w != g).sum())
                 total += g.size
@@ -282,10 +292,13 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     say = print if verbose else (lambda *a: None)
     out = out or os.path.join(run, "onnx")
-    # first: a run that cannot be exported leaves no empty folder behind
+
+    # the run first: a run that cannot be exported leaves no empty folder behind
     model, ckpt = runs.load_run(run)
     _check_memory(model, say)
     vae = runs.load_vae(os.path.join(run, runs.VAE_DIR)) if runs.has_vae(run) else None
+
+    # the output folder, and a staging folder inside it
     created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
@@ -293,6 +306,8 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
     except OSError as e:  # a regular file in the way, no permission
         raise ValueError(f"cannot write the output folder {out} ({e.strerror}); "
                          "choose another --out") from None
+
+    # every graph checked into the stage, then all of it into OUT, the JSON last
     try:
         limits = {**PRECISIONS[precision], **({"tolerance": tolerance} if tolerance else {})}
         report = _export_graphs(model, vae, stage, precision, limits, say)
@@ -310,7 +325,7 @@ def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
 
 def _export_graphs(model, vae, folder, precision, limits, say):
     """Every graph into folder, each checked against PyTorch; returns {file: max difference}."""
-    cfg = model.config
+    config = model.config
     meta = {"fingerprint": runs.fingerprint(model)}
     gen = torch.Generator().manual_seed(0)
     report = {}
@@ -333,25 +348,26 @@ def _export_graphs(model, vae, folder, precision, limits, say):
         report[name] = diff
 
     # traced in fp32 at every precision: --fp16 / --int8 convert the traced graphs (see _export)
-    examples = [backbone_inputs(cfg, b, gen) for b in (2, 3)]
+    examples = [backbone_inputs(config, b, gen) for b in (2, 3)]
     run_export(BACKBONE_FILE, BackboneGraph(model), examples, BACKBONE_INPUTS, BACKBONE_OUTPUTS,
                {"values": {0: "batch"}, "mask": {0: "batch"}, "labels": {0: "batch"},
                 "cond": {0: "batch"}})
 
     # trace at a middle step with guidance, check at the first/last step and without guidance too
     examples = [head_inputs(model, 2, 5, 3, gen), head_inputs(model, 1, 7, 0, gen),
-                head_inputs(model, 2, 3, cfg.channels - 1, gen)]
+                head_inputs(model, 2, 3, config.channels - 1, gen)]
     run_export(HEAD_FILE, HeadStepGraph(model), examples, HEAD_INPUTS, HEAD_OUTPUTS,
                {"cond": {0: "halves", 1: "rows"}, "cache": {2: "cache_rows", 4: "slots"},
                 "tokens": {0: "rows"}, "uniforms": {0: "rows"}, "score": {0: "rows"},
                 "logits": {0: "rows"}, "tokens_out": {0: "rows"}, "score_out": {0: "rows"},
                 "cache_out": {2: "cache_rows", 4: "slots_out"}})
 
+    # the VAE decoder, when the run has one
     if vae is None:
         say("no VAE in the run (RUN/vae): vae_decoder.onnx not written")
         return report
-    g = cfg.grid
-    examples = [(torch.randn(b, cfg.channels, g, g, generator=gen),) for b in (2, 1)]
+    latent_shape = (config.channels, config.grid, config.grid)
+    examples = [(torch.randn(b, *latent_shape, generator=gen),) for b in (2, 1)]
     run_export(VAE_FILE, VAEDecoderGraph(vae), examples, VAE_INPUTS, VAE_OUTPUTS,
                {"latents": {0: "batch"}, "image": {0: "batch"}},
                "fp32" if precision == "int8" else precision)  # convolutions: no int8 gain here
@@ -360,24 +376,28 @@ def _export_graphs(model, vae, folder, precision, limits, say):
 
 def _metadata(run, model, ckpt, vae, precision, report):
     """tokenbridge.json: what deploy.OnnxSampler needs besides the graphs."""
-    cfg, q, head = model.config, model.quantizer, model.head
-    graphs = {BACKBONE_FILE: (BACKBONE_INPUTS, BACKBONE_OUTPUTS), HEAD_FILE: (HEAD_INPUTS, HEAD_OUTPUTS),
+    q, head = model.quantizer, model.head
+    graphs = {BACKBONE_FILE: (BACKBONE_INPUTS, BACKBONE_OUTPUTS),
+              HEAD_FILE: (HEAD_INPUTS, HEAD_OUTPUTS),
               **({VAE_FILE: (VAE_INPUTS, VAE_OUTPUTS)} if vae is not None else {})}
     scaling = float(vae.config.scaling_factor) if vae is not None else None
     return {
         "format": EXPORT_FORMAT,
         "fingerprint": runs.fingerprint(model),
         "checkpoint_sha256": file_sha256(os.path.join(run, runs.CHECKPOINT)),
-        "config": cfg.to_dict(),
+        "config": model.config.to_dict(),
         "dtype": "float32",   # of the graphs' inputs and outputs
         "precision": precision,
         **({"int8": INT8_SETTINGS} if precision == "int8" else {}),
         "weights": "ema" if ckpt.get("ema") is not None else "model",
-        "quantizer": {"centers": q.centers.tolist(), "mean": q.mean.tolist(), "std": q.std.tolist(),
+        "quantizer": {"centers": q.centers.tolist(),
+                      "mean": q.mean.tolist(),
+                      "std": q.std.tolist(),
                       "order": q.order.tolist()},
         "head": {"depth": len(head.blocks), "heads": head.heads, "head_dim": head.head_dim},
         "vae": {"file": VAE_FILE, "scaling_factor": scaling} if vae is not None else None,
-        "graphs": {name: {"inputs": list(i), "outputs": list(o)} for name, (i, o) in graphs.items()},
+        "graphs": {name: {"inputs": list(inputs), "outputs": list(outputs)}
+                   for name, (inputs, outputs) in graphs.items()},
         "max_abs_diff": report,
         "torch": torch.__version__,
         "opset": OPSET,
@@ -401,29 +421,35 @@ def main(args):
         import interop
         args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
     if not args.run:
-        raise ValueError("give --run-dir RUN (a folder with checkpoint.pt) or --official CHECKPOINT.pth")
+        raise ValueError("give --run-dir RUN (a folder with checkpoint.pt) "
+                         "or --official CHECKPOINT.pth")
     export(args.run, args.out, precision=args.precision)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", dest="run",
-                   help="run folder holding checkpoint.pt (and vae/, a diffusers AutoencoderKL)")
-    p.add_argument("--official", help="official TokenBridge checkpoint-last.pth: converted into --run-dir "
-                                      "(default runs/official-PRESET), then exported")
-    p.add_argument("--preset", choices=sorted(tb.PRESETS), default="large", help="size of the --official checkpoint")
-    p.add_argument("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")
-    p.add_argument("--out", default=None, help="output folder (default RUN/onnx)")
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default="fp32",
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", dest="run",
+                        help="run folder holding checkpoint.pt (and vae/, a diffusers "
+                             "AutoencoderKL)")
+    parser.add_argument("--official",
+                        help="official TokenBridge checkpoint-last.pth: converted into --run-dir "
+                             "(default runs/official-PRESET), then exported")
+    parser.add_argument("--preset", choices=sorted(tb.PRESETS), default="large",
+                        help="size of the --official checkpoint")
+    parser.add_argument("--vae", help="with --official: MAR's kl16.ckpt, converted into RUN/vae")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/onnx)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           default="fp32",
                            help="half-precision graphs (for GPU; checked against fp32 PyTorch)")
     precision.add_argument("--int8", dest="precision", action="store_const", const="int8",
-                           help="int8 matmuls in the backbone and head (for CPU; checked against fp32 PyTorch)")
-    return p
+                           help="int8 matmuls in the backbone and head (for CPU; checked against "
+                                "fp32 PyTorch)")
+    return parser
 
 
 if __name__ == "__main__":
     try:
         main(get_parser().parse_args())
     except ValueError as e:  # bad input: one line, not a traceback
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

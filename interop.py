@@ -12,7 +12,6 @@ Kept out of tokenbridge.py, which describes the method; this file only describes
 """
 import argparse
 import os
-import re
 import sys
 
 import torch
@@ -46,8 +45,10 @@ RELEASED_KL16 = dict(filename="kl16.ckpt",
 
 
 def load_checkpoint(path):
-    """An official or LDM checkpoint, loaded safely; the official files also pickle an argparse.Namespace."""
-    return runs.read_torch_file(path, "torch checkpoint", "is the file complete?", safe_globals=[argparse.Namespace])
+    """An official or LDM checkpoint, loaded safely; the official files also pickle an
+    argparse.Namespace."""
+    return runs.read_torch_file(path, "torch checkpoint", "is the file complete?",
+                                safe_globals=[argparse.Namespace])
 
 
 def convert_state_dict(source, target, mapping, what):
@@ -55,19 +56,21 @@ def convert_state_dict(source, target, mapping, what):
     source key -> (target key, index into the target tensor or None)."""
     filled = set()
     for key, value in source.items():
-        tb.require(key in mapping, f"{what}: unexpected key {key!r}; a checkpoint of another architecture?")
+        tb.require(key in mapping,
+                   f"{what}: unexpected key {key!r}; a checkpoint of another architecture?")
         name, index = mapping[key]
         dest = target[name] if index is None else target[name][index]
         if value.dim() == dest.dim() + 1 and value.shape[0] == 1:  # official (1, C, D) embeddings
             value = value[0]
         tb.require(value.shape == dest.shape,
                    f"{what}: {key!r} has shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(dest.shape)}; another model size (check --preset)?")
+                   f"{tuple(dest.shape)}; another model size (check --preset)?")
         dest.copy_(value)
         filled.add(key)
     missing = [k for k in mapping if k not in filled]
     if missing:
-        raise ValueError(f"{what}: the checkpoint lacks {missing[0]!r} ({len(missing)} keys missing)")
+        raise ValueError(f"{what}: the checkpoint lacks {missing[0]!r} "
+                         f"({len(missing)} keys missing)")
     return target
 
 
@@ -87,6 +90,8 @@ _OFFICIAL_NAMES = [("backbone.encoder_pos_embed", "encoder_pos_embed_learned"),
                    ("head.", "")]
 # Derived tables the official state dict carries; we check them instead of loading them.
 _DERIVED = ("channel_mask", "reconstruction_values", "boundaries")
+# Our tensors that stack one official tensor per channel (mapped index by index below).
+_STACKED = ("head.token_embed", "head.out_weight", "head.out_bias")
 
 
 def official_key_mapping(cfg):
@@ -95,7 +100,7 @@ def official_key_mapping(cfg):
         ours = tb.TokenBridge(cfg).state_dict()
     mapping = {}
     for key in ours:
-        if key.startswith("quantizer.") or key in ("head.token_embed", "head.out_weight", "head.out_bias"):
+        if key.startswith("quantizer.") or key in _STACKED:
             continue
         prefix, official = next((p, o) for p, o in _OFFICIAL_NAMES if key.startswith(p))
         mapping[official + key[len(prefix):]] = (key, None)
@@ -118,19 +123,22 @@ def from_official_state_dict(state_dict, cfg):
     model = tb.TokenBridge(cfg).eval()
     learned = {k: v for k, v in state_dict.items() if k not in _DERIVED}
     target = model.state_dict()
-    convert_state_dict(learned, target, official_key_mapping(cfg), "official TokenBridge checkpoint")
+    mapping = official_key_mapping(cfg)
+    convert_state_dict(learned, target, mapping, "official TokenBridge checkpoint")
     model.load_state_dict(target)
     q = model.quantizer
     for key, ours in (("boundaries", q.boundaries), ("reconstruction_values", q.centers)):
         if key in state_dict:
             tb.require(torch.allclose(state_dict[key].float(), ours, atol=1e-4),
-                       f"the checkpoint's {key} differ from {cfg.levels}-level Gaussian bins; wrong --levels?")
+                       f"the checkpoint's {key} differ from {cfg.levels}-level Gaussian bins; "
+                       "wrong --levels?")
     use_official_range(q)
     q.order.copy_(torch.tensor(OFFICIAL_ORDER[:cfg.channels]))
     return model
 
 
-# Official embeddings stored as (1, C, D) where ours are (C, D); from_official_state_dict squeezes them.
+# Official embeddings stored as (1, C, D) where ours are (C, D) (from_official_state_dict
+# squeezes them).
 _OFFICIAL_BATCHED = ("channel_embed", "timesteps_embeddings")
 
 
@@ -163,29 +171,40 @@ def load_official_tokenbridge(path, preset, **overrides):
     """checkpoint-last.pth of the official code -> our TokenBridge, EMA weights when present."""
     ckpt = load_checkpoint(path)
     tb.require(isinstance(ckpt, dict) and ("model_ema" in ckpt or "model" in ckpt),
-               f"{path} has neither 'model_ema' nor 'model': not an official TokenBridge checkpoint")
-    return from_official_state_dict(ckpt.get("model_ema", ckpt.get("model")), official_config(preset, **overrides))
+               f"{path} has neither 'model_ema' nor 'model': "
+               "not an official TokenBridge checkpoint")
+    state_dict = ckpt.get("model_ema", ckpt.get("model"))
+    return from_official_state_dict(state_dict, official_config(preset, **overrides))
 
 
 # ---------------------------------------------------------------------------------------------
 # LDM / MAR VAE (kl16.ckpt) -> diffusers.AutoencoderKL
 # ---------------------------------------------------------------------------------------------
 
-def ldm_vae_config(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, embed_dim=16, resolution=256,
-                   attn_levels=(4,), scaling_factor=KL16_SCALING):
+def ldm_vae_config(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, embed_dim=16,
+                   resolution=256, attn_levels=(4,), scaling_factor=KL16_SCALING):
     """diffusers AutoencoderKL arguments for an LDM VAE (defaults: MAR's kl16). attn_levels are
     the encoder levels with attention blocks (kl16: the 16x16 level); the decoder has none."""
-    n = len(ch_mult)
-    return dict(in_channels=3, out_channels=3, latent_channels=embed_dim, layers_per_block=num_res_blocks,
-                block_out_channels=tuple(ch * m for m in ch_mult), sample_size=resolution,
-                down_block_types=tuple("AttnDownEncoderBlock2D" if i in attn_levels else "DownEncoderBlock2D"
-                                       for i in range(n)),
-                up_block_types=("UpDecoderBlock2D",) * n, scaling_factor=scaling_factor)
+    levels = len(ch_mult)
+    down_blocks = tuple("AttnDownEncoderBlock2D" if i in attn_levels else "DownEncoderBlock2D"
+                        for i in range(levels))
+    return dict(in_channels=3,
+                out_channels=3,
+                latent_channels=embed_dim,
+                layers_per_block=num_res_blocks,
+                block_out_channels=tuple(ch * m for m in ch_mult),
+                sample_size=resolution,
+                down_block_types=down_blocks,
+                up_block_types=("UpDecoderBlock2D",) * levels,
+                scaling_factor=scaling_factor)
 
 
 def _ldm_attention(src, dst):
-    return {f"{src}.norm": f"{dst}.group_norm", f"{src}.q": f"{dst}.to_q", f"{src}.k": f"{dst}.to_k",
-            f"{src}.v": f"{dst}.to_v", f"{src}.proj_out": f"{dst}.to_out.0"}
+    return {f"{src}.norm": f"{dst}.group_norm",
+            f"{src}.q": f"{dst}.to_q",
+            f"{src}.k": f"{dst}.to_k",
+            f"{src}.v": f"{dst}.to_v",
+            f"{src}.proj_out": f"{dst}.to_out.0"}
 
 
 def _ldm_resnet(src, dst):
@@ -203,7 +222,8 @@ def ldm_module_renames(levels, num_res_blocks):
         r |= _ldm_resnet(f"{side}.mid.block_2", f"{side}.mid_block.resnets.1")
         r |= _ldm_attention(f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0")
     for i in range(levels):
-        down, up = f"encoder.down_blocks.{i}", f"decoder.up_blocks.{levels - 1 - i}"  # LDM up is reversed
+        down = f"encoder.down_blocks.{i}"
+        up = f"decoder.up_blocks.{levels - 1 - i}"  # LDM numbers the up levels the other way
         for j in range(num_res_blocks):
             r |= _ldm_resnet(f"encoder.down.{i}.block.{j}", f"{down}.resnets.{j}")
             r |= _ldm_attention(f"encoder.down.{i}.attn.{j}", f"{down}.attentions.{j}")
@@ -224,11 +244,13 @@ def from_ldm_state_dict(state_dict, **config):
     mapping = {}
     for key in state_dict:
         module, _, param = key.rpartition(".")
-        tb.require(module in renames, f"LDM VAE checkpoint: unexpected key {key!r}; another architecture?")
+        tb.require(module in renames,
+                   f"LDM VAE checkpoint: unexpected key {key!r}; another architecture?")
         mapping[key] = (f"{renames[module]}.{param}", None)
-    tb.require(set(v for v, _ in mapping.values()) == set(target),
+    filled = {name for name, _ in mapping.values()}
+    tb.require(filled == set(target),
                "LDM VAE checkpoint: the model has tensors the checkpoint does not fill: "
-                f"{sorted(set(target) - set(v for v, _ in mapping.values()))[:1]}")
+               f"{sorted(set(target) - filled)[:1]}")
     # LDM attention projections are 1x1 convolutions; diffusers uses linear layers.
     source = {k: v.flatten(1) if v.dim() == 4 and target[mapping[k][0]].dim() == 2 else v
               for k, v in state_dict.items()}
@@ -252,13 +274,17 @@ def to_ldm_state_dict(vae):
 
 def ldm_config_from_state_dict(state_dict):
     """Read ch, ch_mult, res blocks, attention levels and latent size off an LDM VAE's keys."""
+    keys = list(state_dict)
     ch = state_dict["encoder.conv_in.weight"].shape[0]
-    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
-    blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
-    return dict(ch=ch, num_res_blocks=blocks, embed_dim=state_dict["post_quant_conv.weight"].shape[0],
-                ch_mult=tuple(state_dict[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch
-                              for i in range(levels)),
-                attn_levels=tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state_dict))
+    levels = 1 + max(int(k.split(".")[2]) for k in keys if k.startswith("encoder.down."))
+    blocks = 1 + max(int(k.split(".")[4]) for k in keys if k.startswith("encoder.down.0.block."))
+    widths = [state_dict[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
+    return dict(ch=ch,
+                num_res_blocks=blocks,
+                embed_dim=state_dict["post_quant_conv.weight"].shape[0],
+                ch_mult=tuple(width // ch for width in widths),
+                attn_levels=tuple(i for i in range(levels)
+                                  if f"encoder.down.{i}.attn.0.q.weight" in state_dict))
 
 
 def load_ldm_vae(path, latent_channels=None):
@@ -267,10 +293,12 @@ def load_ldm_vae(path, latent_channels=None):
     state_dict = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     tb.require(isinstance(state_dict, dict) and "encoder.conv_in.weight" in state_dict
                and "post_quant_conv.weight" in state_dict,
-                f"{path} is not an LDM/MAR VAE checkpoint (no encoder.conv_in.weight under 'model')")
+               f"{path} is not an LDM/MAR VAE checkpoint "
+               "(no encoder.conv_in.weight under 'model')")
     config = ldm_config_from_state_dict(state_dict)
     tb.require(latent_channels is None or config["embed_dim"] == latent_channels,
-               f"{path} has {config['embed_dim']} latent channels but the model expects {latent_channels}")
+               f"{path} has {config['embed_dim']} latent channels "
+               f"but the model expects {latent_channels}")
     return from_ldm_state_dict(state_dict, **config)
 
 
@@ -348,17 +376,20 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Convert released TokenBridge weights (and kl16) into a run folder.")
-    source = p.add_mutually_exclusive_group(required=True)
+    parser = argparse.ArgumentParser(
+        description="Convert released TokenBridge weights (and kl16) into a run folder.")
+    source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--official", help="official checkpoint-last.pth, a local file")
     source.add_argument("--download", choices=list(RELEASED_CHECKPOINTS),
                         help="fetch the released checkpoint of this size (and kl16, unless --vae) "
                              "from its published home, then convert it")
-    p.add_argument("--preset", choices=sorted(tb.PRESETS),
-                   help="the model size of --official (default large; the released ones: large, huge)")
-    p.add_argument("--vae", help="MAR's kl16.ckpt (LDM layout), converted to a diffusers AutoencoderKL")
-    p.add_argument("--out", help="run folder to write (default runs/official-PRESET)")
-    return p
+    parser.add_argument("--preset", choices=sorted(tb.PRESETS),
+                        help="the model size of --official (default large; the released ones: "
+                             "large, huge)")
+    parser.add_argument("--vae",
+                        help="MAR's kl16.ckpt (LDM layout), converted to a diffusers AutoencoderKL")
+    parser.add_argument("--out", help="run folder to write (default runs/official-PRESET)")
+    return parser
 
 
 if __name__ == "__main__":

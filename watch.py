@@ -50,7 +50,10 @@ def record(model, labels, num_iter, cfg, temperature, seed, **kwargs):
     """Sample and keep every step: final tokens (B, N, C) and [(tokens, mask)] after each of the
     S steps, mask (B, N) True = still unknown. The callback sees copies: the tokens are the same."""
     steps = []
-    keep = lambda s, known, mask: steps.append((known, mask))
+
+    def keep(s, known, mask):
+        steps.append((known, mask))
+
     tokens = model.sample_tokens(labels, num_iter, cfg, temperature, seed, on_step=keep, **kwargs)
     return tokens, steps
 
@@ -165,8 +168,10 @@ def captioned(image, text):
 def animation(frames, channels, name, scale):
     """GIF frames and their durations (ms): S+1 step frames, then C channel frames of the first
     sample (`name`), enlarged to the grid's height; one size."""
+    def apart(images):  # black between the tiles
+        return np.pad(images, ((0, 0), (0, GAP), (0, GAP), (0, 0)))
+
     steps = len(frames) - 1
-    apart = lambda images: np.pad(images, ((0, 0), (0, GAP), (0, GAP), (0, 0)))  # black between
     grids = [tile(apart(enlarge(images, scale))) for images in frames]      # (rows*h, cols*w, 3)
     height, width = grids[0].shape[:2]
     size = height // frames.shape[2] * frames.shape[2]                       # a whole zoom factor
@@ -186,8 +191,10 @@ def save_png(image, path):
 
 def save_gif(pictures, durations, path):
     """Loops forever; Pillow merges a frame identical to the one before (their durations add)."""
-    write = lambda f: pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:],
-                                       duration=durations, loop=0)
+    def write(f):
+        pictures[0].save(f, format="GIF", save_all=True, append_images=pictures[1:],
+                         duration=durations, loop=0)
+
     write_atomic(path, write)
 
 
@@ -233,6 +240,7 @@ def check_args(args):
 
 def main(args):
     """Sample with every step recorded, render, write OUT.png and OUT.gif; returns the images."""
+    # Check the flags, load the run's model and VAE:
     check_args(args)
     use_tuned(args)
     device = runs.torch_device(args.device)
@@ -266,32 +274,37 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", dest="run", required=True,
-                   help="run folder with checkpoint.pt and vae/ (train.py writes both)")
-    p.add_argument("--out", default="decoding",
-                   help="writes OUT.png (the strip) and OUT.gif (the animation)")
-    p.add_argument("--labels", help="comma-separated class labels (default: classes 0, 1, 2, ...)")
-    p.add_argument("--num-images", type=int, default=8, help="samples when --labels is not given")
-    p.add_argument("--num-iter", type=int,
-                   help="decoding steps (default: the run's tuned ones, else 16 at most)")
-    p.add_argument("--cfg", type=float,
-                   help="guidance scale (default: the run's tuned one, else 1 = off)")
-    p.add_argument("--temperature", type=float,
-                   help="sampling temperature (default: the run's tuned one, else 1)")
-    p.add_argument("--position-order", choices=["random", "confidence"], default="random",
-                   help="which positions each step decodes: a random order, or the most confident")
-    p.add_argument("--seed", type=int, default=0,
-                   help="draws from default_rng((seed, 0)), as sample.py's first batch")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema",
-                   help="the run's EMA weights (when it has them) or the raw ones")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CUDA when it works")
-    p.add_argument("--scale", type=int, default=0,
-                   help="screen pixels per image pixel (0: images at least 96 pixels wide)")
-    p.add_argument("--max-columns", type=int, default=17,
-                   help="step columns in the PNG at most (spread evenly; the GIF has every step)")
-    return p
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", dest="run", required=True,
+                        help="run folder with checkpoint.pt and vae/ (train.py writes both)")
+    parser.add_argument("--out", default="decoding",
+                        help="writes OUT.png (the strip) and OUT.gif (the animation)")
+    parser.add_argument("--labels",
+                        help="comma-separated class labels (default: classes 0, 1, 2, ...)")
+    parser.add_argument("--num-images", type=int, default=8,
+                        help="samples when --labels is not given")
+    parser.add_argument("--num-iter", type=int,
+                        help="decoding steps (default: the run's tuned ones, else 16 at most)")
+    parser.add_argument("--cfg", type=float,
+                        help="guidance scale (default: the run's tuned one, else 1 = off)")
+    parser.add_argument("--temperature", type=float,
+                        help="sampling temperature (default: the run's tuned one, else 1)")
+    parser.add_argument("--position-order", choices=["random", "confidence"], default="random",
+                        help="which positions each step decodes: a random order, or the most "
+                             "confident")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="draws from default_rng((seed, 0)), as sample.py's first batch")
+    parser.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                        help="the run's EMA weights (when it has them) or the raw ones")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when it works")
+    parser.add_argument("--scale", type=int, default=0,
+                        help="screen pixels per image pixel (0: images at least 96 pixels wide)")
+    parser.add_argument("--max-columns", type=int, default=17,
+                        help="step columns in the PNG at most (spread evenly; the GIF has every "
+                             "step)")
+    return parser
+
 
 if __name__ == "__main__":
     try:

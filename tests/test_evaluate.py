@@ -60,7 +60,8 @@ def test_frechet_distance_equals_adms_matrix_square_root():
     adm = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
     assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(adm, rel=1e-9)
     # a singular product: the root is zero, nothing is added to the diagonals
-    assert evaluate.frechet_distance(np.zeros(2), np.diag([1.0, 0]), np.zeros(2), np.diag([0, 1.0])) == 2.0
+    zero = np.zeros(2)
+    assert evaluate.frechet_distance(zero, np.diag([1.0, 0]), zero, np.diag([0, 1.0])) == 2.0
 
 
 # ---------------------------------------------------------------------------------------------

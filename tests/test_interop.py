@@ -14,10 +14,16 @@ import tokenbridge as tb
 DATA = Path(__file__).parent / "data"
 
 
+def shapes_of(name):
+    """The state-dict key -> shape list of one released model (official_state_dict_shapes.json)."""
+    return json.loads((DATA / "official_state_dict_shapes.json").read_text())[name]["shapes"]
+
+
 @pytest.fixture(scope="module")
 def official():
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
-    return interop.from_official_state_dict(ref["state_dict"], interop.official_config("tiny")), ref["reference"]
+    model = interop.from_official_state_dict(ref["state_dict"], interop.official_config("tiny"))
+    return model, ref["reference"]
 
 
 def test_official_model_reproduces_features_and_logits(official):
@@ -49,18 +55,19 @@ def test_official_quantizer_mode(official):
     model, ref = official
     tokens = tb.patchify(ref["latents"])
     assert torch.equal(model.quantizer.quantize(tokens), ref["official_indices"])   # nearest centre
-    torch.testing.assert_close(model.quantizer.dequantize(ref["official_indices"]), ref["official_dequantized"],
-                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(model.quantizer.dequantize(ref["official_indices"]),
+                               ref["official_dequantized"], atol=1e-4, rtol=1e-5)
     bins = interop.use_official_range(tb.GaussianQuantizer(64, assign="bins")).quantize(tokens)
     differ = (bins != ref["official_indices"]).float().mean().item()
     assert differ < 0.02                  # bin lookup and nearest centre disagree rarely
     assert torch.equal(model.quantizer.order, ref["channel_order"])
 
 
-@pytest.mark.parametrize("name, preset", [("tokenbridge_large", "large"), ("tokenbridge_huge", "huge"),
+@pytest.mark.parametrize("name, preset", [("tokenbridge_large", "large"),
+                                          ("tokenbridge_huge", "huge"),
                                           ("tokenbridge_small_bench", "bench-s")])
 def test_official_keys_map_one_to_one(name, preset):
-    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())[name]["shapes"]
+    shapes = shapes_of(name)
     cfg = interop.official_config(preset)
     mapping = interop.official_key_mapping(cfg)
     assert set(mapping) == set(shapes) - set(interop._DERIVED)
@@ -69,12 +76,13 @@ def test_official_keys_map_one_to_one(name, preset):
     assert {k for k, _ in mapping.values()} == {k for k in ours if not k.startswith("quantizer.")}
     for key, (target, index) in mapping.items():
         expected = ours[target].shape if index is None else ours[target].shape[1:]
-        assert math.prod(shapes[key]) == math.prod(expected) and list(expected) == shapes[key][-len(expected):], key
+        assert math.prod(shapes[key]) == math.prod(expected), key
+        assert list(expected) == shapes[key][-len(expected):], key
 
 
 def test_kl16_keys_map_one_to_one():
     from diffusers import AutoencoderKL
-    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())["mar_kl16_vae"]["shapes"]
+    shapes = shapes_of("mar_kl16_vae")
     with torch.device("meta"):
         ours = AutoencoderKL(**interop.ldm_vae_config()).state_dict()
     renames = interop.ldm_module_renames(5, 2)
@@ -84,28 +92,33 @@ def test_kl16_keys_map_one_to_one():
         mapped[f"{renames[module]}.{param}"] = shape
     assert set(mapped) == set(ours)
     for key, shape in mapped.items():
-        assert math.prod(shape) == ours[key].numel() and list(ours[key].shape) == shape[:ours[key].dim()], key
+        assert math.prod(shape) == ours[key].numel(), key
+        assert list(ours[key].shape) == shape[:ours[key].dim()], key
 
 
 def test_ldm_vae_converter_reproduces_the_reference():
     ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
     c = ref["reference"]["ldm_config"]
-    vae = interop.from_ldm_state_dict(ref["model"], ch=c["ch"], ch_mult=c["ch_mult"], embed_dim=c["embed_dim"],
-                                      num_res_blocks=c["num_res_blocks"], resolution=c["resolution"], attn_levels=(1,))
+    vae = interop.from_ldm_state_dict(ref["model"], ch=c["ch"], ch_mult=c["ch_mult"],
+                                      embed_dim=c["embed_dim"], num_res_blocks=c["num_res_blocks"],
+                                      resolution=c["resolution"], attn_levels=(1,))
+    want = ref["reference"]
     with torch.no_grad():
-        posterior = vae.encode(ref["reference"]["images"]).latent_dist
-        decoded = vae.decode(ref["reference"]["latent_mean"]).sample
-    torch.testing.assert_close(posterior.mean, ref["reference"]["latent_mean"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(posterior.logvar, ref["reference"]["latent_logvar"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(decoded, ref["reference"]["decoded_from_mean"], atol=1e-4, rtol=1e-4)
+        posterior = vae.encode(want["images"]).latent_dist
+        decoded = vae.decode(want["latent_mean"]).sample
+    torch.testing.assert_close(posterior.mean, want["latent_mean"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(posterior.logvar, want["latent_logvar"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decoded, want["decoded_from_mean"], atol=1e-4, rtol=1e-4)
 
 
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_checkpoint_of_another_size_names_the_key_and_shapes():
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
-    with pytest.raises(ValueError, match=r"'fake_latent' has shape \(1, 64\) but the model expects \(1, 256\)"):
-        interop.from_official_state_dict(ref["state_dict"], interop.official_config("bench-s", buffer_size=4))
+    bigger = interop.official_config("bench-s", buffer_size=4)
+    message = r"'fake_latent' has shape \(1, 64\) but the model expects \(1, 256\)"
+    with pytest.raises(ValueError, match=message):
+        interop.from_official_state_dict(ref["state_dict"], bigger)
 
 
 def test_checkpoint_of_another_architecture_is_refused():
@@ -121,7 +134,8 @@ def test_checkpoint_of_another_architecture_is_refused():
 def test_truncated_file_is_refused(tmp_path):
     path = tmp_path / "checkpoint-last.pth"
     path.write_bytes((DATA / "official_tiny_reference.pt").read_bytes()[:10_000])
-    with pytest.raises(ValueError, match="is not a torch checkpoint .*truncated.* is the file complete"):
+    message = "is not a torch checkpoint .*truncated.* is the file complete"
+    with pytest.raises(ValueError, match=message):
         interop.load_official_tokenbridge(path, "tiny")
     with pytest.raises(ValueError, match="no torch checkpoint at"):
         interop.load_official_tokenbridge(tmp_path / "missing.pth", "tiny")
@@ -131,10 +145,11 @@ def test_official_checkpoint_file_with_namespace_and_ema(tmp_path):
     import argparse
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
     ema = {k: v + 1 if k == "mask_token" else v for k, v in ref["state_dict"].items()}
-    torch.save({"model": ref["state_dict"], "model_ema": ema, "args": argparse.Namespace(model="x"), "epoch": 3},
-               tmp_path / "checkpoint-last.pth")
+    torch.save({"model": ref["state_dict"], "model_ema": ema, "args": argparse.Namespace(model="x"),
+                "epoch": 3}, tmp_path / "checkpoint-last.pth")
     model = interop.load_official_tokenbridge(tmp_path / "checkpoint-last.pth", "tiny")
-    torch.testing.assert_close(model.backbone.mask_token, ema["mask_token"])   # EMA weights preferred
+    # the EMA weights are preferred
+    torch.testing.assert_close(model.backbone.mask_token, ema["mask_token"])
 
 
 def test_vae_with_other_latent_channels_is_refused(tmp_path):
@@ -149,33 +164,38 @@ def test_vae_with_other_latent_channels_is_refused(tmp_path):
 
 def test_ldm_config_is_read_off_the_keys():
     ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
-    assert interop.ldm_config_from_state_dict(ref["model"]) == dict(ch=32, num_res_blocks=2, embed_dim=16,
-                                                                   ch_mult=(1, 2), attn_levels=(1,))
-    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())["mar_kl16_vae"]["shapes"]
-    kl16 = interop.ldm_config_from_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()})
-    assert kl16 == dict(ch=128, num_res_blocks=2, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), attn_levels=(4,))
+    tiny = interop.ldm_config_from_state_dict(ref["model"])
+    assert tiny == dict(ch=32, num_res_blocks=2, embed_dim=16, ch_mult=(1, 2), attn_levels=(1,))
+    shapes = shapes_of("mar_kl16_vae")
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    kl16 = interop.ldm_config_from_state_dict(meta)
+    assert kl16 == dict(ch=128, num_res_blocks=2, embed_dim=16, ch_mult=(1, 1, 2, 2, 4),
+                        attn_levels=(4,))
 
 
 def test_released_weights_sample_and_export_from_the_command_line(tmp_path):
-    """sample.py / export.py --official CKPT --vae kl.ckpt: convert into a run folder, then use it."""
+    """sample.py / export.py --official CKPT --vae kl.ckpt: converted to a run folder, then used."""
     import argparse
     import export
     import sample
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
-    torch.save({"model_ema": ref["state_dict"], "args": argparse.Namespace(model="tiny")}, tmp_path / "ckpt.pth")
+    torch.save({"model_ema": ref["state_dict"], "args": argparse.Namespace(model="tiny")},
+               tmp_path / "ckpt.pth")
     vae = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
     torch.save({"model": vae["model"]}, tmp_path / "kl.ckpt")
     run = tmp_path / "run"
     args = sample.get_parser().parse_args(
-        ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--vae", str(tmp_path / "kl.ckpt"),
-         "--run-dir", str(run), "--num-images", "2", "--num-iter", "2", "--out", str(tmp_path / "grid.png")])
+        ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny",
+         "--vae", str(tmp_path / "kl.ckpt"), "--run-dir", str(run), "--num-images", "2",
+         "--num-iter", "2", "--out", str(tmp_path / "grid.png")])
     tokens = sample.main(args)
     assert tokens.shape == (2, 64, 16) and (tmp_path / "grid.png").is_file()
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert saved["config"]["official_compat"] and (run / "vae" / "config.json").is_file()
     export.main(export.get_parser().parse_args(
         ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--run-dir", str(run)]))
-    assert (run / "onnx" / "head_step.onnx").is_file() and (run / "onnx" / "vae_decoder.onnx").is_file()
+    assert (run / "onnx" / "head_step.onnx").is_file()
+    assert (run / "onnx" / "vae_decoder.onnx").is_file()
 
 
 def test_official_range_is_the_fixed_affine_map():
@@ -184,8 +204,9 @@ def test_official_range_is_the_fixed_affine_map():
     u = ((x + 5) / 10 * 6 - 3).clamp(-3, 3)                           # the official formula
     expected = (u.unsqueeze(-1) - q.centers).abs().argmin(-1)
     differ = q.quantize(x) != expected
-    midpoints = (q.centers[1:] + q.centers[:-1]) / 2                 # only float near-ties may differ
-    assert differ.sum() <= 4 and ((u[differ].unsqueeze(-1) - midpoints).abs().min(-1).values < 1e-5).all()
+    midpoints = (q.centers[1:] + q.centers[:-1]) / 2           # only float near-ties may differ
+    to_tie = (u[differ].unsqueeze(-1) - midpoints).abs().min(-1).values
+    assert differ.sum() <= 4 and (to_tie < 1e-5).all()
 
 
 # --- download by the published names (the hub client is replaced: nothing touches the network) --
@@ -223,8 +244,12 @@ def test_download_converts_the_fetched_files_into_a_loadable_run(hub, monkeypatc
     calls = hub({"tiny/checkpoint-last.pth": tmp_path / "checkpoint-last.pth"})
     fetched = []
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, path: fetched.append(url)
-                        or shutil.copy(tmp_path / "kl16-source.ckpt", path))
+
+    def download(url, path):
+        fetched.append(url)
+        shutil.copy(tmp_path / "kl16-source.ckpt", path)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     for _ in range(2):  # the second time from the caches
         run = interop.download_official("tiny", out=str(tmp_path / "run"))
     assert calls == [("test/tiny", "tiny/checkpoint-last.pth")] * 2
@@ -276,11 +301,13 @@ def test_download_of_an_unpublished_name_is_refused(hub):
 
 def test_official_state_dict_round_trips(perturb):
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)["state_dict"]
-    back = interop.to_official_state_dict(interop.from_official_state_dict(ref, interop.official_config("tiny")))
+    model = interop.from_official_state_dict(ref, interop.official_config("tiny"))
+    back = interop.to_official_state_dict(model)
     assert set(back) == set(ref)
     for key, value in ref.items():   # the derived tables are recomputed: float rounding only
         assert back[key].shape == value.shape, key
-        torch.testing.assert_close(back[key], value, rtol=0, atol=1e-5 if key in interop._DERIVED else 0)
+        atol = 1e-5 if key in interop._DERIVED else 0
+        torch.testing.assert_close(back[key], value, rtol=0, atol=atol)
     model = interop.from_official_state_dict(ref, interop.official_config("tiny"))
     perturb(model)
     again = interop.from_official_state_dict(interop.to_official_state_dict(model), model.config)
@@ -288,9 +315,10 @@ def test_official_state_dict_round_trips(perturb):
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("name, preset", [("tokenbridge_large", "large"), ("tokenbridge_huge", "huge")])
+@pytest.mark.parametrize("name, preset", [("tokenbridge_large", "large"),
+                                          ("tokenbridge_huge", "huge")])
 def test_official_state_dict_has_the_official_keys_and_shapes(name, preset):
-    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())[name]["shapes"]
+    shapes = shapes_of(name)
     with torch.device("meta"):
         official = interop.to_official_state_dict(tb.TokenBridge(interop.official_config(preset)))
     assert {k: list(v.shape) for k, v in official.items()} == shapes
@@ -301,9 +329,11 @@ def test_ldm_state_dict_round_trips(perturb):
     ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
     config = interop.ldm_config_from_state_dict(ref["model"])
     back = interop.to_ldm_state_dict(interop.from_ldm_state_dict(ref["model"], **config))
-    assert set(back) == set(ref["model"]) and all(torch.equal(back[k], ref["model"][k]) for k in back)
-    vae = perturb(AutoencoderKL(**interop.ldm_vae_config(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
-                                                         resolution=32, attn_levels=(2,))))
+    assert set(back) == set(ref["model"])
+    assert all(torch.equal(back[k], ref["model"][k]) for k in back)
+    small = interop.ldm_vae_config(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, resolution=32,
+                                   attn_levels=(2,))
+    vae = perturb(AutoencoderKL(**small))
     ldm = interop.to_ldm_state_dict(vae)
     again = interop.from_ldm_state_dict(ldm, **interop.ldm_config_from_state_dict(ldm)).state_dict()
     assert set(again) == set(vae.state_dict())
@@ -312,7 +342,7 @@ def test_ldm_state_dict_round_trips(perturb):
 
 def test_ldm_state_dict_has_kl16s_keys_and_shapes():
     from diffusers import AutoencoderKL
-    shapes = json.loads((DATA / "official_state_dict_shapes.json").read_text())["mar_kl16_vae"]["shapes"]
+    shapes = shapes_of("mar_kl16_vae")
     with torch.device("meta"):
         ldm = interop.to_ldm_state_dict(AutoencoderKL(**interop.ldm_vae_config()))
     assert {k: list(v.shape) for k, v in ldm.items()} == shapes

@@ -31,15 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 LABELS = [0, 7, 3]
 
 
-
-
 def tiny_vae():
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+    # 3 levels: stride 4, as the tiny preset
+    return AutoencoderKL(in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16),
                          layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
-                         scaling_factor=0.5).eval()  # 3 levels: stride 4, as the tiny preset
+                         scaling_factor=0.5).eval()
 
 
 def save_run(path, model, vae=None, ema=None):
@@ -71,7 +71,8 @@ def run(tmp_path_factory, one_thread, perturb):
     model.calibrate(torch.randn(32, 16, 8, 8) * spread + spread)   # unequal channel means/stds
     model.quantizer.order.copy_(torch.randperm(16, generator=torch.Generator().manual_seed(3)))
     ema = {k: v.clone() for k, v in perturb(model).state_dict().items()}
-    stale = {k: v + 1.0 if v.is_floating_point() and k.startswith("head.") else v for k, v in ema.items()}
+    stale = {k: v + 1.0 if v.is_floating_point() and k.startswith("head.") else v
+             for k, v in ema.items()}
     model.load_state_dict(stale)
     path = save_run(tmp_path_factory.mktemp("run"), model, tiny_vae(), ema=ema)
     info = export.export(path, verbose=False)
@@ -89,10 +90,10 @@ def test_export_uses_ema_and_records_fingerprint(run):
     assert runs.fingerprint(loaded) == runs.fingerprint(run.model) == run.info["fingerprint"]
     assert run.info["weights"] == "ema"
     assert max(run.info["max_abs_diff"].values()) < 1e-4
-    import onnx
     for name in (deploy.BACKBONE_FILE, deploy.HEAD_FILE, deploy.VAE_FILE):
         graph = onnx.load(os.path.join(run.onnx, name))
-        assert {p.key: p.value for p in graph.metadata_props}["fingerprint"] == run.info["fingerprint"]
+        metadata = {p.key: p.value for p in graph.metadata_props}
+        assert metadata["fingerprint"] == run.info["fingerprint"]
 
 
 def test_mask_schedule_twin():
@@ -124,20 +125,21 @@ def test_head_step_graph_matches_torch(run, sampler, halves, step):
     example = export.head_inputs(run.model, halves, 9, step, g)
     with torch.no_grad():
         want = export.HeadStepGraph(run.model)(*example)
-    got = sampler.head.run(deploy.HEAD_OUTPUTS, {n: x.numpy() for n, x in zip(deploy.HEAD_INPUTS, example)})
-    for name, w, o in zip(deploy.HEAD_OUTPUTS, want, got):
+    feeds = {n: x.numpy() for n, x in zip(deploy.HEAD_INPUTS, example, strict=True)}
+    got = sampler.head.run(deploy.HEAD_OUTPUTS, feeds)
+    for name, w, o in zip(deploy.HEAD_OUTPUTS, want, got, strict=True):
         if w.is_floating_point():
             np.testing.assert_allclose(o, w.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
         else:
             np.testing.assert_array_equal(o, w.numpy(), err_msg=name)
     # and the wrapper itself is head.step + sample_from_logits, not a re-implementation that drifted
-    cond, t, cache = example[0], example[1], example[2]
+    cond, t, cache, tokens, uniforms, temperature, guidance, _ = example
+    previous = tokens[:, max(step - 1, 0)].repeat(halves)
     with torch.no_grad():
-        logits, _ = run.model.head.step(cond.flatten(0, 1), example[3][:, max(step - 1, 0)].repeat(halves),
-                                        t, cache)
+        logits, _ = run.model.head.step(cond.flatten(0, 1), previous, t, cache)
     logits = logits.view(halves, 9, -1)
-    mixed = logits[-1] + example[6] * (logits[0] - logits[-1])
-    token, _ = tb.sample_from_logits(mixed, example[4][:, step], float(example[5]))
+    mixed = logits[-1] + guidance * (logits[0] - logits[-1])
+    token, _ = tb.sample_from_logits(mixed, uniforms[:, step], float(temperature))
     np.testing.assert_allclose(got[0], mixed.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(got[1][:, step], token.numpy())
 
@@ -156,7 +158,8 @@ def test_channel_loop_matches_torch(run, sampler):
     cond = torch.randn(2, 11, run.model.config.head_width, generator=g)
     uniforms = torch.rand(11, 16, generator=g)
     with torch.no_grad():
-        want, want_score = run.model._sample_channels(cond.flatten(0, 1), uniforms, 0.9, logit_guidance=2.5)
+        want, want_score = run.model._sample_channels(cond.flatten(0, 1), uniforms, 0.9,
+                                                      logit_guidance=2.5)
     got, score = sampler.sample_channels(cond.numpy(), uniforms.numpy(), 0.9, 2.5)
     np.testing.assert_array_equal(got, want.numpy())
     np.testing.assert_allclose(score, want_score.numpy(), atol=1e-4, rtol=1e-5)
@@ -189,7 +192,8 @@ def test_iobinding_loop_equals_plain_run(run, sampler):
     bound = deploy.OnnxSampler(run.onnx, "cpu", iobinding=True, threads=1)
     assert bound.iobinding and not sampler.iobinding
     kw = dict(num_iter=5, cfg=2.0, cfg_mode="logits", position_order="confidence", seed=4)
-    np.testing.assert_array_equal(bound.sample_tokens(LABELS, **kw), sampler.sample_tokens(LABELS, **kw))
+    np.testing.assert_array_equal(bound.sample_tokens(LABELS, **kw),
+                                  sampler.sample_tokens(LABELS, **kw))
 
 
 # --- level 3: the command line, with torch made unimportable ------------------------------------
@@ -210,16 +214,18 @@ print("NO_TORCH_OK")
 
 
 def test_onnx_cli_runs_without_torch_and_matches_torch_cli(run, tmp_path):
-    common = ["--seed", "3", "--labels", "1,2,9,4", "--num-iter", "6", "--cfg", "2.0", "--position-order", "confidence"]
-    onnx_argv = ["--onnx", run.onnx, "--run-dir", run.path, "--runtime", "onnx", "--device", "cpu", "--threads", "1",
+    common = ["--seed", "3", "--labels", "1,2,9,4", "--num-iter", "6", "--cfg", "2.0",
+              "--position-order", "confidence", "--device", "cpu", "--threads", "1"]
+    onnx_argv = ["--onnx", run.onnx, "--run-dir", run.path, "--runtime", "onnx",
                  "--out", str(tmp_path / "onnx.png"), "--save-tokens", str(tmp_path / "onnx.npy"),
                  "--npz", str(tmp_path / "onnx.npz")] + common
     code = BLOCK_TORCH.format(root=str(ROOT), argv=onnx_argv)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "NO_TORCH_OK" in proc.stdout, proc.stderr[-2000:]
 
-    torch_argv = ["--run-dir", run.path, "--runtime", "torch", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "torch.png"),
-                  "--save-tokens", str(tmp_path / "torch.npy"), "--npz", str(tmp_path / "torch.npz")] + common
+    torch_argv = ["--run-dir", run.path, "--runtime", "torch", "--out", str(tmp_path / "torch.png"),
+                  "--save-tokens", str(tmp_path / "torch.npy"),
+                  "--npz", str(tmp_path / "torch.npz")] + common
     sample.main(sample.get_parser().parse_args(torch_argv))
     np.testing.assert_array_equal(np.load(tmp_path / "onnx.npy"), np.load(tmp_path / "torch.npy"))
     a, b = np.load(tmp_path / "onnx.npz"), np.load(tmp_path / "torch.npz")
@@ -272,7 +278,8 @@ def test_bad_input_errors(run, tmp_path, capsys):
 
 def _cli_error(script, *argv):
     """Run a script as a user would: it must end in one `error: ...` line and a non-zero exit."""
-    proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
@@ -295,23 +302,30 @@ def test_checkpoint_carrying_code_is_refused_without_running_it(run, tmp_path):
     assert live.exists()  # the payload is real: a plain unpickler runs it
     bad, marker, png = tmp_path / "bad", tmp_path / "PWNED", tmp_path / "grid.png"
     bad.mkdir()
-    torch.save({"config": run.model.config.to_dict(), "model": RunsCode(marker)}, bad / "checkpoint.pt")
-    for script, argv in (("sample.py", ["--run-dir", str(bad), "--out", str(png)]), ("export.py", ["--run-dir", str(bad)])):
+    malicious = {"config": run.model.config.to_dict(), "model": RunsCode(marker)}
+    torch.save(malicious, bad / "checkpoint.pt")
+    for script, argv in (("sample.py", ["--run-dir", str(bad), "--out", str(png)]),
+                         ("export.py", ["--run-dir", str(bad)])):
         err = _cli_error(script, *argv)
-        assert err.startswith(f"error: {bad / 'checkpoint.pt'} is not a TokenBridge checkpoint (torch.load with "
-                              "weights_only=True refused it"), err
+        assert err.startswith(f"error: {bad / 'checkpoint.pt'} is not a TokenBridge checkpoint "
+                              "(torch.load with weights_only=True refused it"), err
     assert not marker.exists() and not png.exists() and not (bad / "onnx").exists()
 
 
 @pytest.mark.parametrize("write,why", [
-    (lambda path, good: path.write_bytes(good[:len(good) // 2]), "truncated, or not written by torch.save: Pytorch"),
-    (lambda path, good: path.write_bytes(b""), "truncated, or not written by torch.save: EOFError"),
-    (lambda path, good: path.write_bytes(bytes(range(256)) * 4), "torch.load with weights_only=True refused it"),
-    (lambda path, good: torch.save({"model": {}}, path), 'it has no "config" and "model"')],
+    (lambda path, good: path.write_bytes(good[:len(good) // 2]),
+     "truncated, or not written by torch.save: Pytorch"),
+    (lambda path, good: path.write_bytes(b""),
+     "truncated, or not written by torch.save: EOFError"),
+    (lambda path, good: path.write_bytes(bytes(range(256)) * 4),
+     "torch.load with weights_only=True refused it"),
+    (lambda path, good: torch.save({"model": {}}, path),
+     'it has no "config" and "model"')],
     ids=["truncated", "empty", "random-bytes", "no-config"])
 def test_unreadable_checkpoint_is_one_clear_error(run, tmp_path, write, why):
     write(tmp_path / "checkpoint.pt", (Path(run.path) / "checkpoint.pt").read_bytes())
-    with pytest.raises(ValueError, match=f"checkpoint.pt is not a TokenBridge checkpoint \\({re.escape(why)}"):
+    message = f"checkpoint.pt is not a TokenBridge checkpoint \\({re.escape(why)}"
+    with pytest.raises(ValueError, match=message):
         runs.load_run(str(tmp_path))
 
 
@@ -321,24 +335,28 @@ def test_corrupt_graph_file_is_one_clear_error(run, tmp_path):
     graph = broken / deploy.HEAD_FILE
     graph.write_bytes(graph.read_bytes()[:1000])  # an interrupted copy
     err = _cli_error("sample.py", "--runtime", "onnx", "--onnx", str(broken), "--out", str(png))
-    assert err.startswith(f"error: {graph} cannot be loaded by onnxruntime (") and "re-run export.py" in err, err
+    assert err.startswith(f"error: {graph} cannot be loaded by onnxruntime ("), err
+    assert "re-run export.py" in err, err
     assert not png.exists()
     graph.write_text("not a graph")
-    with pytest.raises(ValueError, match="head_step.onnx cannot be loaded by onnxruntime .*INVALID_PROTOBUF"):
+    with pytest.raises(ValueError,
+                       match="head_step.onnx cannot be loaded by onnxruntime .*INVALID_PROTOBUF"):
         deploy.OnnxSampler(str(broken), "cpu", threads=1)
 
 
 def test_unwritable_outputs_are_refused_before_sampling(run, tmp_path, monkeypatch):
     missing, png = tmp_path / "missing", tmp_path / "grid.png"
     err = _cli_error("sample.py", "--run-dir", run.path, "--out", str(missing / "grid.png"))
-    assert err == f"error: --out {missing / 'grid.png'}: cannot write there (folder {missing} does not exist; " \
-                  "create it or choose another path)"
-    monkeypatch.setattr(sample, "torch_runtime", lambda *a: pytest.fail("loaded a model before checking the outputs"))
+    assert err == (f"error: --out {missing / 'grid.png'}: cannot write there "
+                   f"(folder {missing} does not exist; create it or choose another path)")
+    monkeypatch.setattr(sample, "torch_runtime",
+                        lambda *a: pytest.fail("loaded a model before checking the outputs"))
     a_file = Path(run.path) / "checkpoint.pt"
-    for flags, message in ((["--npz", str(a_file / "x.npz")], f"--npz {a_file / 'x.npz'}: cannot write there"),
-                           (["--save-tokens", str(missing / "t.npy")], "--save-tokens .*does not exist"),
-                           (["--npz", str(tmp_path)], "it is a folder"),
-                           (["--out", str(tmp_path / "grid.txt")], "not an image type Pillow writes")):
+    for flags, message in (
+            (["--npz", str(a_file / "x.npz")], f"--npz {a_file / 'x.npz'}: cannot write there"),
+            (["--save-tokens", str(missing / "t.npy")], "--save-tokens .*does not exist"),
+            (["--npz", str(tmp_path)], "it is a folder"),
+            (["--out", str(tmp_path / "grid.txt")], "not an image type Pillow writes")):
         with pytest.raises(ValueError, match=message):
             _main(["--run-dir", run.path, "--out", str(png)] + flags)
         assert not png.exists()  # no output written while another cannot be
@@ -346,13 +364,15 @@ def test_unwritable_outputs_are_refused_before_sampling(run, tmp_path, monkeypat
 
 def test_export_out_that_cannot_be_created_is_one_clear_error(run):
     a_file = Path(run.path) / "checkpoint.pt"
-    with pytest.raises(ValueError, match=r"cannot write the output folder .*checkpoint.pt/onnx \(Not a directory\)"):
+    message = r"cannot write the output folder .*checkpoint.pt/onnx \(Not a directory\)"
+    with pytest.raises(ValueError, match=message):
         export.export(run.path, str(a_file / "onnx"), verbose=False)
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--num-images", "0"], "--num-images must be >= 1, got 0"),
-    (["--labels", "a,b"], "--labels must be comma-separated class numbers such as 3,3,7, got 'a,b'"),
+    (["--labels", "a,b"],
+     "--labels must be comma-separated class numbers such as 3,3,7, got 'a,b'"),
     (["--num-iter", "0"], "--num-iter must be >= 1, got 0"),
     (["--cfg", "-1"], "--cfg must be >= 0, got -1.0"),
     (["--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
@@ -360,7 +380,8 @@ def test_export_out_that_cannot_be_created_is_one_clear_error(run):
     ids=["num-images", "labels", "num-iter", "cfg", "temperature", "threads"])
 def test_bad_sampling_flags_are_one_line_errors(run, tmp_path, flags, message):
     png = tmp_path / "grid.png"
-    assert _cli_error("sample.py", "--run-dir", run.path, "--out", str(png), *flags) == f"error: {message}"
+    err = _cli_error("sample.py", "--run-dir", run.path, "--out", str(png), *flags)
+    assert err == f"error: {message}"
     assert not png.exists()
 
 
@@ -374,14 +395,16 @@ def test_num_iter_beyond_the_positions_is_refused(run):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")
 def test_cuda_requested_without_torch_cuda_is_refused(run, tmp_path):
     png = tmp_path / "grid.png"
-    err = _cli_error("sample.py", "--run-dir", run.path, "--runtime", "torch", "--device", "cuda", "--out", str(png))
+    err = _cli_error("sample.py", "--run-dir", run.path, "--runtime", "torch", "--device", "cuda",
+                     "--out", str(png))
     assert err.startswith("error: --device cuda, but torch.cuda.is_available() is False"), err
     assert not png.exists()
 
 
 def test_autocast_is_refused_on_the_cpu(run):
     with pytest.raises(ValueError, match="--autocast bf16 is for CUDA"):
-        _main(["--run-dir", run.path, "--runtime", "torch", "--device", "cpu", "--autocast", "bf16", "--out", ""])
+        _main(["--run-dir", run.path, "--runtime", "torch", "--device", "cpu", "--autocast", "bf16",
+               "--out", ""])
 
 
 def test_cuda_requested_without_onnxruntime_cuda_is_refused(run):
@@ -407,16 +430,19 @@ def test_reduced_precision_graphs_are_checked_and_sample(run, tmp_path, precisio
     out = tmp_path / precision
     info = export.export(run.path, str(out), precision=precision, verbose=False)
     assert info["precision"] == precision and (precision != "int8" or info["int8"]["reduce_range"])
-    # our own check on fresh inputs: close to fp32 PyTorch, but not fp32 (reduced precision happened)
-    values, mask, labels = export.backbone_inputs(run.model.config, 4, torch.Generator().manual_seed(11))
+    # our own check on fresh inputs: close to fp32 PyTorch, yet not fp32 (precision was reduced)
+    g = torch.Generator().manual_seed(11)
+    values, mask, labels = export.backbone_inputs(run.model.config, 4, g)
     with torch.no_grad():
         want = run.model.condition(values, mask, labels).numpy()
     session = deploy.make_session(str(out / deploy.BACKBONE_FILE), "cpu")[0]
-    got = session.run(None, {"values": values.numpy(), "mask": mask.numpy(), "labels": labels.numpy()})[0]
+    feeds = {"values": values.numpy(), "mask": mask.numpy(), "labels": labels.numpy()}
+    got = session.run(None, feeds)[0]
     relative = np.abs(got - want).max() / (1 + np.abs(want).max())
     assert 1e-5 < relative < export.PRECISIONS[precision]["tolerance"], relative
     int8_ops = {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}
-    for name, quantized in ((deploy.BACKBONE_FILE, True), (deploy.HEAD_FILE, True), (deploy.VAE_FILE, False)):
+    for name, quantized in ((deploy.BACKBONE_FILE, True), (deploy.HEAD_FILE, True),
+                            (deploy.VAE_FILE, False)):
         ops = {node.op_type for node in onnx.load(str(out / name)).graph.node}
         assert bool(ops & int8_ops) == (quantized and precision == "int8"), name
     tokens = deploy.OnnxSampler(str(out), "cpu").sample_tokens(LABELS, num_iter=4, seed=0)
@@ -424,8 +450,8 @@ def test_reduced_precision_graphs_are_checked_and_sample(run, tmp_path, precisio
 
 
 def _benchmark_line(capsys):
-    benchmark.sampling(benchmark.get_parser().parse_args(["sample", "--preset", "tiny", "--device", "cpu",
-                                                          "--threads", "1"]))
+    argv = ["sample", "--preset", "tiny", "--device", "cpu", "--threads", "1"]
+    benchmark.sampling(benchmark.get_parser().parse_args(argv))
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -436,20 +462,24 @@ def test_benchmark_prints_one_json_line_of_figures(capsys):
     for name in ("onnx", "onnx_int8"):  # each speed-up is that runtime's rate over PyTorch's
         ratio = line[f"{name}_images_per_s"] / line["torch_images_per_s"]
         assert line[f"{name}_speedup"] == pytest.approx(ratio, rel=0.05, abs=0.01), name
-    assert line["head_speedup"] > 1                        # C one-slot steps beat recomputing the prefix
+    assert line["head_speedup"] > 1                # C one-slot steps beat recomputing the prefix
     assert 0 < line["int8_tokens_differing"] < 0.5         # int8 moves some tokens, not most
-    assert line["tokens_equal"] is True and line["onnx_provider"] == "cpu" and line["torch_device"] == "cpu"
+    assert line["tokens_equal"] is True
+    assert line["onnx_provider"] == "cpu" and line["torch_device"] == "cpu"
     assert not [key for key in line if key.endswith("_error")]
 
 
 def test_benchmark_reports_a_failed_runtime_and_times_the_others(capsys, monkeypatch):
     """An int8 export that fails its parity check costs the int8 figures only: the line still
     comes, names the failure, and carries the torch and fp32 ONNX figures."""
-    monkeypatch.setitem(export.PRECISIONS, "int8", {**export.PRECISIONS["int8"], "tolerance": 1e-12})
+    strict = {**export.PRECISIONS["int8"], "tolerance": 1e-12}
+    monkeypatch.setitem(export.PRECISIONS, "int8", strict)
     line = _benchmark_line(capsys)
-    assert re.fullmatch(r"backbone\.onnx differs from PyTorch by \S+ \(tolerance 1e-12, .*\); not exported",
+    assert re.fullmatch(r"backbone\.onnx differs from PyTorch by \S+ "
+                        r"\(tolerance 1e-12, .*\); not exported",
                         line["onnx_int8_error"]), line["onnx_int8_error"]
-    assert not {"onnx_int8_images_per_s", "onnx_int8_speedup", "int8_tokens_differing"} & line.keys()
+    int8_keys = {"onnx_int8_images_per_s", "onnx_int8_speedup", "int8_tokens_differing"}
+    assert not int8_keys & line.keys()
     assert line["tokens_equal"] is True and line["onnx_provider"] == "cpu"
     # the fp32 figures are real timings: its speedup is its rate over PyTorch's
     ratio = line["onnx_images_per_s"] / line["torch_images_per_s"]
@@ -462,7 +492,8 @@ def _cuda_loads(run):
     return deploy.make_session(os.path.join(run.onnx, deploy.BACKBONE_FILE), "cuda")[1]
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA build of onnxruntime")
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="no CUDA build of onnxruntime")
 def test_cuda_iobinding_matches_cpu(run, sampler):
     if not _cuda_loads(run):
         pytest.skip("onnxruntime's CUDA provider does not load here (no CUDA libraries / GPU)")
@@ -495,21 +526,21 @@ def counting_runtime(monkeypatch, calls, crash_at=None):
 
 
 def test_batched_sampling_resumes_after_a_crash_and_equals_one_run(run, tmp_path, monkeypatch):
-    argv = ["--run-dir", run.path, "--runtime", "torch", "--num-images", "8", "--batch-size", "2", "--num-iter", "4",
-            "--cfg", "2", "--out", ""]
+    argv = ["--run-dir", run.path, "--runtime", "torch", "--num-images", "8", "--batch-size", "2",
+            "--num-iter", "4", "--cfg", "2", "--out", ""]
     _main(argv + ["--npz", str(tmp_path / "whole.npz")])
     calls, npz = [], tmp_path / "resumed.npz"
     counting_runtime(monkeypatch, calls, crash_at=3)
     with pytest.raises(KeyboardInterrupt):
         _main(argv + ["--npz", str(npz)])
-    assert sorted(os.listdir(f"{npz}.parts")) == ["batch_000000.npz", "batch_000001.npz", "job.lock",
-                                                 "settings.json"]
+    assert sorted(os.listdir(f"{npz}.parts")) == ["batch_000000.npz", "batch_000001.npz",
+                                                 "job.lock", "settings.json"]
     with pytest.raises(ValueError, match=r"holds batches sampled with other settings \(cfg\)"):
         _main(argv[:-4] + ["--cfg", "3", "--out", "", "--npz", str(npz)])
     calls.clear()
     counting_runtime(monkeypatch, calls)
     _main(argv + ["--npz", str(npz)])
-    assert calls == [2, 3]                                                  # only the missing batches
+    assert calls == [2, 3]                                              # only the missing batches
     whole, resumed = np.load(tmp_path / "whole.npz"), np.load(npz)
     np.testing.assert_array_equal(whole["arr_0"], resumed["arr_0"])
     np.testing.assert_array_equal(resumed["labels"], np.arange(8) % 10)
@@ -517,8 +548,8 @@ def test_batched_sampling_resumes_after_a_crash_and_equals_one_run(run, tmp_path
 
 
 def test_processes_share_the_batches_and_rank_0_writes_the_npz(run, tmp_path, monkeypatch):
-    argv = ["--run-dir", run.path, "--runtime", "torch", "--num-images", "6", "--batch-size", "2", "--num-iter", "4",
-            "--out", ""]
+    argv = ["--run-dir", run.path, "--runtime", "torch", "--num-images", "6", "--batch-size", "2",
+            "--num-iter", "4", "--out", ""]
     _main(argv + ["--npz", str(tmp_path / "one.npz")])
     calls, npz = [], tmp_path / "two.npz"
     counting_runtime(monkeypatch, calls)
@@ -527,7 +558,7 @@ def test_processes_share_the_batches_and_rank_0_writes_the_npz(run, tmp_path, mo
     monkeypatch.setattr(deploy, "wait_for", lambda *a: (_ for _ in ()).throw(TimeoutError))
     with pytest.raises(TimeoutError):
         _main(argv + ["--npz", str(npz)])
-    assert calls == [0, 2]                                                  # rank 0: batches 0 and 2
+    assert calls == [0, 2]                                              # rank 0: batches 0 and 2
     monkeypatch.setenv("RANK", "1")
     assert _main(argv + ["--npz", str(npz)]) is None and calls == [0, 2, 1] and not npz.exists()
     monkeypatch.undo()
@@ -541,11 +572,13 @@ def test_processes_share_the_batches_and_rank_0_writes_the_npz(run, tmp_path, mo
 def test_a_run_samples_with_its_tuned_settings_unless_told_otherwise(run, tmp_path, capsys):
     tuned = tmp_path / "tuned"
     shutil.copytree(run.path, tuned)
-    (tuned / deploy.SAMPLING_FILE).write_text(json.dumps({"cfg": 3.0, "temperature": 0.8, "num_iter": 5, "fd": 1.0}))
+    settings = {"cfg": 3.0, "temperature": 0.8, "num_iter": 5, "fd": 1.0}
+    (tuned / deploy.SAMPLING_FILE).write_text(json.dumps(settings))
     argv = ["--run-dir", str(tuned), "--out", "", "--labels", "1,2"]
     tokens = _main(argv)
     assert "cfg 3.0, temperature 0.8, num_iter 5 (flags override)" in capsys.readouterr().out
-    np.testing.assert_array_equal(tokens, _main(argv + ["--cfg", "3", "--temperature", "0.8", "--num-iter", "5"]))
+    same_flags = ["--cfg", "3", "--temperature", "0.8", "--num-iter", "5"]
+    np.testing.assert_array_equal(tokens, _main(argv + same_flags))
     assert not np.array_equal(tokens, _main(argv + ["--cfg", "1"]))           # a flag wins
 
 
@@ -566,15 +599,16 @@ def _graph_files(folder):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_graphs_over_the_limit_keep_their_weights_in_one_data_file(run, sampler, tmp_path, monkeypatch,
-                                                                   precision):
+def test_graphs_over_the_limit_keep_their_weights_in_one_data_file(run, sampler, tmp_path,
+                                                                   monkeypatch, precision):
     """TokenBridge-H's backbone holds 3 GB: over protobuf's 2 GB, so its weights go to one
     external data file beside the graph. The limit lowered to 0 sends every graph there."""
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / precision
     export.export(run.path, str(out), precision=precision, verbose=False)
     graphs = [deploy.BACKBONE_FILE, deploy.HEAD_FILE, deploy.VAE_FILE]
-    assert _graph_files(out) == sorted(graphs + [g + deploy.DATA_SUFFIX for g in graphs] + [deploy.META_FILE])
+    data_files = [g + deploy.DATA_SUFFIX for g in graphs]
+    assert _graph_files(out) == sorted(graphs + data_files + [deploy.META_FILE])
     assert (out / (deploy.BACKBONE_FILE + deploy.DATA_SUFFIX)).stat().st_size > 10_000
     loaded = deploy.OnnxSampler(str(out), "cpu", threads=1)
     tokens = loaded.sample_tokens(LABELS, num_iter=4, seed=0)
@@ -611,9 +645,12 @@ def test_sampling_reads_only_the_weights_it_needs(run):
     path = os.path.realpath(os.path.join(run.path, runs.CHECKPOINT))
     tensor = next(iter(runs.load_checkpoint(run.path)["model"].values()))
     address = tensor.data_ptr()
+    mapped = []
     with open("/proc/self/maps") as f:
-        mapped = [line.split()[-1] for line in f
-                  if int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16)]
+        for line in f:
+            start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
+            if start <= address < end:
+                mapped.append(line.split()[-1])
     assert mapped == [path]
 
 
@@ -630,8 +667,12 @@ def test_sampling_defaults_to_one_position_per_step(tmp_path, monkeypatch):
     model = tb.TokenBridge(tb.TokenBridgeConfig.preset("tiny", image_size=36)).eval()   # 9x9 = 81
     path = save_run(tmp_path / "run", model)
     steps = []
-    monkeypatch.setattr(tb.TokenBridge, "sample_tokens", lambda self, labels, num_iter, *a, **k:
-                        steps.append(num_iter) or torch.zeros(len(labels), 81, 16, dtype=torch.long))
+
+    def sample_tokens(self, labels, num_iter, *args, **kwargs):
+        steps.append(num_iter)
+        return torch.zeros(len(labels), 81, 16, dtype=torch.long)
+
+    monkeypatch.setattr(tb.TokenBridge, "sample_tokens", sample_tokens)
     _main(["--run-dir", path, "--labels", "1", "--out", ""])
     assert steps == [81]
 
@@ -667,7 +708,12 @@ def test_only_rank_0_writes_the_settings_of_a_parts_folder(tmp_path, monkeypatch
     import threading
     written = []
     real = deploy.write_atomic
-    monkeypatch.setattr(deploy, "write_atomic", lambda path, fn: written.append(path) or real(path, fn))
+
+    def write_atomic(path, write):
+        written.append(path)
+        real(path, write)
+
+    monkeypatch.setattr(deploy, "write_atomic", write_atomic)
     folder, settings = str(tmp_path / "x.npz.parts"), {"seed": 0}
     monkeypatch.setenv("RANK", "1")
     other = threading.Thread(target=_enter_parts, args=(folder, settings))   # waits for rank 0
@@ -695,11 +741,12 @@ def test_one_sampling_job_at_a_time_writes_a_parts_folder(tmp_path):
     """A second job beside a running one stops with the holder's pid; once the holder is killed
     (SIGKILL: no clean-up of its own), its lock is taken over."""
     folder = str(tmp_path / "x.npz.parts")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(ROOT), folder=folder)],
-                              stdout=subprocess.PIPE, text=True)
+    code = HOLD_LOCK.format(root=str(ROOT), folder=folder)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "LOCKED"
-        with pytest.raises(ValueError, match=rf"being written by another process \(pid {holder.pid}\)"):
+        message = rf"being written by another process \(pid {holder.pid}\)"
+        with pytest.raises(ValueError, match=message):
             _enter_parts(folder, {"seed": 0})
     finally:
         holder.kill()
@@ -719,7 +766,8 @@ def test_every_flag_passes_through_torchrun(script):
     """torchrun parses the whole command line and stops at an abbreviation of its own options
     (`--run` of --run-path): every flag of the scripts run under torchrun must pass through."""
     module = __import__(script[:-3])
-    flags = [o for a in module.get_parser()._actions for o in a.option_strings if o.startswith("--")]
+    flags = [option for action in module.get_parser()._actions
+             for option in action.option_strings if option.startswith("--")]
     parser = _torchrun_parser()
     for flag in flags:
         args = parser.parse_args(["--nproc-per-node", "2", script, flag, "x"])
@@ -732,9 +780,10 @@ def test_torchrun_samples_fid_style_as_one_process_does(run, tmp_path):
     argv = ["--run-dir", run.path, "--num-images", "6", "--batch-size", "2", "--num-iter", "4",
             "--cfg", "2", "--out", "", "--device", "cpu", "--threads", "1"]
     sample.main(sample.get_parser().parse_args(argv + ["--npz", str(tmp_path / "one.npz")]))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(torchrun + ["sample.py", *argv, "--npz", str(tmp_path / "two.npz")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]
+    command = torchrun + ["sample.py", *argv, "--npz", str(tmp_path / "two.npz")]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     np.testing.assert_array_equal(one["arr_0"], two["arr_0"])

@@ -7,6 +7,7 @@ AutoencoderKL) in a temporary folder: no downloads, CPU, seconds.
 import json
 import os
 import shutil
+from itertools import pairwise
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,11 +68,11 @@ def test_on_step_changes_no_token(run, position_order):
 
 
 def test_on_step_follows_the_mask_schedule(run):
-    N = run.model.config.seq_len
+    schedule = tb.mask_schedule(run.model.config.seq_len, SETTINGS["num_iter"])
     assert len(run.steps) == SETTINGS["num_iter"]
     left = [mask.sum(1).tolist() for _, mask in run.steps]
-    assert left == [[n] * len(LABELS) for n in tb.mask_schedule(N, SETTINGS["num_iter"])]
-    for (before, was), (after, now) in zip(run.steps, run.steps[1:]):
+    assert left == [[n] * len(LABELS) for n in schedule]
+    for (before, was), (after, now) in pairwise(run.steps):
         assert bool((was | ~now).all())                                   # known stays known
         assert torch.equal(before[~was], after[~was])                     # with the same tokens
     assert torch.equal(run.steps[-1][0], run.tokens)
