@@ -1,10 +1,10 @@
-"""Sample quality on the built-in digits: the project's FID analogue (DESIGN §4, "Judged by samples").
+"""Sample quality on the built-in digits: our FID analogue (DESIGN §4, "Judged by samples").
 
-    net, info = load_feature_net()                        # trained once (seconds), then cached
-    scores = evaluate(images, labels)                     # images: uint8 (B, 32, 32, 3), labels: (B,)
-    floor = real_floor(250)                               # what real digits score: a perfect generator
+    net, info = load_feature_net()          # trained once (seconds), then cached
+    scores = evaluate(images, labels)       # images: uint8 (B, 32, 32, 3), labels: (B,)
+    floor = real_floor(250)                 # what real digits score: a perfect generator
     print(scores["fd"], scores["class_accuracy"], scores["precision"], scores["recall"])
-    print(info["accuracy"], floor["fd"])                  # the feature net's held-out accuracy
+    print(info["accuracy"], floor["fd"])    # the feature net's held-out accuracy
 
 The feature network is a small CNN trained as a 10-way classifier on the training split of the
 5,000 built-in MNIST digits (the 4,500 that train.py trains on); its penultimate layer (64
@@ -66,7 +66,7 @@ IMAGE_SHAPE = (32, 32, 3)
 # ---------------------------------------------------------------------------------------------
 
 def check_images(images, what="images"):
-    """uint8 (B, 32, 32, 3) with B >= MIN_IMAGES, as a numpy array; anything else: one ValueError."""
+    """uint8 (B, 32, 32, 3) with B >= MIN_IMAGES, as a numpy array; else one ValueError."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(f"{what} must be uint8 in [0, 255], got dtype {images.dtype}")
@@ -81,11 +81,13 @@ def check_labels(labels, num_images):
     """Integer class labels (B,) in [0, 10), one per image."""
     labels = np.asarray(labels)
     if labels.shape != (num_images,):
-        raise ValueError(f"labels must have shape ({num_images},), one per image, got {labels.shape}")
+        raise ValueError(f"labels must have shape ({num_images},), one per image, "
+                         f"got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise ValueError(f"labels must lie in [0, {NUM_CLASSES}), got values in [{labels.min()}, {labels.max()}]")
+        raise ValueError(f"labels must lie in [0, {NUM_CLASSES}), "
+                         f"got values in [{labels.min()}, {labels.max()}]")
     return labels.astype(np.int64)
 
 
@@ -97,7 +99,7 @@ def to_input(images):
 
 
 def digits_split():
-    """The built-in digits as uint8 (N, 32, 32, 3) numpy and labels (N,), with (train_idx, val_idx)."""
+    """The built-in digits: uint8 images (N, 32, 32, 3), labels (N,), train_idx, val_idx (numpy)."""
     images, labels, _ = data.load_digits()
     train_idx, val_idx = data.split_validation(len(images), VAL_SIZE)
     images = images.permute(0, 2, 3, 1).contiguous().numpy()                # (N, 32, 32, 3)
@@ -176,14 +178,19 @@ def train_feature_net(epochs=EPOCHS, seed=SEED, batch=64, lr=2e-3):
     gen = torch.Generator().manual_seed(seed)
     net = FeatureNet()
     net._init_weights(gen)
+
+    # AdamW, its learning rate in one cycle over all the steps
     x, y = to_input(images[train_idx]), torch.from_numpy(labels[train_idx])
     steps = epochs * (len(x) // batch)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1),
+                                                pct_start=0.15)
     start = time.time()
     net.train()
     with one_thread():
         run_epochs(net, x, y, epochs, batch, opt, sched, gen)
+
+    # frozen, and scored on the held-out digits
     net.eval().requires_grad_(False)
     accuracy = class_accuracy(net, images[val_idx], labels[val_idx])
     return net, {"accuracy": accuracy, "seconds": time.time() - start}
@@ -192,7 +199,8 @@ def train_feature_net(epochs=EPOCHS, seed=SEED, batch=64, lr=2e-3):
 def run_epochs(net, x, y, epochs, batch, opt, sched, gen):
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
-        for i in range(len(x) // batch):  # drop the last partial batch: every step sees `batch` images
+        # the last partial batch is dropped: every step sees `batch` images
+        for i in range(len(x) // batch):
             idx = perm[i * batch:(i + 1) * batch]
             loss = F.cross_entropy(net(shift(x[idx], gen)), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -206,13 +214,18 @@ def load_feature_net(cache=CACHE, epochs=EPOCHS, seed=SEED):
     and written there (atomically): (net in eval mode, info: accuracy, seconds, trained)."""
     images, labels, train_idx, _ = digits_split()
     key = cache_key(images, labels, train_idx, epochs, seed)
+
+    # the cache, when its key matches
     cache = Path(cache)
     if cache.is_file():
-        saved = runs.read_torch_file(cache, "quality feature-net cache", f"delete {cache} to retrain it")
+        saved = runs.read_torch_file(cache, "quality feature-net cache",
+                                     f"delete {cache} to retrain it")
         if isinstance(saved, dict) and saved.get("key") == key:
             net = FeatureNet()
             net.load_state_dict(saved["model"])
             return net.eval().requires_grad_(False), dict(saved["info"], trained=False)
+
+    # else trained, and the cache written
     net, info = train_feature_net(epochs, seed)
     cache.parent.mkdir(parents=True, exist_ok=True)
     runs.atomic_save({"key": key, "model": net.state_dict(), "info": info}, cache)
@@ -256,7 +269,7 @@ def feature_stats(feats):
 
 
 def sqrtm_or_none(a):
-    """scipy's matrix square root, or None where scipy finds `a` singular or the result is not finite."""
+    """scipy's sqrtm(a), or None where scipy finds `a` singular or the root is not finite."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
         try:
@@ -269,10 +282,15 @@ def sqrtm_or_none(a):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), the Fréchet distance of two Gaussians
     (pytorch-fid's calculate_frechet_distance)."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    mu1 = np.atleast_1d(mu1).astype(np.float64)
+    mu2 = np.atleast_1d(mu2).astype(np.float64)
+    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
+    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"means and covariances disagree in shape: {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}")
+        raise ValueError(f"means and covariances disagree in shape: {mu1.shape}, "
+                         f"{sigma1.shape}, {mu2.shape}, {sigma2.shape}")
+
+    # sqrtm(S1 S2), the cross term
     covmean = sqrtm_or_none(sigma1 @ sigma2)
     if covmean is None:
         # A feature that never fires, or fewer samples than features, makes S1 S2 singular and
@@ -281,10 +299,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # round-off gives tiny imaginary parts; a large one means a broken input
+
+    # round-off leaves tiny imaginary parts; a large one means a broken input
+    if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(S1 S2) has imaginary parts up to {np.abs(covmean.imag).max():.3g}: degenerate covariances")
+            largest = np.abs(covmean.imag).max()
+            raise ValueError(f"sqrtm(S1 S2) has imaginary parts up to {largest:.3g}: "
+                             "degenerate covariances")
         covmean = covmean.real
+
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -307,9 +330,12 @@ def precision_recall(real, fake, k=K):
     real = torch.as_tensor(np.asarray(real), dtype=torch.float64)
     fake = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"features must be (N, D) and (M, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
-    if not (isinstance(k, (int, np.integer)) and 1 <= k < min(len(real), len(fake))):
-        raise ValueError(f"k must be an integer in [1, {min(len(real), len(fake))}) (fewer than each set's size), got {k}")
+        raise ValueError("features must be (N, D) and (M, D) with the same D, "
+                         f"got {tuple(real.shape)} and {tuple(fake.shape)}")
+    smaller = min(len(real), len(fake))
+    if not (isinstance(k, (int, np.integer)) and 1 <= k < smaller):
+        raise ValueError(f"k must be an integer in [1, {smaller}) (fewer than each set's size), "
+                         f"got {k}")
     precision = coverage(fake, real, knn_radii(real, k))
     recall = coverage(real, fake, knn_radii(fake, k))
     return precision, recall
@@ -343,20 +369,28 @@ def real_floor(n=250, repeats=5, k=K, seed=0, net=None, cache=CACHE):
     """What a perfect generator scores: n held-out digits (with their true labels) against the
     other 500 - n, disjoint, averaged over `repeats` random splits; "fd_std" is FD's spread."""
     images, labels = heldout_digits()
-    if not (isinstance(n, (int, np.integer)) and MIN_IMAGES <= n <= len(images) - MIN_IMAGES):
-        raise ValueError(f"n must be an integer in [{MIN_IMAGES}, {len(images) - MIN_IMAGES}] (a disjoint split of the {len(images)} held-out digits), got {n}")
+    largest = len(images) - MIN_IMAGES
+    if not (isinstance(n, (int, np.integer)) and MIN_IMAGES <= n <= largest):
+        raise ValueError(f"n must be an integer in [{MIN_IMAGES}, {largest}] (a disjoint split "
+                         f"of the {len(images)} held-out digits), got {n}")
     if not (isinstance(repeats, (int, np.integer)) and repeats >= 1):
         raise ValueError(f"repeats must be a positive integer, got {repeats}")
     if net is None:
         net, _ = load_feature_net(cache)
+
+    # n digits against the other 500 - n, for each random split
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(repeats):
         perm = rng.permutation(len(images))
         a, b = perm[:n], perm[n:]
         scores.append(compare(net, images[a], labels[a], images[b], k))
-    floor = {key: float(np.mean([s[key] for s in scores])) for key in ("fd", "class_accuracy", "precision", "recall")}
-    return dict(floor, fd_std=float(np.std([s["fd"] for s in scores])), n=n, n_reference=len(images) - n, k=k, repeats=repeats)
+
+    # each score's mean over the splits, and FD's spread
+    keys = ("fd", "class_accuracy", "precision", "recall")
+    floor = {key: float(np.mean([s[key] for s in scores])) for key in keys}
+    fd_std = float(np.std([s["fd"] for s in scores]))
+    return dict(floor, fd_std=fd_std, n=n, n_reference=len(images) - n, k=k, repeats=repeats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +401,7 @@ def real_floor(n=250, repeats=5, k=K, seed=0, net=None, cache=CACHE):
 SWEEP_CFG = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
 SWEEP_TEMPERATURE = (0.7, 0.9, 1.0)
 SWEEP_STEPS = (16, 8, 4)
-# the coarse round ranks the grid on fewer samples; its best few are scored again on the full count
+# the coarse round ranks the grid on fewer samples; its best few are rescored on the full count
 SWEEP_COARSE_N, SWEEP_FINALISTS = 250, 3
 
 
@@ -377,11 +411,13 @@ def sample_scores(model, vae, n=1000, seed=0, net=None, cache=CACHE, **sampling)
     decoded by its VAE, with the sampling settings it is given (generate's keywords; num_iter at
     most the number of positions), and those settings. The 250 samples from offset i draw with
     seed (seed, i): the same seed gives every model the same sampling noise."""
-    sampling["num_iter"] = min(sampling.get("num_iter", model.config.seq_len), model.config.seq_len)
+    positions = model.config.seq_len
+    sampling["num_iter"] = min(sampling.get("num_iter", positions), positions)
     labels = np.arange(n) % NUM_CLASSES
-    latents = torch.cat([model.generate(torch.as_tensor(labels[i:i + 250]), seed=(seed, i), **sampling)
-                         for i in range(0, n, 250)])
-    return {**sampling, **evaluate(data.decode(vae, latents.cpu()), labels, net=net, cache=cache)}
+    latents = [model.generate(torch.as_tensor(labels[i:i + 250]), seed=(seed, i), **sampling)
+               for i in range(0, n, 250)]
+    images = data.decode(vae, torch.cat(latents).cpu())
+    return {**sampling, **evaluate(images, labels, net=net, cache=cache)}
 
 
 def sweep_sampling(model, vae, cfgs=SWEEP_CFG, temperatures=SWEEP_TEMPERATURE,
