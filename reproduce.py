@@ -1,6 +1,6 @@
 """Reproduce the paper's tables and figures at small scale on the built-in digits, from run folders.
 
-    python reproduce.py --train-missing     # trains the run folders below that are missing, then all parts
+    python reproduce.py --train-missing     # trains the missing run folders below, then all parts
     python reproduce.py                     # every table and figure from the run folders there are
     python reproduce.py --parts reconstruction,demo
 
@@ -51,12 +51,18 @@ from training import grid_classes, validation_bits
 
 # run folder name -> train.py flags; every run but the demo also gets --vae <runs>/demo/vae
 RUNS = {
-    "demo": [], "ar-s1": ["--seed", "1"],
-    "parallel": ["--head", "parallel"], "parallel-s1": ["--head", "parallel", "--seed", "1"],
-    "default-order": ["--order", "default"], "default-order-s1": ["--order", "default", "--seed", "1"],
-    "levels16": ["--levels", "16"], "levels16-s1": ["--levels", "16", "--seed", "1"],
-    "ar-52ep": ["--epochs", "52"], "parallel-52ep": ["--head", "parallel", "--epochs", "52"],
-    "ar-104ep": ["--epochs", "104"], "parallel-104ep": ["--head", "parallel", "--epochs", "104"],
+    "demo": [],
+    "ar-s1": ["--seed", "1"],
+    "parallel": ["--head", "parallel"],
+    "parallel-s1": ["--head", "parallel", "--seed", "1"],
+    "default-order": ["--order", "default"],
+    "default-order-s1": ["--order", "default", "--seed", "1"],
+    "levels16": ["--levels", "16"],
+    "levels16-s1": ["--levels", "16", "--seed", "1"],
+    "ar-52ep": ["--epochs", "52"],
+    "parallel-52ep": ["--head", "parallel", "--epochs", "52"],
+    "ar-104ep": ["--epochs", "104"],
+    "parallel-104ep": ["--head", "parallel", "--epochs", "104"],
     "ar-208ep": ["--epochs", "208"],
 }
 
@@ -77,8 +83,8 @@ GENERATION = (
     Row("default channel order 0...15", ("default-order", "default-order-s1"),
         paper="1.94 vs frequency 1.89", paper_sign=+1),
     Row("16 levels", ("levels16", "levels16-s1"), paper="2.03 vs 64 levels 1.94", paper_sign=+1),
-    Row("confidence-guided position order (sampling only)", ("demo", "ar-s1"), (("position_order", "confidence"),),
-        paper="no number: cleaner backgrounds"),
+    Row("confidence-guided position order (sampling only)", ("demo", "ar-s1"),
+        sampling=(("position_order", "confidence"),), paper="no number: cleaner backgrounds"),
 )
 BUDGET = (
     Row("AR head, 26 epochs (the demo)", ("demo", "ar-s1")),
@@ -90,13 +96,17 @@ BUDGET = (
     Row("AR head, 208 epochs", ("ar-208ep",)),
 )
 CHANNEL_ROWS = GENERATION[:2]     # per-channel NLL and temperature schedules: AR vs parallel head
-SCHEDULES = {"1.0 on every channel": (1.0,) * 16, "0.5 on the first 2 channels": (0.5,) * 2 + (1.0,) * 14,
-             "0.5 on the first 4": (0.5,) * 4 + (1.0,) * 12, "0.5 on the first 8": (0.5,) * 8 + (1.0,) * 8,
-             "0.5 on the last 8": (1.0,) * 8 + (0.5,) * 8, "0.5 on every channel": (0.5,) * 16}
+SCHEDULES = {"1.0 on every channel": (1.0,) * 16,
+             "0.5 on the first 2 channels": (0.5,) * 2 + (1.0,) * 14,
+             "0.5 on the first 4": (0.5,) * 4 + (1.0,) * 12,
+             "0.5 on the first 8": (0.5,) * 8 + (1.0,) * 8,
+             "0.5 on the last 8": (1.0,) * 8 + (0.5,) * 8,
+             "0.5 on every channel": (0.5,) * 16}
 LEVELS = ("continuous", 128, 64, 32, 16, 8)
 UNGUIDED = {"cfg": 1.0, "temperature": 1.0, "num_iter": 16}
 EVAL_SEED = 1000          # sampling seed of every evaluation (the sweeps use the training seed)
 SCORES = ("fd", "class_accuracy", "precision", "recall")
+SETTINGS = ("cfg", "temperature", "num_iter")      # what a sweep chooses (RUN/sampling.json)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +132,8 @@ def train_missing(root, names):
 
 
 def held_out(run, val_size=500):
-    """(uint8 images (B, H, W, 3), posterior modes, labels) of train.py's validation split, from the run's
-    latent cache (RUN/latents.npy, memory-mapped: only these rows are read).
+    """(uint8 images (B, H, W, 3), posterior modes, labels) of train.py's validation split, from
+    the run's latent cache (RUN/latents.npy, memory-mapped: only these rows are read).
 
     The split depends only on the number of images (fixed seed), so every run on the digits
     holds out the same 500 images; the cache saves re-encoding them.
@@ -132,25 +142,32 @@ def held_out(run, val_size=500):
     _, val_idx = data.split_validation(len(images), val_size)
     cache = data.open_cache(run)
     if cache is None:
-        raise ValueError(f"{run} has no complete latent cache (latents.npy + latents.meta.pt); run train.py there first")
-    return data.channels_last(images[val_idx]), cache.read(val_idx, 0, moment=0), cache.labels[val_idx]
+        raise ValueError(f"{run} has no complete latent cache (latents.npy + latents.meta.pt); "
+                         "run train.py there first")
+    modes = cache.read(val_idx, 0, moment=0)
+    return data.channels_last(images[val_idx]), modes, cache.labels[val_idx]
 
 
 def load(run):
     """(EMA model in eval mode, its VAE, the sampling settings its sweep chose)."""
     model, _ = runs.load_run(run)
     best = json.loads((Path(run) / SAMPLING_FILE).read_text())
-    return model, runs.load_vae(Path(run) / runs.VAE_DIR), {k: best[k] for k in ("cfg", "temperature", "num_iter")}
+    return model, runs.load_vae(Path(run) / runs.VAE_DIR), {k: best[k] for k in SETTINGS}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reconstruction: one frozen VAE, one calibration, only the number of bins changes
 # ---------------------------------------------------------------------------------------------
 
+def bin_counts(tokens, levels):
+    """How often each channel takes each bin: (C, levels); tokens (..., C) long."""
+    flat = tokens.reshape(-1, tokens.shape[-1])                            # (M, C)
+    return torch.stack([torch.bincount(channel, minlength=levels) for channel in flat.T])
+
+
 def token_entropy(tokens, levels):
     """Per-channel entropy (bits) of the token histogram; tokens (..., C) long."""
-    flat = tokens.reshape(-1, tokens.shape[-1])
-    counts = torch.stack([torch.bincount(flat[:, c], minlength=levels) for c in range(flat.shape[1])])
+    counts = bin_counts(tokens, levels)                                    # (C, levels)
     p = counts.double() / counts.sum(1, keepdim=True)
     return -(p * torch.log2(p.clamp_min(1e-300))).sum(1)   # 0 * log 0 = 0
 
@@ -165,9 +182,10 @@ def reconstruction_rows(model, vae, images, modes, labels, net):
         scores = quality.evaluate(decoded, labels.numpy(), reference=images, net=net)
         row = {"levels": levels, "psnr": psnr, "mse": mse, **{k: scores[k] for k in SCORES}}
         if levels != "continuous":
-            h = token_entropy(model.quantizer.with_levels(levels).quantize(tb.patchify(modes)), levels)
-            row.update(bits_per_channel=math.log2(levels), entropy_mean=h.mean().item(), entropy_min=h.min().item(),
-                       entropy_max=h.max().item())
+            tokens = model.quantizer.with_levels(levels).quantize(tb.patchify(modes))  # (B, N, C)
+            h = token_entropy(tokens, levels)                                          # (C,)
+            row.update(bits_per_channel=math.log2(levels), entropy_mean=h.mean().item(),
+                       entropy_min=h.min().item(), entropy_max=h.max().item())
         rows.append(row)
     return rows
 
@@ -177,27 +195,36 @@ def gaussianity(model, modes):
     the share beyond +-std_range (clipped into the end bins), and the most frequent bin's share
     in units of the Gaussian 1/levels."""
     q = model.quantizer
-    tokens = tb.patchify(modes)
-    u = ((tokens - q.mean) / q.std).reshape(-1, q.channels)
-    counts = torch.stack([torch.bincount(c, minlength=q.levels) for c in q.quantize(tokens).reshape(-1, q.channels).T])
+    tokens = tb.patchify(modes)                                            # (B, N, C)
+    u = ((tokens - q.mean) / q.std).reshape(-1, q.channels)                # (B*N, C)
+    counts = bin_counts(q.quantize(tokens), q.levels)                      # (C, levels)
+    top_share = counts.max(1).values.double() / counts.sum(1)              # (C,)
     return {"skewness": [round(x, 3) for x in (u ** 3).mean(0).tolist()],
-            "clipped_share": (u.abs() > q.std_range).double().mean().item(), "std_range": q.std_range,
-            "top_bin_share_x_levels": [round(x, 2) for x in (counts.max(1).values.double() / counts.sum(1) * q.levels).tolist()]}
+            "clipped_share": (u.abs() > q.std_range).double().mean().item(),
+            "std_range": q.std_range,
+            "top_bin_share_x_levels": [round(x, 2) for x in (top_share * q.levels).tolist()]}
 
 
 def part_reconstruction(args, out, results, net):
     run = Path(args.runs) / "demo"
     model, vae, _ = load(run)
     images, modes, labels = held_out(run)
+
+    # the table's rows, the quantizer's diagnostics and the rate-distortion plot
     rows = reconstruction_rows(model, vae, images, modes, labels, net)
+    low_frequency = tb.low_frequency_share(modes).tolist()
     results["reconstruction"] = {"run": str(run), "images": len(images), "rows": rows,
                                  "gaussianity": gaussianity(model, modes),
-                                 "low_frequency_share": [round(x, 3) for x in tb.low_frequency_share(modes).tolist()],
+                                 "low_frequency_share": [round(x, 3) for x in low_frequency],
                                  "frequency_order": model.quantizer.order.tolist()}
     reconstruction_plot(rows, out / "rd_quantization.png")
-    pick = torch.stack([torch.nonzero(labels == k)[0, 0] for k in range(10)])      # the first of each class
-    panel = tile(np.concatenate([images[pick]] + [data.decode_levels(vae, model.quantizer, modes[pick], lv) for lv in LEVELS]), cols=10)
-    titled_row([panel], ["original/continuous/" + "/".join(map(str, LEVELS[1:]))], out / "reconstruction_levels.png")
+
+    # the first digit of each class: the original, then decoded from each level count
+    pick = torch.stack([torch.nonzero(labels == k)[0, 0] for k in range(10)])
+    decoded = [data.decode_levels(vae, model.quantizer, modes[pick], lv) for lv in LEVELS]
+    panel = tile(np.concatenate([images[pick], *decoded]), cols=10)
+    title = "original/continuous/" + "/".join(map(str, LEVELS[1:]))
+    titled_row([panel], [title], out / "reconstruction_levels.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,16 +235,22 @@ def score_run(args, run, sampling, net, cache):
     """NLL and sample scores (tuned: the run's own sweep choice; unguided) of one run with extra
     sampling keywords; cached per (run, sampling) so a run shared by two rows is sampled once."""
     key = (run, sampling)
-    if key not in cache:
-        model, vae, tuned = load(Path(args.runs) / run)
-        _, modes, labels = held_out(Path(args.runs) / run)
-        score = lambda settings: quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED, net=net,
-                                                       **settings, **dict(sampling))
-        cache[key] = {"run": run, "nll": validation_bits(model, modes, labels), "tuned": score(tuned),
-                      "unguided": score(UNGUIDED)}
-        print(f"[score] {run} {dict(sampling) or ''}: NLL {cache[key]['nll']:.3f}, tuned FD {cache[key]['tuned']['fd']:.1f}"
-              f" / {cache[key]['tuned']['class_accuracy']:.1%}, unguided FD {cache[key]['unguided']['fd']:.1f}", flush=True)
-    return cache[key]
+    if key in cache:
+        return cache[key]
+    model, vae, tuned = load(Path(args.runs) / run)
+    _, modes, labels = held_out(Path(args.runs) / run)
+
+    def score(settings):
+        return quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED, net=net,
+                                     **settings, **dict(sampling))
+
+    scores = {"run": run, "nll": validation_bits(model, modes, labels), "tuned": score(tuned),
+              "unguided": score(UNGUIDED)}
+    print(f"[score] {run} {dict(sampling) or ''}: NLL {scores['nll']:.3f}, "
+          f"tuned FD {scores['tuned']['fd']:.1f} / {scores['tuned']['class_accuracy']:.1%}, "
+          f"unguided FD {scores['unguided']['fd']:.1f}", flush=True)
+    cache[key] = scores
+    return scores
 
 
 def mean_spread(values):
@@ -227,11 +260,12 @@ def mean_spread(values):
 
 def row_scores(args, row, net, cache):
     per_run = [score_run(args, run, row.sampling, net, cache) for run in row.runs]
-    summary = {"label": row.label, "runs": list(row.runs), "sampling": dict(row.sampling), "paper": row.paper,
-               "per_run": per_run, "nll": mean_spread([r["nll"] for r in per_run])}
+    summary = {"label": row.label, "runs": list(row.runs), "sampling": dict(row.sampling),
+               "paper": row.paper, "per_run": per_run,
+               "nll": mean_spread([r["nll"] for r in per_run])}
     for kind in ("tuned", "unguided"):
         summary[kind] = {k: mean_spread([r[kind][k] for r in per_run]) for k in SCORES}
-    summary["settings"] = [{k: r["tuned"][k] for k in ("cfg", "temperature", "num_iter")} for r in per_run]
+    summary["settings"] = [{k: r["tuned"][k] for k in SETTINGS} for r in per_run]
     return summary
 
 
@@ -248,10 +282,12 @@ def sign_verdict(baseline, row, paper_sign):
 
 
 def unfinished(args, rows, part):
-    """The runs of these rows that are not finished, each reported with the command that makes it."""
-    missing = sorted({run for row in rows for run in row.runs if not is_finished(Path(args.runs) / run)})
+    """The unfinished runs of these rows, each reported with the command that makes it."""
+    names = {run for row in rows for run in row.runs}
+    missing = sorted(run for run in names if not is_finished(Path(args.runs) / run))
     for run in missing:
-        print(f"[{part}] skipping the rows of {run}: not finished; make it with: {' '.join(train_command(args.runs, run)[1:])}")
+        command = " ".join(train_command(args.runs, run)[1:])
+        print(f"[{part}] skipping the rows of {run}: not finished; make it with: {command}")
     return set(missing)
 
 
@@ -270,8 +306,13 @@ def channel_temperatures(schedule):
     generate() is given. An experiment, not a sampling option (both runtimes take one
     temperature), so it wraps tokenbridge's sampler while it runs: the head calls it once per
     slot, in order."""
-    sample, slot = tb.sample_from_logits, itertools.count()
-    tb.sample_from_logits = lambda logits, uniforms, _: sample(logits, uniforms, schedule[next(slot) % len(schedule)])
+    sample = tb.sample_from_logits
+    slot = itertools.count()
+
+    def scheduled(logits, uniforms, _):
+        return sample(logits, uniforms, schedule[next(slot) % len(schedule)])
+
+    tb.sample_from_logits = scheduled
     try:
         yield
     finally:
@@ -285,22 +326,31 @@ def part_channels(args, results, net):
     for row in CHANNEL_ROWS:
         if set(row.runs) & missing:
             continue
-        per_run = []
-        for run in row.runs:
-            model, vae, _ = load(Path(args.runs) / run)
-            _, modes, labels = held_out(Path(args.runs) / run)
-            fds = {}
-            for name, schedule in SCHEDULES.items():
-                with channel_temperatures(schedule):
-                    fds[name] = quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED, net=net, **UNGUIDED)
-            per_run.append({"run": run, "bits": validation_bits(model, modes, labels, per_channel=True).tolist(),
-                            "schedules": fds})
-            print(f"[channels] {run}: " + ", ".join(f"{k} FD {v['fd']:.1f}" for k, v in fds.items()), flush=True)
+        per_run = [channel_scores(args, run, net) for run in row.runs]
+        slots = zip(*(r["bits"] for r in per_run), strict=True)     # each slot's NLL in every run
+        schedules = {}
+        for name in SCHEDULES:
+            scores = [r["schedules"][name] for r in per_run]
+            schedules[name] = {k: mean_spread([s[k] for s in scores]) for k in SCORES}
         summary.append({"label": row.label, "runs": list(row.runs), "per_run": per_run,
-                        "bits": [mean_spread(slot) for slot in zip(*(r["bits"] for r in per_run))],
-                        "schedules": {name: {k: mean_spread([r["schedules"][name][k] for r in per_run]) for k in SCORES}
-                                      for name in SCHEDULES}})
+                        "bits": [mean_spread(slot) for slot in slots], "schedules": schedules})
     results["channels"] = summary
+
+
+def channel_scores(args, run, net):
+    """One run's unguided sample scores under each of SCHEDULES, and its validation NLL per
+    channel slot."""
+    model, vae, _ = load(Path(args.runs) / run)
+    _, modes, labels = held_out(Path(args.runs) / run)
+    scores = {}
+    for name, schedule in SCHEDULES.items():
+        with channel_temperatures(schedule):
+            scores[name] = quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED,
+                                                 net=net, **UNGUIDED)
+    bits = validation_bits(model, modes, labels, per_channel=True).tolist()
+    fds = ", ".join(f"{name} FD {s['fd']:.1f}" for name, s in scores.items())
+    print(f"[channels] {run}: {fds}", flush=True)
+    return {"run": run, "bits": bits, "schedules": scores}
 
 
 def ablation_samples(args, out, rows, per_class=5):
@@ -311,7 +361,8 @@ def ablation_samples(args, out, rows, per_class=5):
         if not is_finished(run):
             continue
         model, vae, tuned = load(run)
-        latents = model.generate(grid_classes(10).repeat_interleave(per_class), seed=0, **tuned, **dict(row.sampling))
+        labels = grid_classes(10).repeat_interleave(per_class)
+        latents = model.generate(labels, seed=0, **tuned, **dict(row.sampling))
         panels.append(tile(data.decode(vae, latents), cols=per_class))
         titles.append(row.runs[0] + (", confidence order" if row.sampling else ""))
     if panels:
@@ -341,9 +392,11 @@ def reconstruction_plot(rows, path):
         axis.set(xlabel="bits per channel = log2(levels)", ylabel=label)
         axis.legend(fontsize=8)
     ax[2].plot(bits, bits, "--", c="gray", label="log2(levels)")
-    ax[2].errorbar(bits, [r["entropy_mean"] for r in quant], fmt="o-", capsize=3,
-                   yerr=[[r["entropy_mean"] - r["entropy_min"] for r in quant],
-                         [r["entropy_max"] - r["entropy_mean"] for r in quant]], label="token entropy (min-max over channels)")
+    entropy = [r["entropy_mean"] for r in quant]
+    below = [r["entropy_mean"] - r["entropy_min"] for r in quant]
+    above = [r["entropy_max"] - r["entropy_mean"] for r in quant]
+    ax[2].errorbar(bits, entropy, fmt="o-", capsize=3, yerr=[below, above],
+                   label="token entropy (min-max over channels)")
     ax[2].set(xlabel="bits per channel = log2(levels)", ylabel="bits")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
@@ -389,7 +442,7 @@ def guidance_plot(sweep, path):
 
 
 def part_demo(args, out, results):
-    """The guidance curves from the demo's sweep, and its grids as docs pictures (one grey channel)."""
+    """The demo's sweep as guidance curves, and its grids as docs pictures (one grey channel)."""
     run = Path(args.runs) / "demo"
     path = run / SAMPLING_FILE
     if not path.is_file():
@@ -408,7 +461,7 @@ def titled_row(panels, titles, path, gap=6, title_h=14):
     W = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
     canvas = Image.new("RGB", (W, H + title_h), "white")
     draw, x = ImageDraw.Draw(canvas), 0
-    for panel, title in zip(panels, titles):
+    for panel, title in zip(panels, titles, strict=True):
         canvas.paste(Image.fromarray(panel), (x, title_h))
         draw.text((x + 1, 1), title, fill="black")
         x += panel.shape[1] + gap
@@ -427,11 +480,17 @@ def pm(value_spread, fmt="{:.1f}", percent=False):
 
 
 def settings_text(settings):
-    return "; ".join(f"cfg {s['cfg']:g}, T {s['temperature']:g}, {s['num_iter']} steps" for s in settings)
+    return "; ".join(f"cfg {s['cfg']:g}, T {s['temperature']:g}, {s['num_iter']} steps"
+                     for s in settings)
+
+
+def table_row(cells):
+    return "| " + " | ".join(cells) + " |"
 
 
 def reconstruction_table(rec):
-    lines = ["| levels | bits/channel | PSNR (dB) | rFD | class accuracy | token entropy (bits), mean [min, max] |",
+    lines = ["| levels | bits/channel | PSNR (dB) | rFD | class accuracy "
+             "| token entropy (bits), mean [min, max] |",
              "|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         entropy = (f"{r['entropy_mean']:.3f} [{r['entropy_min']:.3f}, {r['entropy_max']:.3f}]"
@@ -443,16 +502,18 @@ def reconstruction_table(rec):
 
 
 def generation_table(summaries, paper=True):
-    head = "| configuration | runs | gFD | class accuracy | precision | recall | unguided gFD | NLL (bits/token) | sampling (the sweep's choice) |"
+    head = ("| configuration | runs | gFD | class accuracy | precision | recall | unguided gFD "
+            "| NLL (bits/token) | sampling (the sweep's choice) |")
     lines = [head + (" paper (gFID) | sign |" if paper else ""), "|" + "---|" * (9 + 2 * paper)]
     for s in summaries:
-        t, u = s["tuned"], s["unguided"]
-        cells = [s["label"], ", ".join(s["runs"]), pm(t["fd"]), pm(t["class_accuracy"], percent=True),
-                 pm(t["precision"], "{:.2f}"), pm(t["recall"], "{:.2f}"), pm(u["fd"]), pm(s["nll"], "{:.3f}"),
-                 settings_text(s["settings"])]
+        tuned, unguided = s["tuned"], s["unguided"]
+        cells = [s["label"], ", ".join(s["runs"]),
+                 pm(tuned["fd"]), pm(tuned["class_accuracy"], percent=True),
+                 pm(tuned["precision"], "{:.2f}"), pm(tuned["recall"], "{:.2f}"),
+                 pm(unguided["fd"]), pm(s["nll"], "{:.3f}"), settings_text(s["settings"])]
         if paper:
             cells += [s["paper"], s.get("sign", "–")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     return "\n".join(lines)
 
 
@@ -460,35 +521,48 @@ def demo_table(results):
     """The demo's samples next to the floors: real digits and the VAE's own reconstructions."""
     rec = {r["levels"]: r for r in results["reconstruction"]["rows"]}
     demo = next(r for r in results["generation"][0]["per_run"] if r["run"] == "demo")
+    chosen = settings_text([demo["tuned"]])
     rows = [("real held-out digits, 250 vs 250 (the floor at that size)", results["floor"]),
-            ("the VAE's reconstructions of the 500 held-out digits, continuous", rec["continuous"]),
+            ("the VAE's reconstructions of the 500 held-out digits, continuous",
+             rec["continuous"]),
             ("the same through 64-level tokens (rFD)", rec[64]),
-            (f"**the demo's samples**, 1,000 at its chosen settings ({settings_text([demo['tuned']])})", demo["tuned"]),
+            (f"**the demo's samples**, 1,000 at its chosen settings ({chosen})", demo["tuned"]),
             ("unguided: cfg 1, T 1, 16 steps", demo["unguided"])]
-    lines = ["| | Fréchet distance | class accuracy | precision | recall |", "|---|---|---|---|---|"]
-    lines += [f"| {label} | {r['fd']:.1f} | {r['class_accuracy']:.1%} | {r['precision']:.2f} | {r['recall']:.2f} |"
-              for label, r in rows]
-    return "\n".join(lines) + f"\n\ngFD / rFD at 64 levels = {demo['tuned']['fd'] / rec[64]['fd']:.2f}"
+    lines = ["| | Fréchet distance | class accuracy | precision | recall |",
+             "|---|---|---|---|---|"]
+    lines += [table_row([label, f"{r['fd']:.1f}", f"{r['class_accuracy']:.1%}",
+                         f"{r['precision']:.2f}", f"{r['recall']:.2f}"]) for label, r in rows]
+    ratio = demo["tuned"]["fd"] / rec[64]["fd"]
+    return "\n".join(lines) + f"\n\ngFD / rFD at 64 levels = {ratio:.2f}"
 
 
 def channel_tables(summaries):
+    # each slot's validation NLL (the mean over the runs), one row per head
     slots = len(summaries[0]["bits"])
-    lines = ["| head | " + " | ".join(str(t + 1) for t in range(slots)) + " | mean |", "|---" * (slots + 2) + "|"]
-    lines += [f"| {s['label']} | " + " | ".join(f"{b[0]:.2f}" for b in s["bits"])
-              + f" | {np.mean([b[0] for b in s['bits']]):.3f} |" for s in summaries]
-    lines += ["", "| unguided (cfg 1, 16 steps), temperature | " + " | ".join(s["label"] for s in summaries) + " |",
+    lines = [table_row(["head", *(str(t + 1) for t in range(slots)), "mean"]),
+             "|---" * (slots + 2) + "|"]
+    for s in summaries:
+        bits = [b[0] for b in s["bits"]]
+        lines.append(table_row([s["label"], *(f"{b:.2f}" for b in bits), f"{np.mean(bits):.3f}"]))
+
+    # FD / class accuracy of each temperature schedule, one column per head
+    heads = [s["label"] for s in summaries]
+    lines += ["", table_row(["unguided (cfg 1, 16 steps), temperature", *heads]),
               "|---" * (len(summaries) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{pm(s['schedules'][name]['fd'])} / {pm(s['schedules'][name]['class_accuracy'], percent=True)}"
-                                        for s in summaries) + " |" for name in SCHEDULES]
+    for name in SCHEDULES:
+        scores = [s["schedules"][name] for s in summaries]
+        cells = [f"{pm(x['fd'])} / {pm(x['class_accuracy'], percent=True)}" for x in scores]
+        lines.append(table_row([name, *cells]))
     return "\n".join(lines)
 
 
 def write_tables(results, path):
     floor = results["floor"]
     parts = ["## Real digits (the floor)",
-             f"Held-out digits, {floor['n']} vs the other {floor['n_reference']}: FD {floor['fd']:.1f} ± {floor['fd_std']:.1f} "
-             f"(over {floor['repeats']} splits), class accuracy {floor['class_accuracy']:.1%}, precision "
-             f"{floor['precision']:.2f}, recall {floor['recall']:.2f}."]
+             f"Held-out digits, {floor['n']} vs the other {floor['n_reference']}: "
+             f"FD {floor['fd']:.1f} ± {floor['fd_std']:.1f} (over {floor['repeats']} splits), "
+             f"class accuracy {floor['class_accuracy']:.1%}, precision {floor['precision']:.2f}, "
+             f"recall {floor['recall']:.2f}."]
     if "reconstruction" in results and "generation" in results:
         parts += ["## The demo", demo_table(results)]
     if "reconstruction" in results:
@@ -510,41 +584,58 @@ PARTS = ("reconstruction", "generation", "budget", "channels", "demo")
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--runs", default="runs", help="folder of the run folders (names as in RUNS)")
-    p.add_argument("--out", default="docs", help="folder for the figures, results.json and results.md")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
-    p.add_argument("--samples", type=int, default=1000, help="samples per run and setting")
-    p.add_argument("--train-missing", action="store_true",
-                   help="first train the run folders the parts need that are missing (sequentially)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    return p
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--runs", default="runs",
+                        help="folder of the run folders (names as in RUNS)")
+    parser.add_argument("--out", default="docs",
+                        help="folder for the figures, results.json and results.md")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated subset of " + ", ".join(PARTS))
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="samples per run and setting")
+    parser.add_argument("--train-missing", action="store_true",
+                        help="first train the run folders the parts need that are missing "
+                             "(sequentially)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default)")
+    return parser
 
 
 def main(args):
+    # the parts and the sample count
     parts = args.parts.split(",")
     unknown = set(parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"unknown --parts {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+        raise ValueError(f"unknown --parts {', '.join(sorted(unknown))}; "
+                         f"choose from {', '.join(PARTS)}")
     if args.samples < quality.MIN_IMAGES:
         raise ValueError(f"--samples must be at least {quality.MIN_IMAGES}, got {args.samples}")
+
+    # the run folders: the missing ones trained when asked; the demo's checked before anything
+    # is loaded, as every part needs it
     tables = {"generation": GENERATION, "budget": BUDGET, "channels": CHANNEL_ROWS}
     if args.train_missing:
-        train_missing(args.runs, ["demo"] + [run for name in parts for row in tables.get(name, ()) for run in row.runs])
+        needed = [run for name in parts for row in tables.get(name, ()) for run in row.runs]
+        train_missing(args.runs, ["demo", *needed])
     demo = Path(args.runs) / "demo"
-    if not is_finished(demo):                      # every part needs it: check before anything is loaded
-        raise ValueError(f"{demo} is not a finished run: make it with `python train.py --out {demo}`, or every run "
-                         "with `python reproduce.py --train-missing`")
+    if not is_finished(demo):
+        raise ValueError(f"{demo} is not a finished run: make it with "
+                         f"`python train.py --out {demo}`, or every run with "
+                         "`python reproduce.py --train-missing`")
+
+    # the results so far (the parts this call does not redo stay), and the real digits' floor
     if args.threads:
         torch.set_num_threads(args.threads)
     out, started = Path(args.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}    # the parts this call does not redo stay
+    results = json.loads(path.read_text()) if path.is_file() else {}
     net = quality.load_feature_net()[0]
     results["floor"] = quality.real_floor(250, net=net)
-    cache = {}
+
+    # the parts asked for
+    cache = {}      # (run, sampling) -> scores: a run in two rows or tables is sampled once
     if "reconstruction" in parts:
         part_reconstruction(args, out, results, net)
     for name in ("generation", "budget"):
@@ -556,6 +647,8 @@ def main(args):
         part_channels(args, results, net)
     if "demo" in parts:
         part_demo(args, out, results)
+
+    # results.json and results.md
     results["wall_s"] = round(time.time() - started, 1)
     runs.write_json(results, path)
     write_tables(results, out / "results.md")
@@ -567,5 +660,6 @@ if __name__ == "__main__":
     arguments = get_parser().parse_args()
     try:
         main(arguments)
-    except (ValueError, subprocess.CalledProcessError) as e:  # a missing run folder, a failed training: one line
-        raise SystemExit(f"error: {e}")
+    except (ValueError, subprocess.CalledProcessError) as e:
+        # a missing run folder, a failed training: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
