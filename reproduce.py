@@ -293,9 +293,12 @@ def unfinished(args, rows, part):
 
 def part_table(args, results, net, cache, name, rows):
     missing = unfinished(args, rows, name)
-    summaries = [row_scores(args, row, net, cache) for row in rows if not set(row.runs) & missing]
-    if name == "generation" and summaries and summaries[0]["label"] == rows[0].label:
-        for row, summary in zip(rows[1:], summaries[1:]):
+    kept = [row for row in rows if not set(row.runs) & missing]
+    summaries = [row_scores(args, row, net, cache) for row in kept]
+
+    # each ablation against the first row, when that row is there
+    if name == "generation" and kept and kept[0] is rows[0]:
+        for row, summary in zip(kept[1:], summaries[1:], strict=True):
             summary["sign"] = sign_verdict(summaries[0], summary, row.paper_sign)
     results[name] = summaries
 

@@ -185,6 +185,23 @@ def test_sign_verdict_needs_the_runs_ranges_apart():
     assert reproduce.pm((0.9712, 0.004), percent=True) == "97.1% ± 0.4" and reproduce.pm((3.0, 0.0)) == "3.0"
 
 
+def test_sign_verdicts_pair_each_row_with_its_own_runs(monkeypatch, tmp_path):
+    """With a middle row's runs missing, every later row keeps its own paper_sign."""
+    fds = {"demo": 20.0, "ar-s1": 22.0, "default-order": 30.0, "default-order-s1": 31.0,
+           "levels16": 30.0, "levels16-s1": 32.0}
+
+    def row_scores(args, row, net, cache):      # the confidence row samples better than the demo
+        shift = -10.0 if row.sampling else 0.0
+        return {"label": row.label, "per_run": [{"tuned": {"fd": fds[r] + shift}} for r in row.runs]}
+    monkeypatch.setattr(reproduce, "row_scores", row_scores)
+    monkeypatch.setattr(reproduce, "is_finished", lambda run: run.name in fds)
+    results = {}
+    args = reproduce.get_parser().parse_args(["--runs", str(tmp_path)])
+    reproduce.part_table(args, results, None, {}, "generation", reproduce.GENERATION)
+    signs = {s["label"]: s.get("sign") for s in results["generation"]}
+    assert list(signs.values()) == [None, "agrees", "agrees", "ours better"], signs
+
+
 def test_reconstruction_rows_against_numpy(fake_runs, trained):
     models, modes = fake_runs
     model, vae, _ = models["demo"]
