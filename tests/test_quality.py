@@ -44,7 +44,8 @@ def test_frechet_distance_of_diagonal_gaussians():
     mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
     s1, s2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
-    assert quality.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+    got = quality.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_of_gaussians_with_a_shared_rotated_eigenbasis():
@@ -61,7 +62,8 @@ def test_frechet_distance_of_gaussians_with_a_shared_rotated_eigenbasis():
 def test_frechet_distance_of_a_set_with_itself_is_zero():
     rng = np.random.default_rng(2)
     full_rank = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8))
-    assert abs(quality.frechet_distance(*quality.feature_stats(full_rank), *quality.feature_stats(full_rank))) < 1e-6
+    stats = quality.feature_stats(full_rank)
+    assert abs(quality.frechet_distance(*stats, *stats)) < 1e-6
     # Fewer samples than dimensions and a constant feature: singular, the eps guard must keep it ~0.
     singular = np.concatenate([rng.normal(size=(20, 40)), np.zeros((20, 3))], axis=1)
     stats = quality.feature_stats(singular)
@@ -124,7 +126,7 @@ def test_classifier_is_accurate_on_heldout_digits(trained, heldout):
 
 def test_training_is_deterministic():
     (a, _), (b, _) = quality.train_feature_net(epochs=1), quality.train_feature_net(epochs=1)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
 
 
@@ -173,10 +175,13 @@ def test_real_floor_is_small_and_disjoint(floor):
 
 def test_cache_is_reused(trained, monkeypatch):
     net, _, cache = trained
-    monkeypatch.setattr(quality, "train_feature_net", lambda *a, **k: pytest.fail("retrained a valid cache"))
+
+    def retrain(*args, **kwargs):
+        pytest.fail("retrained a valid cache")
+    monkeypatch.setattr(quality, "train_feature_net", retrain)
     again, info = quality.load_feature_net(cache)
     assert not info["trained"]
-    for x, y in zip(net.state_dict().values(), again.state_dict().values()):
+    for x, y in zip(net.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(x, y)
 
 
@@ -186,10 +191,16 @@ def test_cache_with_a_wrong_key_is_retrained(trained, tmp_path, monkeypatch):
     stale = tmp_path / "stale.pt"
     runs.atomic_save(dict(saved, key=dict(saved["key"], arch=-1)), stale)
     calls = []
-    monkeypatch.setattr(quality, "train_feature_net", lambda *a, **k: calls.append(1) or (net, dict(info)))
+
+    def retrain(*args, **kwargs):
+        calls.append(1)
+        return net, dict(info)
+    monkeypatch.setattr(quality, "train_feature_net", retrain)
     assert quality.load_feature_net(stale)[1]["trained"] and len(calls) == 1
-    assert not quality.load_feature_net(stale)[1]["trained"] and len(calls) == 1  # rewritten with the right key
-    assert quality.load_feature_net(stale, epochs=quality.EPOCHS + 1)[1]["trained"] and len(calls) == 2
+    # rewritten with the right key: read, not retrained
+    assert not quality.load_feature_net(stale)[1]["trained"] and len(calls) == 1
+    another_recipe = quality.load_feature_net(stale, epochs=quality.EPOCHS + 1)[1]
+    assert another_recipe["trained"] and len(calls) == 2
 
 
 def test_corrupt_cache_is_one_line_error(tmp_path):
@@ -216,7 +227,8 @@ def test_bad_input_is_one_line_value_error(trained, heldout):
     one_line_error(quality.evaluate, images[:20], k=20, net=net, match="k must")
     one_line_error(quality.real_floor, 495, net=net, match="disjoint")
     one_line_error(quality.real_floor, 250, repeats=0, net=net, match="repeats")
-    one_line_error(quality.frechet_distance, np.zeros(3), np.eye(3), np.zeros(4), np.eye(4), match="shape")
+    one_line_error(quality.frechet_distance, np.zeros(3), np.eye(3), np.zeros(4), np.eye(4),
+                   match="shape")
     one_line_error(quality.precision_recall, np.zeros((10, 3)), np.zeros((10, 4)), match="same D")
 
 
@@ -225,8 +237,10 @@ def test_bad_input_is_one_line_value_error(trained, heldout):
 def test_best_sampling_is_the_lowest_fd_among_accurate_settings():
     rows = [{"fd": 10.0, "class_accuracy": 0.90}, {"fd": 30.0, "class_accuracy": 0.97},
             {"fd": 20.0, "class_accuracy": 0.96}, {"fd": 25.0, "class_accuracy": 0.99}]
-    assert quality.best_sampling(rows) is rows[2]                        # 10 is lower, but 90% accurate
-    assert quality.best_sampling(rows, min_accuracy=0.995) is rows[3]    # none reaches it: the most accurate
+    # 10 is lower, but 90% accurate
+    assert quality.best_sampling(rows) is rows[2]
+    # none reaches 99.5%: the most accurate
+    assert quality.best_sampling(rows, min_accuracy=0.995) is rows[3]
     assert quality.ranked_sampling(rows) == [rows[2], rows[3], rows[1], rows[0]]
     assert quality.ranked_sampling(rows, min_accuracy=0.97) == [rows[3], rows[1], rows[2], rows[0]]
 
@@ -235,14 +249,20 @@ def test_sweep_ranks_the_grid_on_few_samples_then_rescores_its_finalists(trained
     import data
     import tokenbridge as tb
     torch.manual_seed(0)
-    model = perturb(tb.TokenBridge(tb.TokenBridgeConfig.preset("digits")).calibrate(torch.randn(8, 16, 4, 4)))
+    model = tb.TokenBridge(tb.TokenBridgeConfig.preset("digits"))
+    model = perturb(model.calibrate(torch.randn(8, 16, 4, 4)))
     vae = data.build_small_vae(8, 16, width=8).eval()
-    rows, best = quality.sweep_sampling(model.train(), vae, cfgs=(1.0, 2.0, 3.0), temperatures=(1.0,),
-                                        steps=(16, 4), n=20, coarse_n=10, finalists=2, net=trained[0])
+    rows, best = quality.sweep_sampling(model.train(), vae, cfgs=(1.0, 2.0, 3.0),
+                                        temperatures=(1.0,), steps=(16, 4), n=20, coarse_n=10,
+                                        finalists=2, net=trained[0])
+
+    def settings(sampled):  # (cfg, samples, steps) of each row
+        return [(r["cfg"], r["n"], r["num_iter"]) for r in sampled]
     coarse, final = rows[:3], rows[3:]
-    assert [(r["cfg"], r["n"], r["num_iter"]) for r in coarse] == [(1.0, 10, 16), (2.0, 10, 16), (3.0, 10, 16)]
+    assert settings(coarse) == [(1.0, 10, 16), (2.0, 10, 16), (3.0, 10, 16)]
     finalists = quality.ranked_sampling(coarse)[:2]
-    assert [(r["cfg"], r["n"], r["num_iter"]) for r in final[:2]] == [(f["cfg"], 20, 16) for f in finalists]
-    assert final[2]["num_iter"] == 4 and final[2]["cfg"] == quality.best_sampling(final[:2])["cfg"]
-    assert best is quality.best_sampling(final) and best["n"] == 20      # compared at the full count only
-    assert model.training                                                 # the caller's mode is restored
+    assert settings(final[:2]) == [(f["cfg"], 20, 16) for f in finalists]
+    best_finalist = quality.best_sampling(final[:2])
+    assert final[2]["num_iter"] == 4 and final[2]["cfg"] == best_finalist["cfg"]
+    assert best is quality.best_sampling(final) and best["n"] == 20  # chosen at the full count only
+    assert model.training                                            # the caller's mode is restored
