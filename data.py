@@ -269,10 +269,16 @@ def check_vae(vae, stride, channels):
                          f"has channels={channels}; pick a matching --preset or VAE")
 
 
+# latent positions decoded at once: 256 digits, or 16 ImageNet images at 256 px (kl16's decoder
+# holds about 0.2 GB of fp32 activations per such image: 64 at once would take 13 GB)
+DECODE_POSITIONS = 4096
+
+
 @torch.no_grad()
-def decode(vae, latents, batch=256):
+def decode(vae, latents):
     """Scaled latents (B, C, h, w) -> uint8 images (B, H, W, 3), as deploy.to_uint8 makes them."""
     device = next(vae.parameters()).device
+    batch = max(1, DECODE_POSITIONS // (latents.shape[2] * latents.shape[3]))
     images = []
     for chunk in latents.split(batch):
         pixels = vae.decode(chunk.to(device) / vae.config.scaling_factor).sample  # (b, 3, H, W)

@@ -157,6 +157,7 @@ def train(args, given, dist_info, device):
     scaler = loss_scaler(args.precision, device)
     if ckpt:
         start_step = restore_state(ckpt, horizon, args, ema, opt, scaler, lr_of, dist_info)
+        del ckpt  # the pages of the memory-mapped file it read would stay in this process
     else:
         start_step = 0
         torch.manual_seed(args.seed + dist_info["rank"])  # mask/label-drop randomness per rank
