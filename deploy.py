@@ -379,7 +379,31 @@ class OnnxSampler:
                              f"{position_order!r}")
 
 
-# --- labels and images, for both runtimes ----------------------------------------------------
+# --- labels, output paths and images, for both runtimes --------------------------------------
+
+def parse_labels(text):
+    """--labels "3,3,7" -> int64 array, or None when not given (the range is checked per model)."""
+    if not text:
+        return None
+    try:
+        return np.array([int(x) for x in text.split(",")], np.int64)
+    except ValueError:
+        raise ValueError("--labels must be comma-separated class numbers such as 3,3,7, "
+                         f"got {text!r}") from None
+
+
+def unwritable(path):
+    """Why no file can be written at `path`, or None: the scripts check their outputs before
+    any work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a folder; give a file name"
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist; create it or choose another path"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable; choose another path"
+    return None
+
 
 def check_labels(labels, num_classes, allow_null=False):
     """Twin of TokenBridge._check_labels (the message too); returns the labels."""

@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import runs
+from deploy import unwritable
 
 K = 3                   # ADM's nhood_sizes=(3,): the k-th nearest neighbour sets a ball's radius
 SPLIT_SIZE = 5000       # ADM's compute_inception_score(split_size=5000)
@@ -319,15 +320,7 @@ def check_args(args):
     """Bad flags and an unwritable output are refused before an image is read."""
     if not args.batch_size >= 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    why = None
-    if os.path.isdir(args.out):
-        why = "it is a folder; give a file name"
-    elif not os.path.isdir(folder):
-        why = f"folder {folder} does not exist"
-    elif not os.access(folder, os.W_OK):
-        why = f"folder {folder} is not writable"
-    if why:
+    if why := unwritable(args.out):
         raise ValueError(f"--out {args.out}: cannot write there ({why})")
 
 

@@ -21,7 +21,8 @@ import sys
 import numpy as np
 
 from deploy import (SAMPLING_FILE, OnnxSampler, Parts, check_labels, latent_preview, npy_writer,
-                    npz_writer, process_slot, sample_in_batches, save_grid, to_uint8)
+                    npz_writer, parse_labels, process_slot, sample_in_batches, save_grid,
+                    to_uint8, unwritable)
 
 
 def onnx_runtime(args, device_id):
@@ -170,17 +171,6 @@ def use_tuned(args):
             print(f"sampling as {path} says: {said} (flags override)")
 
 
-def parse_labels(text):
-    """--labels "3,3,7" -> int64 array, or None when not given (the range is checked per model)."""
-    if not text:
-        return None
-    try:
-        return np.array([int(x) for x in text.split(",")], np.int64)
-    except ValueError:
-        raise ValueError("--labels must be comma-separated class numbers such as 3,3,7, "
-                         f"got {text!r}") from None
-
-
 def check_args(args):
     """Bad flags and unwritable outputs are refused before anything is loaded or sampled; the
     upper ends of num_iter and the labels depend on the model and are checked with it."""
@@ -199,18 +189,6 @@ def check_args(args):
     for flag, path in outputs.items():
         if path and (why := unwritable(path)):
             raise ValueError(f"{flag} {path}: cannot write there ({why})")
-
-
-def unwritable(path):
-    """Why no file can be written at `path`, or None."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return "it is a folder; give a file name"
-    if not os.path.isdir(folder):
-        return f"folder {folder} does not exist; create it or choose another path"
-    if not os.access(folder, os.W_OK):
-        return f"folder {folder} is not writable; choose another path"
-    return None
 
 
 def get_parser():

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 import data
 import runs
 import tokenbridge as tb
-from deploy import SAMPLING_FILE, batch_seed, check_labels, tile, write_atomic
+from deploy import SAMPLING_FILE, batch_seed, check_labels, tile, unwritable, write_atomic
 
 TINT = np.array([60, 80, 130], np.float32)  # unknown positions lean to slate blue: visible on
 UNKNOWN_SHADE = 0.7                          # the digits' black background and on white alike
@@ -233,9 +233,8 @@ def check_args(args):
                              ("--max-columns", args.max_columns, 2)):
         if value is not None and not value >= low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {args.out}: folder {folder} does not exist or is not writable")
+    if why := unwritable(args.out + ".png"):
+        raise ValueError(f"--out {args.out}: cannot write there ({why})")
 
 
 def main(args):
