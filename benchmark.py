@@ -157,10 +157,12 @@ def training(args):
     opt = make_optimizer(model, 1e-4, 0.02)
     latents = torch.randn(args.batch, *latent_shape)
     labels = torch.randint(config.num_classes, (args.batch,))
+    precision = "bf16" if device.type == "cuda" else "fp32"   # train.py's default on each
     result = {"benchmark": "train_step",
               "preset": preset,
               "batch": args.batch,
               "device": str(device),
+              "precision": precision,
               "threads": torch.get_num_threads(),
               "params": model.num_params()}
 
@@ -171,7 +173,8 @@ def training(args):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            train_step(TrainingLoss(model, positions), opt, [(latents, labels)], 1e-4, 3.0, device)
+            train_step(TrainingLoss(model, positions), opt, [(latents, labels)], 1e-4, 3.0, device,
+                       precision)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -179,6 +182,9 @@ def training(args):
         suffix = "" if positions == 0 else f"_head{positions}"
         result[f"step_ms{suffix}"] = round(step * 1000, 1)
         result[f"img_per_s{suffix}"] = round(args.batch / step, 1)
+        peak = peak_memory(device)
+        if positions == 0 and peak:  # the peak of the paper's loss: what sizes --micro-batch
+            result["peak_memory_gib"] = round(peak / 2**30, 2)
 
     # what the paper's loss takes on one device
     epoch_h = IMAGENET_TRAIN_IMAGES * result["step_ms"] / 1000 / args.batch / 3600
@@ -186,6 +192,18 @@ def training(args):
     result["recipe_days_one_device"] = round(epoch_h * RECIPES[preset].epochs / 24, 1)
     print(json.dumps(result), flush=True)
     return result
+
+
+def peak_memory(device):
+    """Bytes: the most CUDA memory allocated so far, or this process's peak RSS where /proc
+    tells it (Linux), else None."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def get_parser():
