@@ -69,7 +69,7 @@ PY = sys.executable
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(PY)) or shutil.which("torchrun")
 SCALES = {
     # the paper's models and MAR's kl16: 256 px -> 16x16x16 latents. Training: 2 steps; the
-    # killed run dies 10 s into step 2 (a 4-image micro-step of L takes ~50 s on 2 cores)
+    # killed run dies 10 s into step 2 (a 2-image micro-step of L takes ~30 s on 2 cores)
     "real": dict(large="large", huge="huge", base="base", vae={}, steps=2, kill_delay_s=10,
                  encode_batch=2, ddp_twin=False),
     # the same official layouts, tiny: 32 px through a stride-4 LDM VAE -> 8x8x16 latents (LDM's
@@ -87,6 +87,7 @@ NUM_IMAGES, KILL_AT = 4, 2      # FID-style sampling: 4 one-image batches, kille
 # its own position only (over several steps it cascades into every later position: measured at
 # real size, 4 steps, one flip changed 9% of an image's tokens)
 MAX_POSITION_FLIPS = 0.01
+POLL_S = 0.2                    # how often a command's peak memory is read (VmHWM only grows)
 ADAMW = dict(lr=4e-4, betas=(0.9, 0.95), eps=1e-8)   # official recipe: blr 5e-5 x 2048 / 256
 
 
@@ -116,10 +117,6 @@ class Rehearsal:
         """Popen of argv, its stdout and stderr to the log folder: (process, stderr path)."""
         self.log = self.path("logs", f"{len(self.rows):02d}-{stage}")   # the last command's
         print(f"[{stage}] $ {shlex.join(argv)}", flush=True)
-        # the child execs from this process's memory (vfork), and Linux starts its ru_maxrss at
-        # our high-water mark (8 GB after writing L and H): at our present RSS instead (~1 GB
-        # with torch and diffusers loaded, a floor under every row)
-        reset_peak()
         with open(self.log + ".out", "wb") as out, open(self.log + ".err", "wb") as err:
             return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err), self.log + ".err"
 
@@ -138,12 +135,18 @@ class Rehearsal:
         print(f"[{stage}] {what}{more}", flush=True)
 
     def run(self, stage, what, argv):
-        """Run argv to its end; its stderr text, or StageFailed with its tail."""
+        """Run argv to its end; its stderr text, or StageFailed with its tail. Peak memory: the
+        largest VmHWM in its process tree, polled. (Not wait4's ru_maxrss: the child is spawned
+        from this process's memory, and Linux starts its ru_maxrss at our own peak, gigabytes
+        after this process has compared two L checkpoints.)"""
         begin = time.perf_counter()
         process, err = self.start(stage, argv)
-        _, status, usage = os.wait4(process.pid, 0)  # not wait(): wait4 also gives the peak memory
-        process.returncode = os.waitstatus_to_exitcode(status)
-        self.record(stage, what, time.perf_counter() - begin, usage.ru_maxrss)
+        peak = 0
+        while not (ended := os.wait4(process.pid, os.WNOHANG))[0]:
+            peak = max(peak, peak_kib(descendants(process.pid)))
+            time.sleep(POLL_S)
+        process.returncode = os.waitstatus_to_exitcode(ended[1])
+        self.record(stage, what, time.perf_counter() - begin, peak)
         text = read_text(err)
         if process.returncode != 0:
             raise StageFailed(stage, f"{what} exited with status {process.returncode}", text)
@@ -751,8 +754,10 @@ def rehearse_training(r, stage, preset, ranks, micro_batch, twin=True):
 
 
 def train(r):
-    """TokenBridge-L on one process (two do not fit 24 GB), 2 micro-batches of 4 per step."""
-    rehearse_training(r, "train", r.scale["large"], ranks=1, micro_batch=4)
+    """TokenBridge-L on one process (two do not fit 24 GB), 4 micro-batches of 2 per step: L's
+    fp32 activations take about 3.6 GB per image on the CPU (the head runs on every position's
+    16 channel slots), so micro-batches of 4 would peak at about 23 GB."""
+    rehearse_training(r, "train", r.scale["large"], ranks=1, micro_batch=2)
 
 
 def ddp(r):

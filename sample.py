@@ -195,9 +195,8 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", dest="run", help="run folder with checkpoint.pt (and vae/): "
                         "the torch runtime's model and tuned settings")
-    parser.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the run's EMA "
-                        "weights (when it has them) or the raw ones (a young run's EMA is still "
-                        "close to its initialisation)")
+    parser.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                        help="the EMA weights or the raw ones (a young run's EMA is near its init)")
     parser.add_argument("--onnx", help="folder written by export.py: the onnx runtime's graphs")
     parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                         help="which runtime samples")
@@ -206,8 +205,7 @@ def get_parser():
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                         help="torch on CUDA: half-precision matmuls (the official evaluation's "
                         "fp16; much faster, tokens then differ from ONNX Runtime's)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for either runtime (0 = its default)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the runtime's)")
     parser.add_argument("--head-threads", type=int, default=1,
                         help="ONNX Runtime threads of the head step on CPU (tiny operators)")
     parser.add_argument("--seed", type=int, default=0,
@@ -232,14 +230,12 @@ def get_parser():
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy "
                         "(default: the run's tuned one, else 1)")
     parser.add_argument("--position-order", choices=["random", "confidence"], default="random",
-                        help="which positions each step keeps: a random order, or the most "
-                        "confident")
+                        help="positions each step keeps: a random order, or the most confident")
     parser.add_argument("--out", default="samples.png",
                         help="PNG grid of the first 100 images ('' for none)")
     parser.add_argument("--save-tokens", help="save the token indices (B, N, C) to this .npy")
-    parser.add_argument("--npz", help="ADM-style .npz for FID tools: arr_0 (N, H, W, 3) uint8 "
-                        "and labels")
-    parser.add_argument("--official", help="official checkpoint-last.pth: converted into "
+    parser.add_argument("--npz", help="ADM's .npz for FID: arr_0 (N, H, W, 3) uint8, labels")
+    parser.add_argument("--official", help="official checkpoint-last.pth, converted into "
                         "--run-dir (default runs/official-PRESET)")
     parser.add_argument("--preset", default="large",
                         help="the size of the --official checkpoint (a preset: large, huge)")
