@@ -425,7 +425,7 @@ def get_parser():
                         "every --sample-every steps (0: no grid)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                         help="digits: end a run with the sampling sweep that picks the grid's "
-                        "and sample.py's settings (about 5 min on 2 cores)")
+                        "and sample.py's settings (about 2 min on 2 cores)")
     parser.add_argument("--num-iter", type=int, default=64,
                         help="decoding steps of the sample grid (at most one per position)")
     parser.add_argument("--cfg", type=float, default=4.0,

@@ -313,7 +313,8 @@ def final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics, lo
 
     grid = {"num_iter": args.num_iter, "cfg": args.cfg, "temperature": args.temperature}
     if args.sweep and not args.data:  # the digits: the sampling settings that sample best, measured
-        log("[eval] sampling sweep: cfg x temperature, then fewer steps for the best pair")
+        log("[eval] sampling sweep: cfg x temperature on few samples, the best again on more, "
+            "then fewer steps for the best pair")
         rows, best = quality.sweep_sampling(ema, vae, seed=args.seed)
         grid = {k: best[k] for k in grid}
         runs.write_json({**best, "sweep": rows}, run_dir / SAMPLING_FILE)

@@ -11,7 +11,7 @@ import rehearse
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.rehearsal
+@pytest.mark.slow
 def test_tiny_rehearsal_runs_every_stage(tmp_path):
     argv = [sys.executable, "rehearse.py", "--scale", "tiny", "--out", str(tmp_path / "work")]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -24,7 +24,7 @@ def test_tiny_rehearsal_runs_every_stage(tmp_path):
     assert not (tmp_path / "work").exists()            # removed without --keep
 
 
-@pytest.mark.rehearsal
+@pytest.mark.slow
 def test_tiny_training_rehearsal_runs_every_stage(tmp_path):
     argv = [sys.executable, "rehearse.py", "--path", "train", "--scale", "tiny",
             "--out", str(tmp_path / "work")]

@@ -788,6 +788,7 @@ def launch(tmp_path, fake_data, vae_dir):
     return start
 
 
+@pytest.mark.slow
 def test_two_threads_straight_split_killed_and_resumed_runs_are_bit_identical(tmp_path, launch):
     assert launch("a").returncode == 0
     assert launch("b").returncode == 0
@@ -818,6 +819,7 @@ torch.set_num_threads(2); print(torch.equal(one, dy.t() @ x))
 """
 
 
+@pytest.mark.slow
 def test_deterministic_training_is_bit_identical_at_any_thread_count(tmp_path, launch):
     """--deterministic: 1 thread and 2 threads give the same weights (without it, LayerNorm's
     fused CPU backward sums its weight gradients per thread). It needs matrix products that round
