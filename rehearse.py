@@ -347,17 +347,21 @@ def write_ldm_vae(vae_config, stride, path, seed=0):
     torch.save({"model": interop.to_ldm_state_dict(vae)}, path)
 
 
-def weights(r):
-    large, huge = r.scale["large"], r.scale["huge"]
+def write_weights(work, large, huge, vae_config):
+    """Official L (with AdamW moments) and H checkpoints and kl16, random, into work."""
+    write_official_checkpoint(large, os.path.join(work, "L.pth"), moments=True)
+    write_official_checkpoint(huge, os.path.join(work, "H.pth"), moments=False)  # memory
+    stride = tb.TokenBridgeConfig.preset(large).vae_stride
+    write_ldm_vae(json.loads(vae_config), stride, os.path.join(work, "kl16.ckpt"))
 
-    def write():
-        print(f"[weights] writing L.pth ({large}, with AdamW moments), H.pth ({huge}), kl16.ckpt",
-              flush=True)
-        write_official_checkpoint(large, r.path("L.pth"), moments=True)
-        write_official_checkpoint(huge, r.path("H.pth"), moments=False)   # memory: no moments
-        stride = tb.TokenBridgeConfig.preset(large).vae_stride
-        write_ldm_vae(r.scale["vae"], stride, r.path("kl16.ckpt"))
-    r.in_process("weights", "official L.pth, H.pth and kl16.ckpt, random (in-process)", write)
+
+def weights(r):
+    # in a child process: its memory goes with it (this process's later in-process rows would
+    # show the gigabytes of L and H otherwise), and the row measures it as any command
+    large, huge = r.scale["large"], r.scale["huge"]
+    code = "import sys, rehearse; rehearse.write_weights(*sys.argv[1:])"
+    r.run("weights", f"official L.pth ({large}, with AdamW moments), H.pth ({huge}), kl16.ckpt, "
+          "random", [PY, "-c", code, r.work, large, huge, json.dumps(r.scale["vae"])])
 
 
 # --- stage 2: convert -------------------------------------------------------------------------
@@ -828,7 +832,7 @@ def work_folder(args):
         raise ValueError(f"--out {args.out} is not empty (a rehearsal starts from nothing); "
                          "remove it or choose another folder")
     os.makedirs(args.out, exist_ok=True)
-    return args.out
+    return os.path.abspath(args.out)  # the commands run in the repository root
 
 
 def main(args):
