@@ -63,8 +63,15 @@ def main(args, given=None):
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     dist_info, device = setup_distributed(args.device)
     set_threads(args.threads, dist_info["local_world"])
+    # a launch that fails before writing anything leaves no empty run folder behind
+    new_folder = None if args.resume or os.path.exists(args.out) else Path(args.out)
     try:
         return train(args, given, dist_info, device)
+    except BaseException:
+        with contextlib.suppress(OSError):  # another rank may remove it first
+            if new_folder is not None and not any(new_folder.iterdir()):
+                new_folder.rmdir()
+        raise
     finally:
         if dist.is_initialized():
             gc.collect()  # DDP's wrapper sits in reference cycles; its gloo threads must go first
@@ -83,15 +90,15 @@ def train(args, given, dist_info, device):
     default_precision = "bf16" if device.type == "cuda" else "fp32"
     args.precision = getattr(args, "precision", None) or default_precision
     horizons = ckpt["horizons"] if ckpt else []
-    run_dir = Path(args.out)
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(dist_info)
     config = tb.TokenBridgeConfig.from_dict(ckpt["config"]) if ckpt else build_config(args)
     micro_batch = min(args.micro_batch, args.batch // world)
     if args.batch % world or (args.batch // world) % micro_batch:
         raise ValueError(f"--batch {args.batch} (global) must split evenly into {world} "
                          f"process(es) x micro-batches of --micro-batch {args.micro_batch}")
+    run_dir = Path(args.out)  # made only once the flags hold together
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(dist_info)
     log(recipe_summary(args, config), dist_info)
 
     # 1. Data: an image folder, decoded lazily, or the built-in digits

@@ -617,6 +617,20 @@ def test_impossible_numbers_are_refused_before_anything_is_written(tmp_path, fla
     assert not (tmp_path / "r").exists()
 
 
+def test_a_launch_that_fails_early_leaves_no_run_folder(tmp_path):
+    with pytest.raises(ValueError, match="must split evenly"):
+        main_cli(["--out", str(tmp_path / "r"), "--batch", "10", "--micro-batch", "3"])
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        main_cli(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "r").mkdir()                                 # a folder that was there stays
+    with pytest.raises(ValueError, match="no images found"):
+        main_cli(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert (tmp_path / "r").is_dir()
+
+
 def test_command_line_errors_are_one_line_and_a_failing_exit(tmp_path):
     cases = [["--batch", "0"]] + ([] if torch.cuda.is_available() else [["--device", "cuda"]])
     for argv in cases:
