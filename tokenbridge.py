@@ -53,10 +53,10 @@ def unpatchify(tokens, grid):
 class GaussianQuantizer(nn.Module):
     """Quantize each channel of a continuous latent into `levels` equiprobable Gaussian bins.
 
-    u = (x - mean_c) / std_c, clamped to [-r, r], falls in the bin b_k <= u < b_{k+1} with
-    b_k = Φ⁻¹(k / levels) (clamped too), represented by its conditional mean γ_k = E[ξ | b_k <= ξ <
-    b_{k+1}], ξ ~ N(0, 1). Buffers only: it travels with checkpoints and ONNX. assign="nearest" is
-    the official code's nearest γ (differs for ~0.5% of values); `order`: the channels' AR order.
+    u = (x - mean_c) / std_c, clamped to [-r, r], falls in the bin b_k <= u < b_{k+1}, with
+    b_k = Φ⁻¹(k / levels) clamped too; γ_k = E[ξ | b_k <= ξ < b_{k+1}], ξ ~ N(0, 1), represents it.
+    Buffers only: it travels with checkpoints and ONNX. assign="nearest" is the official code's
+    nearest γ (differs for ~0.5% of values); `order`: the channels' AR order.
     """
 
     def __init__(self, levels=64, std_range=3.0, channels=16, assign="bins"):

@@ -32,7 +32,8 @@ def test_tables_match_scipy(levels):
 
 
 def test_tables_are_finite_when_the_clamp_empties_the_end_bins():
-    """At 1024 levels the end bins lie beyond ±3σ (Φ(-3) > 1/1024): the clamp leaves them empty."""
+    """At 1024 levels the end bins lie beyond ±3σ (Φ(-3) > 1/1024): the clamp leaves them
+    empty."""
     q = tb.GaussianQuantizer(levels=1024, std_range=3.0)
     b = q.boundaries.numpy().astype(np.float64)
     empty = b[1:] == b[:-1]
