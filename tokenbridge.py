@@ -54,7 +54,7 @@ class GaussianQuantizer(nn.Module):
     """Quantize each channel of a continuous latent into `levels` equiprobable Gaussian bins.
 
     u = (x - mean_c) / std_c, clamped to [-r, r], falls in the bin b_k <= u < b_{k+1}, with
-    b_k = Φ⁻¹(k/levels), clamped; γ_k = E[ξ | b_k <= ξ < b_{k+1}] stands for it, ξ ~ N(0, 1).
+    b_k = Φ⁻¹(k/levels), clamped; γ_k = E[ξ | b_k <= ξ < b_{k+1}] stands for it, ξ ~ N(0,1).
     Buffers only: it travels with checkpoints and ONNX. assign="nearest" is the official code's
     nearest γ (differs for ~0.5% of values); `order`: the channels' AR order.
     """
