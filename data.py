@@ -589,7 +589,8 @@ def decode_levels(vae, quantizer, modes, levels):
     quantizer's calibration with that many bins): uint8 (B, H, W, 3)."""
     if levels == "continuous":
         return decode(vae, modes)
-    return decode(vae, quantizer.with_levels(levels).round_trip(modes))
+    quantizer = quantizer.with_levels(levels)
+    return decode(vae, quantizer.round_trip(modes.to(quantizer.mean.device)))
 
 
 def reconstruction_report(vae, quantizer, images, modes, levels, run_dir, rows=8):
