@@ -201,7 +201,8 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", 
     """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped) over this process's
     micro-batches [(latents, labels), ...], gradients accumulated (averaged, as DDP averages
     over processes), the forward passes in `precision` (PRECISIONS; fp16 with `scaler`).
-    Returns the mean loss; a non-finite one skips the update (the caller stops)."""
+    Returns the mean loss over every process's micro-batches; a non-finite one skips the update
+    (the caller stops)."""
     for g in opt.param_groups:
         g["lr"] = lr
     dtype = PRECISIONS[precision]
@@ -222,10 +223,12 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", 
             scaler.scale(loss / len(micro_batches)).backward()
         total = total + loss.detach().float()
 
-    # the mean loss: a non-finite one stops the step before the update
+    # the mean loss over every rank's micro-batches: a non-finite one stops the step before the
+    # update, on every rank alike (a NaN on one makes the mean NaN on all)
     value = total / len(micro_batches)
-    if dist.is_initialized():  # every rank must take the same stop-or-go decision
+    if dist.is_initialized():
         dist.all_reduce(value)
+        value = value / dist.get_world_size()
     value = value.item()
     if not math.isfinite(value):
         return value

@@ -722,6 +722,51 @@ def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])  # each rank its masks
 
 
+# Two gloo processes forked from one that has imported everything, DDP's torch._dynamo included
+# (seconds per process otherwise): each rank computes its own micro-batch's loss, then
+# train_step's under DDP, from the same RNG state.
+DDP_LOSS_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+import torch._dynamo, torch.distributed as dist, tokenbridge as tb, training
+from torch.nn.attention import sdpa_kernel
+torch.set_num_threads(1)
+
+def rank_losses(rank, out):
+    dist.init_process_group("gloo", init_method=f"file://{{out}}/store", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = tb.TokenBridge(tb.TokenBridgeConfig(**{cfg!r})).calibrate(torch.randn(8, 4, 4, 4))
+    batch = (torch.randn(4, 4, 4, 4) * (1 + rank), torch.tensor([0, 1, 0, 1]))
+    torch.manual_seed(1 + rank)
+    with sdpa_kernel(training.TRAINING_ATTENTION):
+        own = training.TrainingLoss(model)(*batch).item()
+    torch.manual_seed(1 + rank)
+    ddp = torch.nn.parallel.DistributedDataParallel(training.TrainingLoss(model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    logged = training.train_step(ddp, opt, [batch], 0.0, 1e9, torch.device("cpu"))
+    with open(f"{{out}}/{{rank}}.json", "w") as f:
+        json.dump({{"own": own, "logged": logged}}, f)
+    dist.destroy_process_group()
+
+torch.multiprocessing.start_processes(rank_losses, (sys.argv[1],), nprocs=2, start_method="fork")
+"""
+
+
+def test_ddp_logs_the_mean_loss_of_the_ranks(tmp_path):
+    """train_step's loss under 2 processes is the mean of the ranks' own losses, as one process
+    over the same global batch would log it, not their sum."""
+    script = tmp_path / "ddp_loss.py"
+    script.write_text(DDP_LOSS_SCRIPT.format(root=str(ROOT), cfg=SMALL_CFG))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    own = [r["own"] for r in ranks]
+    assert own[0] != pytest.approx(own[1])                      # the ranks saw different data
+    for r in ranks:
+        assert r["logged"] == pytest.approx(sum(own) / 2, rel=1e-6)
+
+
 # --- determinism: bit-identical weights on 2 threads, whatever stops the run -------------------
 
 KILLABLE_SCRIPT = """
