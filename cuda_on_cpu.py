@@ -106,7 +106,7 @@ class CudaOnCpu:
 
     @staticmethod
     def _load(*args, **kwargs):
-        """torch.load reads into fake tensors while a FakeTensorMode is active: files hold values."""
+        """torch.load would read into fake tensors under a FakeTensorMode: files hold values."""
         with unset_fake_temporarily():
             return _TORCH_LOAD(*args, **kwargs)
 

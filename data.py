@@ -616,10 +616,20 @@ def reconstruction_report(vae, quantizer, images, modes, levels, run_dir, rows=8
 # The data order: a function of (seed, step), no state
 # ---------------------------------------------------------------------------------------------
 
+# seeded_generator's streams: one per use, so no two uses share random numbers (0: data order)
+NOISE_STREAM, MASK_STREAM = 1, 2
+
+
+def seeded_generator(*key, stream=0):
+    """A CPU generator that depends only on the integers `key` and `stream` (numpy's spawn key:
+    independent streams). A stream's keys have one length: a trailing 0 gives the same stream."""
+    sequence = np.random.SeedSequence(list(key), spawn_key=(stream,) if stream else ())
+    return torch.Generator().manual_seed(int(sequence.generate_state(1)[0]))
+
+
 def step_generator(seed, step):
     """A generator that depends only on (seed, step): no iterator state to save or restore."""
-    state = np.random.SeedSequence([seed, step]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
+    return seeded_generator(seed, step)
 
 
 @functools.lru_cache(maxsize=2)
@@ -640,13 +650,14 @@ def batch_indices(seed, step, n, batch):
 def get_batch(cache, train_idx, seed, step, batch, rank=0, world=1):
     """This rank's share of the step's global batch: scaled latents (b, C, h, w), labels (b,).
 
-    Latents are drawn from the cached posterior (mean + std * noise) = latent_dist.sample().
-    Only this rank's rows are read from the cache.
+    Latents are drawn from the cached posterior (mean + std * noise) = latent_dist.sample(), the
+    noise of global row r from a generator of (seed, step, r): a rank reads and draws only its own
+    rows, and a row's latent does not depend on the number of processes.
     """
-    g = step_generator(seed, step)
-    idx = train_idx[batch_indices(seed, step, len(train_idx), batch)]
-    flip = torch.randint(cache.flips, (batch,), generator=g)
-    noise = torch.randn((batch,) + cache.moments.shape[3:], generator=g)
-    idx, flip, noise = idx[rank::world], flip[rank::world], noise[rank::world]
+    rows = torch.arange(rank, batch, world)
+    idx = train_idx[batch_indices(seed, step, len(train_idx), batch)[rows]]
+    flip = torch.randint(cache.flips, (batch,), generator=step_generator(seed, step))[rows]
+    noise = torch.stack([torch.randn(cache.moments.shape[3:], generator=seeded_generator(
+        seed, step, int(r), stream=NOISE_STREAM)) for r in rows])
     moments = cache.read(idx, flip)                                            # (b, 2, C, h, w)
     return moments[:, 0] + moments[:, 1] * noise, cache.labels[idx]

@@ -650,17 +650,21 @@ class TokenBridge(nn.Module):
         return self
 
     # --- training ------------------------------------------------------------------------------
-    def random_mask(self, batch, device):
+    def random_mask(self, batch, device, generator=None):
         """MAR masking: one ratio per batch ~ truncated N(1, 0.25) on [mask_ratio_min, 1], a random
-        order per image. Returns mask (B, N), True = masked (to predict)."""
+        order per image. Returns mask (B, N) on `device`, True = masked (to predict). generator:
+        a CPU torch.Generator that both draws come from, on the CPU, so that no global random
+        state moves (evaluation); None: torch's global generators, the order on `device`."""
         N = self.config.seq_len
         lo = (self.config.mask_ratio_min - 1.0) / 0.25             # the lower bound, standardised
         ndtr_lo = torch.special.ndtr(torch.tensor(lo, dtype=torch.float64))
-        u = ndtr_lo + (0.5 - ndtr_lo) * torch.rand((), dtype=torch.float64)   # inverse-CDF draw
+        u = torch.rand((), dtype=torch.float64, generator=generator)
+        u = ndtr_lo + (0.5 - ndtr_lo) * u                                     # inverse-CDF draw
         ratio = 1.0 + 0.25 * torch.special.ndtri(u).item()
         num_masked = min(N, math.ceil(N * ratio))
-        rank = torch.rand(batch, N, device=device).argsort(-1).argsort(-1)    # random order
-        return rank < num_masked
+        where = device if generator is None else "cpu"          # a CPU generator draws there
+        rank = torch.rand(batch, N, device=where, generator=generator).argsort(-1).argsort(-1)
+        return (rank < num_masked).to(device)                                  # random order
 
     def token_logits(self, latents, labels, mask, head_positions=0):
         """Backbone + teacher-forced head: logits (M, C, levels) and targets (M, C) for the M masked

@@ -5,7 +5,7 @@
     opt = make_optimizer(model, lr, args.weight_decay)
     loss_fn = TrainingLoss(model, args.head_positions)
     loss = train_step(loss_fn, opt, micro_batches, lr, args.grad_clip, device)
-    bits = validation_bits(ema, latents, labels)
+    bits = validation_bits(ema, latents, labels, batch=args.micro_batch, precision=args.precision)
 
 Recipes follow the official code (main_tokenbridge.py, util/lr_sched.py, util/misc.py): lr = blr
 x global batch / 256, linear warm-up from 0 then cosine to 0 at every step's fractional epoch,
@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import quality
 import runs
-from data import decode
+from data import MASK_STREAM, decode, seeded_generator
 from deploy import SAMPLING_FILE, save_grid
 
 METRICS_FILE = "metrics.json"  # a run's end: "complete" once its last checkpoint is written
@@ -197,6 +197,14 @@ def loss_scaler(precision, device):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def autocast_context(precision, device):
+    """The forward passes' autocast in `precision` (PRECISIONS) on `device`; fp32: none."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
 def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", scaler=None):
     """One optimizer step of loss_fn (a TrainingLoss, maybe DDP-wrapped) over this process's
     micro-batches [(latents, labels), ...], gradients accumulated (averaged, as DDP averages
@@ -205,8 +213,7 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", 
     (the caller stops)."""
     for g in opt.param_groups:
         g["lr"] = lr
-    dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    autocast = autocast_context(precision, device)
     scaler = scaler or loss_scaler(precision, device)
     opt.zero_grad(set_to_none=True)
 
@@ -245,32 +252,50 @@ def train_step(loss_fn, opt, micro_batches, lr, clip, device, precision="fp32", 
 # Evaluation: NLL and a sample grid
 # ---------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def validation_bits(model, latents, labels, seed=0, batch=250, per_channel=False):
-    """Validation NLL in bits per token (one token = one channel index) on held-out latents;
-    per_channel: a (C,) tensor, one NLL per channel slot in generation order, instead.
+# Validation images that share one mask ratio (random_mask draws one per call; a forward pass
+# needs one count of masked positions): a fixed number, so the masks do not follow the batch.
+VALIDATION_MASK_GROUP = 250
 
-    Masks come from a fixed seed inside fork_rng, so the number is comparable across steps and
-    runs and evaluating never moves the training RNG.
+
+@torch.no_grad()
+def validation_bits(model, latents, labels, seed=0, batch=64, per_channel=False,
+                    precision="fp32"):
+    """Validation NLL in bits per token (one token = one channel index) on held-out latents;
+    per_channel: a (C,) tensor, one NLL per channel slot in generation order, instead. The
+    forward passes take `batch` images (train.py: the micro-batch) under `precision`'s autocast.
+
+    Each VALIDATION_MASK_GROUP images share a mask ratio, their masks drawn from a generator of
+    (seed, group) alone: the number does not depend on `batch`, is comparable across steps and
+    runs, and evaluating moves no global random state (the training's CPU and CUDA streams).
     """
+    if batch < 1:
+        raise ValueError(f"validation batch must be >= 1, got {batch}")
     device = next(model.parameters()).device
+    autocast = autocast_context(precision, device)
     total, count = torch.zeros(model.config.channels, dtype=torch.float64), 0
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for lat, lab in zip(latents.split(batch), labels.split(batch), strict=True):
-                mask = model.random_mask(len(lat), device)
-                # logits (M, C, levels), targets (M, C): one NLL per masked position and slot
+        for lat, lab, mask in validation_batches(model, latents, labels, seed, batch, device):
+            # logits (M, C, levels), targets (M, C): one NLL per masked position and slot
+            with autocast:
                 logits, targets = model.token_logits(lat.to(device), lab.to(device), mask)
-                nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
-                total += nll.sum(0).double().cpu()                                     # (C,)
-                count += len(targets)
+            nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+            total += nll.double().sum(0).cpu()           # (C,), in float64: the same at any batch
+            count += len(targets)
     finally:
         model.train(was_training)
     bits = total / count / math.log(2)
     return bits if per_channel else bits.mean().item()
+
+
+def validation_batches(model, latents, labels, seed, batch, device):
+    """(latents, labels, mask on `device`) of at most `batch` images, in order; the masks of
+    group k (VALIDATION_MASK_GROUP images) from a generator of (seed, k)."""
+    group = VALIDATION_MASK_GROUP
+    for k, (lat, lab) in enumerate(zip(latents.split(group), labels.split(group), strict=True)):
+        masks = model.random_mask(len(lat), device, seeded_generator(seed, k, stream=MASK_STREAM))
+        yield from zip(lat.split(batch), lab.split(batch), masks.split(batch), strict=True)
 
 
 def grid_classes(num_classes, rows=10):
@@ -310,7 +335,9 @@ def final_evaluation(args, ema, vae, val_modes, val_labels, run_dir, metrics, lo
     0 skips it: at ImageNet size on a CPU it takes hours)."""
     if len(val_labels):
         log("[eval] validation NLL of the EMA weights")
-        metrics["val_bits_per_token"] = validation_bits(ema, val_modes, val_labels)
+        metrics["val_bits_per_token"] = validation_bits(ema, val_modes, val_labels,
+                                                        batch=args.micro_batch,
+                                                        precision=args.precision)
         runs.write_json(metrics, run_dir / METRICS_FILE)
         log(f"[eval] validation NLL {metrics['val_bits_per_token']:.4f} bits/token (EMA)")
 

@@ -4,6 +4,7 @@ DDP on CPU (gloo, 2 processes), checkpoints and every bad-input error.
 Tiny everything: a 40-image fake folder (two classes of coloured shapes), a small VAE trained
 for a few steps once per session, the `tiny` preset shrunk further. Run: pytest tests/test_train.py
 """
+import argparse
 import json
 import math
 import os
@@ -168,6 +169,21 @@ def test_ranks_split_the_global_batch():
     assert torch.equal(whole.flatten().long() % 6, lab)
 
 
+def test_a_rank_draws_the_noise_of_its_own_rows_only(monkeypatch):
+    """2048 images x 8 ranks: each drawing the whole global batch's noise is 8x the work. A row's
+    latent is the same on whichever rank draws it."""
+    moments = np.zeros((8, 1, 2, 3, 2, 2), np.float32)
+    moments[:, :, 1] = 1.0                                                    # std 1: the noise
+    cache = data.LatentCache(moments, torch.arange(8), torch.zeros(0, dtype=torch.long))
+    drawn, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(randn(*a, **k)) or drawn[-1])
+    whole, _ = data.get_batch(cache, torch.arange(8), 0, 2, 8)
+    drawn.clear()
+    part, _ = data.get_batch(cache, torch.arange(8), 0, 2, 8, rank=1, world=4)
+    assert sum(x.numel() for x in drawn) == part.numel() == 2 * 3 * 2 * 2
+    assert torch.equal(part, whole[1::4])
+
+
 # --- optimizer, schedule, EMA -------------------------------------------------------------------
 
 def test_weight_decay_follows_the_official_rule(small_cfg):
@@ -257,6 +273,68 @@ def test_validation_bits_of_a_uniform_model_is_log2_levels(small_cfg, monkeypatc
     expected = torch.tensor([0.0] + [4.0] * (small_cfg.channels - 1), dtype=torch.float64)
     assert torch.allclose(bits, expected, atol=1e-6)
     assert training.validation_bits(model, lat, lab) == pytest.approx(bits.mean().item())
+
+
+def record_unseeded_draws(monkeypatch):
+    """A list that every reseeding of a CUDA device and every draw from torch's global generators
+    (on a GPU: the training's CUDA stream) is appended to."""
+    calls = []
+
+    def recorded(name, real):
+        def call(*args, **kwargs):
+            if name.startswith("cuda") or kwargs.get("generator") is None:
+                calls.append(name)
+            return real(*args, **kwargs)
+        return call
+    for name in ("manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, recorded(f"cuda.{name}", getattr(torch.cuda, name)))
+    for name in ("rand", "randn", "randint", "randperm"):
+        monkeypatch.setattr(torch, name, recorded(name, getattr(torch, name)))
+    return calls
+
+
+def test_validation_touches_no_global_rng_and_not_the_batch_split(small_cfg, perturb,
+                                                                   monkeypatch):
+    """Masks come from generators of their own: no global state moves (torch.manual_seed would
+    reseed every CUDA device, which fork_rng(devices=[]) does not restore), and the number is
+    the same twice and at any batch size."""
+    torch.manual_seed(0)
+    model = perturb(tb.TokenBridge(small_cfg))
+    lat = torch.randn(20, small_cfg.channels, small_cfg.grid, small_cfg.grid)
+    model.calibrate(lat)
+    lab = torch.arange(20) % 2
+    state, unseeded = torch.get_rng_state(), record_unseeded_draws(monkeypatch)
+    bits = [training.validation_bits(model, lat, lab, batch=b) for b in (250, 250, 7)]
+    assert unseeded == [] and torch.equal(state, torch.get_rng_state())
+    assert bits[0] == bits[1] and bits[2] == pytest.approx(bits[0], rel=1e-6)
+
+
+def test_final_evaluation_validates_at_the_micro_batch_and_the_runs_precision(small_cfg, tmp_path,
+                                                                             monkeypatch):
+    """250 images at once in fp32 would hold ~50 GB of TokenBridge-L activations: validation runs
+    at the run's micro-batch under its autocast precision (fp32: none, CPU numbers unchanged)."""
+    model = tb.TokenBridge(small_cfg)
+    lat = torch.randn(6, small_cfg.channels, small_cfg.grid, small_cfg.grid)
+    model.calibrate(lat)
+    lab, seen = torch.zeros(6, dtype=torch.long), []
+
+    def recorded(latents, labels, mask):
+        autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        seen.append((len(latents), autocast or None))
+        return tb.TokenBridge.token_logits(model, latents, labels, mask)
+    monkeypatch.setattr(model, "token_logits", recorded)
+    args = argparse.Namespace(micro_batch=4, precision="bf16", sweep=False, data=None,
+                              grid_per_class=0, num_iter=4, cfg=1.0, temperature=1.0)
+    metrics = {}
+    training.final_evaluation(args, model, None, lat, lab, tmp_path, metrics, log=lambda m: None)
+    assert seen == [(4, torch.bfloat16), (2, torch.bfloat16)]
+    assert 0 < metrics["val_bits_per_token"] < 8
+    seen.clear()
+    training.validation_bits(model, lat, lab)
+    assert seen == [(6, None)]                                   # fp32 by default: no autocast
+    for bad, message in [({"batch": 0}, "batch must be >= 1"), ({"precision": "fp8"}, "fp8")]:
+        with pytest.raises(ValueError, match=message):
+            training.validation_bits(model, lat, lab, **bad)
 
 
 def test_decode_holds_a_bounded_number_of_latent_positions_at_once(vae_dir, monkeypatch):
