@@ -65,6 +65,9 @@ class CudaOnCpu:
         # fake tensors must not touch the device either: no context to make, nothing to copy
         stack.enter_context(mock.patch.object(fake_tensor, "init_gpu_context", lambda d: None))
         stack.enter_context(mock.patch.object(FakeTensorMode, "avoid_device_init", True))
+        # C++ answers is_cuda from the meta tensor a FakeTensor wraps; Python knows its device
+        stack.enter_context(mock.patch.object(FakeTensor, "is_cuda", property(_is_cuda_tensor),
+                                              create=True))
         self.fake_mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         # FakeTensor.__deepcopy__ (copy.deepcopy of a model: the EMA) reads a data pointer
         stack.enter_context(warnings.catch_warnings())
@@ -139,6 +142,10 @@ class CudaOnCpu:
 
     def _freed(self, size):
         self.live_bytes -= size
+
+
+def _is_cuda_tensor(tensor):
+    return tensor.device.type == "cuda"
 
 
 def _is_meta(x):

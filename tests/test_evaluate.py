@@ -258,26 +258,6 @@ def test_bad_weights_files_are_one_line_errors(tmp_path):
                    match="not torch-fidelity's InceptionV3 state dict")
 
 
-@pytest.fixture(scope="session")
-def random_inception(tmp_path_factory):
-    """A state dict of torch-fidelity's InceptionV3 with random weights (He-initialised convs,
-    so the features are O(1)), saved where --inception-weights can point."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-    path = tmp_path_factory.mktemp("inception") / "random.pth"
-    torch.save({}, path)
-    with pytest.MonkeyPatch.context() as m:   # build the architecture without loading weights
-        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        net = fe.FeatureExtractorInceptionV3(evaluate.INCEPTION_NAME, evaluate.INCEPTION_FEATURES,
-                                             feature_extractor_weights_path=str(path))
-    g = torch.Generator().manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=g)
-    torch.nn.init.normal_(net.fc.weight, std=0.2, generator=g)
-    torch.save(net.state_dict(), path)
-    return str(path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The command, end to end
 # ---------------------------------------------------------------------------------------------

@@ -26,63 +26,10 @@ import runs  # noqa: E402
 import tokenbridge as tb  # noqa: E402
 import train  # noqa: E402
 import training  # noqa: E402
+from conftest import SMALL_CFG, run_argv  # noqa: E402
 
 # A tiny VAE in the LDM checkpoint format (kl16.ckpt's): stride 2, 16 latent channels.
 LDM_REFERENCE = Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt"
-
-# A model small enough that a training step takes milliseconds (16px images -> 4x4 x 4 channels).
-SMALL_CFG = dict(image_size=16, vae_stride=4, channels=4, levels=16, num_classes=2, buffer_size=2,
-                 encoder_width=32, encoder_depth=1, encoder_heads=2,
-                 decoder_width=32, decoder_depth=1, decoder_heads=2,
-                 head_width=32, head_depth=1, head_heads=2)
-
-
-@pytest.fixture(scope="session")
-def fake_data(tmp_path_factory):
-    """40 images in 2 class folders (20 each): red squares and blue discs, varied in size and
-    position, plus one corrupt file and one text file that must be skipped."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for k, name in enumerate(["disc", "square"]):
-        (root / name).mkdir()
-        for i in range(20):
-            img = np.zeros((24, 20, 3), np.uint8)
-            c, r = rng.integers(6, 14, size=2), rng.integers(3, 6)
-            yy, xx = np.mgrid[:24, :20]
-            shape = ((yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= r * r) if k == 0 else \
-                (abs(yy - c[0]) <= r) & (abs(xx - c[1]) <= r)
-            img[shape] = (40, 80, 230) if k == 0 else (230, 50, 40)
-            Image.fromarray(img).save(root / name / f"{i:02d}.png")
-    (root / "disc" / "broken.png").write_bytes(b"\x89PNG not really")
-    (root / "square" / "notes.txt").write_text("not an image")
-    return root
-
-
-@pytest.fixture(scope="session")
-def small_cfg():
-    return tb.TokenBridgeConfig(**SMALL_CFG)
-
-
-@pytest.fixture(scope="session")
-def vae_dir(fake_data, tmp_path_factory, small_cfg):
-    """A small AutoencoderKL trained for a few steps on the fake data, as a diffusers folder."""
-    images, _, _, _ = data.load_folder(fake_data, small_cfg.image_size)
-    torch.manual_seed(0)
-    vae = data.build_small_vae(small_cfg.vae_stride, small_cfg.channels, width=8)
-    vae = data.train_vae(vae, images, steps=5, batch=8, lr=1e-3, kl_weight=1e-3, seed=0,
-                          device=torch.device("cpu"))
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    vae.save_pretrained(path)
-    return path
-
-
-def run_argv(run_dir, data, vae, *extra):
-    """Fast run-level flags; the small model itself comes from the small_model fixture."""
-    return ["--data", str(data), "--vae", str(vae), "--out", str(run_dir), "--image-size", "16",
-            "--num-classes", "2", "--levels", "16", "--val-size", "4", "--batch", "8",
-            "--steps", "6", "--warmup-epochs", "0.5", "--save-every", "2", "--num-iter", "4",
-            "--threads", "1", "--head-positions", "4", "--device", "cpu", "--workers", "1", *extra]
-
 
 def run_args(run_dir, data, vae, *extra):
     return train.get_parser().parse_args(run_argv(run_dir, data, vae, *extra))
@@ -92,16 +39,6 @@ def resume(run_dir, *extra):
     """train.py --resume RUN on one CPU thread (main's own count of the flags given)."""
     argv = ["--resume", str(run_dir), "--threads", "1", "--device", "cpu", *extra]
     return train.main(train.get_parser().parse_args(argv))
-
-
-@pytest.fixture
-def small_model(monkeypatch, small_cfg):
-    """Make train.py build SMALL_CFG (plus the ablation flags) instead of a named preset."""
-    def build_config(args):
-        ablations = {"levels": args.levels, "head": args.head, "order": args.order}
-        over = {k: v for k, v in ablations.items() if v}
-        return tb.TokenBridgeConfig(**{**SMALL_CFG, **over})
-    monkeypatch.setattr(train, "build_config", build_config)
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""The CUDA code paths, executed on the CPU: tensors carry a CUDA device (cuda_on_cpu.CudaOnCpu),
+so a CPU/CUDA mix raises as on a GPU, and their values are compared with a CPU run.
+
+Training (a new run: calibration, the reconstruction report, accumulated steps in each
+precision, clipping, the EMA, validation, the checkpoint), sampling (both guidance modes, both
+position orders, sample.py), the export wrappers and the evaluator's feature pass.
+Run: pytest tests/test_cuda.py
+"""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import export
+import sample
+import tokenbridge as tb
+import train
+import training
+from conftest import run_argv
+from cuda_on_cpu import CudaOnCpu
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def calibrated(cfg, perturb, seed=0):
+    torch.manual_seed(seed)
+    model = perturb(tb.TokenBridge(cfg))
+    return model.calibrate(torch.randn(16, cfg.channels, cfg.grid, cfg.grid) + 0.5)
+
+
+# --- the harness itself ---------------------------------------------------------------------
+
+def test_cuda_tensors_hold_values_memory_and_count_waits():
+    with CudaOnCpu() as gpu:
+        x = torch.arange(6.0, device="cuda").view(2, 3)
+        assert x.is_cuda and torch.cuda.is_available()
+        with pytest.raises(RuntimeError, match="cpu"):
+            x + torch.ones(2, 3)                             # a GPU refuses this mix, so do we
+        product = (x @ x.T).cpu()
+        before = gpu.live_bytes
+        scratch = torch.empty(1000, device="cuda")            # 4000 bytes: one 4096-byte block
+        assert gpu.live_bytes - before == 4096 and gpu.peak_bytes >= gpu.live_bytes
+        del scratch
+        assert gpu.live_bytes == before
+        total = x.sum().item()
+    host = torch.arange(6.0).view(2, 3)
+    assert torch.equal(product, host @ host.T)
+    assert total == 15.0 and gpu.syncs["item"] == 1 and gpu.syncs["to cpu"] == 1
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def test_a_new_cuda_run_trains_validates_samples_and_checkpoints(tmp_path, fake_data, vae_dir,
+                                                                  small_model):
+    """train.py --device cuda as a user's first GPU run: calibration and the reconstruction report
+    on CUDA, bf16 steps of 2 accumulated micro-batches, validation, the EMA, the sample grid and
+    the checkpoint, which loads on a machine without a GPU."""
+    run = tmp_path / "run"
+    argv = [a if a != "cpu" else "cuda" for a in run_argv(run, fake_data, vae_dir)]
+    with CudaOnCpu() as gpu:
+        out = train.main(train.get_parser().parse_args(argv + ["--micro-batch", "4"]))
+    assert out["step"] == 6 and gpu.peak_bytes > 0 and (run / "samples.png").is_file()
+    assert 0 < json.loads((run / "metrics.json").read_text())["val_bits_per_token"] < 8
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True, map_location="cpu")
+    assert all(t.device.type == "cpu" and t.isfinite().all() for t in ckpt["ema"].values())
+    first = torch.load(run / "checkpoint.pt", weights_only=True)["model"]     # no map_location
+    assert not torch.equal(first["head.out_bias"], ckpt["ema"]["head.out_bias"])  # EMA lags
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_an_accumulated_clipped_step_on_cuda_is_the_cpus(small_cfg, perturb, precision):
+    """Two micro-batches, gradients clipped, fp16 through the loss scaler: the same loss and
+    gradients as on the CPU, to rounding (CPU and CUDA autocast cast different operators), and
+    in fp32 the same weights to 1% of a step."""
+    model = calibrated(small_cfg, perturb)
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 4, 4, 4), torch.randint(0, 2, (4,))) for _ in range(2)]
+    lr = 1e-3
+
+    def step(model, device):
+        opt = training.make_optimizer(model, lr, 0.02)
+        scaler = training.loss_scaler(precision, device)
+        torch.manual_seed(2)                                # the same masks on both devices
+        moved = [(x.to(device), y.to(device)) for x, y in batches]
+        loss = training.train_step(training.TrainingLoss(model, 4), opt, moved, lr, 0.05,
+                                   device, precision, scaler)
+        grads = torch.cat([p.grad.cpu().flatten() for p in model.parameters()])
+        return loss, grads, torch.cat([p.detach().cpu().flatten() for p in model.parameters()])
+
+    cpu_loss, cpu_grads, cpu_weights = step(copy.deepcopy(model), torch.device("cpu"))
+    with CudaOnCpu():
+        cuda_loss, cuda_grads, cuda_weights = step(copy.deepcopy(model).to(CUDA), CUDA)
+    tol = 1e-5 if precision == "fp32" else 3e-2
+    assert cuda_loss == pytest.approx(cpu_loss, rel=tol)
+    assert cpu_grads.norm() == pytest.approx(0.05, rel=1e-3)                 # clipped
+    assert (cuda_grads - cpu_grads).norm() <= tol * cpu_grads.norm()
+    if precision == "fp32":
+        torch.testing.assert_close(cuda_weights, cpu_weights, rtol=0, atol=0.01 * lr)
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg_mode,order", [("features", "random"), ("logits", "confidence")])
+def test_sampling_on_cuda_gives_the_cpus_tokens(small_cfg, perturb, cfg_mode, order):
+    model = calibrated(small_cfg, perturb).eval()
+    kwargs = dict(num_iter=4, cfg=2.5, temperature=0.9, seed=3, cfg_mode=cfg_mode,
+                  position_order=order)
+    labels = [0, 1, 1]
+    expected = model.sample_tokens(labels, **kwargs)
+    with CudaOnCpu() as gpu:
+        tokens = copy.deepcopy(model).to(CUDA).sample_tokens(labels, **kwargs)
+        assert tokens.is_cuda
+        tokens = tokens.cpu()
+    assert torch.equal(tokens, expected) and sum(gpu.syncs.values()) > 0
+
+
+def test_sample_py_on_cuda_writes_the_cpus_tokens(tmp_path, fake_data, vae_dir, small_model):
+    """sample.py --device cuda on a trained run, fp32 and under fp16 autocast (the official
+    evaluation's), with the VAE decoder; fp32 gives the CPU's tokens."""
+    run = tmp_path / "run"
+    train.main(train.get_parser().parse_args(
+        run_argv(run, fake_data, vae_dir, "--steps", "2")))
+
+    def sampled(device, autocast):
+        out = tmp_path / f"{device}-{autocast}"
+        sample.main(sample.get_parser().parse_args(
+            ["--run-dir", str(run), "--device", device, "--autocast", autocast, "--labels", "0,1",
+             "--num-iter", "3", "--cfg", "2.0", "--threads", "1", "--out", "",
+             "--npz", f"{out}.npz", "--save-tokens", f"{out}.npy"]))
+        return np.load(f"{out}.npy"), np.load(f"{out}.npz")["arr_0"]
+
+    cpu_tokens, cpu_images = sampled("cpu", "none")
+    with CudaOnCpu():
+        cuda_tokens, cuda_images = sampled("cuda", "none")
+        fp16_tokens, fp16_images = sampled("cuda", "fp16")
+    np.testing.assert_array_equal(cuda_tokens, cpu_tokens)
+    assert np.abs(cuda_images.astype(int) - cpu_images.astype(int)).max() <= 1
+    assert fp16_tokens.shape == cpu_tokens.shape and fp16_images.shape == cpu_images.shape
+
+
+# --- export's wrappers, the evaluator ---------------------------------------------------------
+
+@pytest.mark.parametrize("halves", [1, 2])
+def test_export_wrappers_on_cuda_inputs_are_the_cpus(small_cfg, perturb, halves):
+    """The graphs' modules run on a GPU as traced: every tensor they make on the inputs' device."""
+    model = calibrated(small_cfg, perturb).eval()
+    gen = torch.Generator().manual_seed(0)
+    backbone_in = export.backbone_inputs(small_cfg, 3, gen)
+    head_in = export.head_inputs(model, halves, 5, 2, gen)
+    expected = export.BackboneGraph(model)(*backbone_in), export.HeadStepGraph(model)(*head_in)
+    with CudaOnCpu(), torch.no_grad():
+        on_gpu = copy.deepcopy(model).to(CUDA)
+        features = export.BackboneGraph(on_gpu)(*(x.to(CUDA) for x in backbone_in))
+        head_out = export.HeadStepGraph(on_gpu)(*(x.to(CUDA) for x in head_in))
+        features, head_out = features.cpu(), [x.cpu() for x in head_out]
+    torch.testing.assert_close(features, expected[0].detach())
+    for got, want in zip(head_out, expected[1], strict=True):
+        torch.testing.assert_close(got, want.detach())
+
+
+def test_inception_features_on_cuda_are_the_cpus(tmp_path, random_inception):
+    pictures = np.random.default_rng(0).integers(0, 256, (evaluate.MIN_IMAGES, 32, 32, 3))
+    np.savez(tmp_path / "samples.npz", arr_0=pictures.astype(np.uint8))
+    net = evaluate.load_inception(random_inception)
+    pool, logits = evaluate.inception_features(net, str(tmp_path / "samples.npz"), "samples")
+    with CudaOnCpu():
+        on_gpu = evaluate.load_inception(random_inception, device="cuda")
+        cuda_pool, cuda_logits = evaluate.inception_features(on_gpu, str(tmp_path / "samples.npz"),
+                                                             "samples")
+    np.testing.assert_allclose(cuda_pool, pool, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cuda_logits, logits, rtol=1e-4, atol=1e-4)
