@@ -1,8 +1,10 @@
-"""Speed figures as one JSON line each: sampling (PyTorch vs ONNX Runtime) and the training step.
+"""Speed and memory figures as one JSON line each: sampling (PyTorch vs ONNX Runtime), the
+training step, and the GPU memory of training and sampling.
 
     python benchmark.py sample            # bench-s: KV-cached head, torch vs ONNX fp32 / int8
     python benchmark.py train             # bench-s: one optimizer step, the paper's loss
     python benchmark.py train --preset large --device cuda   # and days for TokenBridge-L's recipe
+    python benchmark.py memory --preset large   # peak GPU memory per micro-batch, on any machine
 
 Random weights and latents: no run folder, data or VAE needed. The README quotes these lines.
 """
@@ -22,7 +24,7 @@ import tokenbridge as tb
 from deploy import ORT_ERRORS, OnnxSampler, one_line
 from export import export
 from runs import torch_device
-from training import RECIPES, TrainingLoss, make_optimizer, train_step
+from training import PRECISIONS, RECIPES, TrainingLoss, make_optimizer, train_step
 
 
 def _best_seconds(fns, repeats, sync=lambda: None):
@@ -194,6 +196,33 @@ def training(args):
     return result
 
 
+def memory(args):
+    """The peak CUDA memory of a preset's training (per micro-batch, precision, checkpointing)
+    and of FID sampling (batch 64, guidance, fp16), counted on this machine at the preset's real
+    shapes with CUDA tensors that hold no memory (cuda_on_cpu): no GPU needed."""
+    from cuda_on_cpu import GIB, kl16_bytes, sampling_memory, training_memory
+    config, recipe = tb.TokenBridgeConfig.preset(args.preset), RECIPES[args.preset]
+    kl16 = (config.image_size, config.vae_stride, config.channels) == (256, 16, 16)
+    resident = kl16_bytes() if kl16 else 0  # the frozen VAE, on the GPU during training
+    micro_batches = sorted({*args.micro_batches, recipe.micro_batch})
+    common = {"benchmark": "memory", "preset": args.preset}
+    for precision in PRECISIONS:
+        for checkpointing in (False, True):
+            for micro_batch in micro_batches:
+                peak = training_memory(config, micro_batch, precision, checkpointing,
+                                       recipe.head_positions, resident_bytes=resident)
+                line = {**common, "what": "train_step", "micro_batch": micro_batch,
+                        "precision": precision, "grad_checkpointing": checkpointing,
+                        "peak_gib": round(peak / GIB, 2)}
+                if micro_batch == recipe.micro_batch:
+                    line["default"] = True
+                print(json.dumps(line), flush=True)
+    peak = sampling_memory(config, batch=64, cfg=3.0, autocast="fp16", decode=kl16)
+    print(json.dumps({**common, "what": "fid_sampling", "batch": 64, "cfg": 3.0,
+                      "autocast": "fp16", "vae_decode": kl16, "peak_gib": round(peak / GIB, 2)}),
+          flush=True)
+
+
 def peak_memory(device):
     """Bytes: the most CUDA memory allocated so far, or this process's peak RSS where /proc
     tells it (Linux), else None."""
@@ -206,9 +235,19 @@ def peak_memory(device):
         return None
 
 
+def int_list(text):
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 8,16,32") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every micro-batch must be >= 1")
+    return values
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["sample", "train"], help="which figures")
+    parser.add_argument("what", choices=["sample", "train", "memory"], help="which figures")
     parser.add_argument("--preset", default="bench-s", choices=sorted(tb.PRESETS),
                         help="model configuration")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -227,6 +266,9 @@ def get_parser():
     parser.add_argument("--batch", type=int, default=64, help="training: batch of one step")
     parser.add_argument("--steps", type=int, default=3,
                         help="training: timed steps (after 2 warm-up steps)")
+    parser.add_argument("--micro-batches", type=int_list, default=[8, 16, 32, 64],
+                        help="memory: the micro-batches to count, comma-separated (the preset's "
+                             "default is always one)")
     return parser
 
 
@@ -235,6 +277,6 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        (sampling if args.what == "sample" else training)(args)
+        {"sample": sampling, "train": training, "memory": memory}[args.what](args)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -14,13 +14,18 @@ CPU run. `values_up_to=N` keeps only the values of tensors of at most N elements
 paper's size then runs in seconds and no memory (the memory model, benchmark.py memory); a value
 it never had reads as 0 (True in a truth test), which no decision of a training step depends on.
 
-Attention is the one operator whose CUDA kernel choice PyTorch makes in C++ from the device's
-properties (it would ask a driver), so it is routed here: with every value kept, it computes
-softmax attention; with values_up_to, it calls the fused kernel a GPU would pick (flash without a
-mask in 16 bits, memory-efficient otherwise) for its memory.
+Two decisions PyTorch makes in C++ from a tensor's device, where a FakeTensor reports the meta
+device (its CUDA device would make the autograd engine ask a driver for streams), are made here
+instead, by function name: autocast's casts (CUDA's documented policy), and attention's kernel:
+with every value kept, softmax attention; with values_up_to, the fused kernel a GPU would pick
+(flash without a mask in 16 bits, memory-efficient otherwise), for its memory. Activation
+checkpointing recomputes outside any function mode, so its recomputation is put back inside.
 """
 import contextlib
+import copy
+import functools
 import math
+import sys
 import warnings
 import weakref
 from collections import Counter
@@ -30,9 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
-from torch.overrides import TorchFunctionMode
+from torch.overrides import (TorchFunctionMode, _get_current_function_mode_stack, _pop_mode,
+                             _push_mode)
+from torch.utils import checkpoint as torch_checkpoint
 from torch.utils import _pytree as pytree
+from torch.utils import _python_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import data
+import interop
+import tokenbridge as tb
+import training
 
 aten = torch.ops.aten
 CUDA = torch.device("cuda", 0)
@@ -43,6 +56,13 @@ GPU_MEMORY = 80 * 2**30  # what torch.cuda reports as the device's memory: an 80
 # shape depends on values (nonzero and boolean indexing ask the device how many).
 SYNCS = {aten._local_scalar_dense.default: "item", aten.is_nonzero.default: "item",
          aten.nonzero.default: "nonzero", aten.equal.default: "equal"}
+# CUDA's fused attention kernels have no CPU twin: their outputs have no value (see Attention)
+FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention,
+                   aten._scaled_dot_product_flash_attention_backward,
+                   aten._scaled_dot_product_efficient_attention,
+                   aten._scaled_dot_product_efficient_attention_backward}
+
+_ACTIVE = []  # the CudaOnCpu contexts entered, innermost last
 
 
 class CudaOnCpu:
@@ -60,6 +80,11 @@ class CudaOnCpu:
 
     def __enter__(self):
         stack = contextlib.ExitStack()
+        if _ACTIVE:  # inside another (the memory model in a test's CUDA run): a GPU of its own
+            stack.enter_context(_python_dispatch._disable_current_modes())
+            stack.enter_context(_without_function_modes())
+        _ACTIVE.append(self)
+        stack.callback(_ACTIVE.pop)
         for name, value in self._cuda_api().items():
             stack.enter_context(mock.patch(f"torch.cuda.{name}", value))
         # fake tensors must not touch the device either: no context to make, nothing to copy
@@ -76,7 +101,16 @@ class CudaOnCpu:
         stack.enter_context(mock.patch("torch.save", self._save))
         self.values = Values(self)
         stack.enter_context(self.values)
-        stack.enter_context(Attention(self))
+        # optimizers take their foreach kernels for CUDA parameters, as on a GPU (more memory)
+        optimizer = sys.modules["torch.optim.optimizer"]
+        foreach_types = [*optimizer._foreach_supported_types, FakeTensor]
+        stack.enter_context(mock.patch.object(optimizer, "_foreach_supported_types",
+                                              foreach_types))
+        stack.enter_context(Functions(self))
+        real_checkpoint = torch_checkpoint._checkpoint_without_reentrant_generator_impl
+        stack.enter_context(mock.patch.object(
+            torch_checkpoint, "_checkpoint_without_reentrant_generator_impl",
+            functools.partial(_recomputed_in_functions, self, real_checkpoint)))
         self._stack = stack
         return self
 
@@ -142,6 +176,16 @@ class CudaOnCpu:
 
     def _freed(self, size):
         self.live_bytes -= size
+
+
+@contextlib.contextmanager
+def _without_function_modes():
+    modes = [_pop_mode() for _ in range(len(_get_current_function_mode_stack()))]
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            _push_mode(mode)
 
 
 def _is_cuda_tensor(tensor):
@@ -213,10 +257,10 @@ class Values(TorchDispatchMode):
         """A CUDA tensor copied to the host: its value (zeros where none was kept)."""
         self.gpu.syncs["to cpu"] += 1
         value = self.gpu.value(tensor)
-        if value is None:
-            value = torch.zeros(tensor.shape, dtype=tensor.dtype)
         kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "non_blocking")}
         with unset_fake_temporarily():
+            if value is None:
+                value = torch.zeros(tensor.shape, dtype=tensor.dtype)
             return aten._to_copy.default(value, **kwargs)
 
     def _require_value(self, tensor, what):
@@ -256,6 +300,8 @@ class Values(TorchDispatchMode):
         outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if limit is not None and any(t.numel() > limit for t in outputs):
             return
+        if func.overloadpacket in FUSED_ATTENTION:
+            return
         unknown = object()
 
         def cpu(x):
@@ -288,8 +334,23 @@ class _TensorKeyed:
         return self._items.get(id(key))
 
 
-class Attention(TorchFunctionMode):
-    """F.scaled_dot_product_attention on CUDA tensors, without asking a driver which kernel."""
+# CUDA autocast's policy (torch.amp's "CUDA Ops that can autocast to float16 / float32"), by
+# function name; einsum runs as the bmm it becomes in C++.
+TO_LOWER_PRECISION = {
+    "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "mv", "bmm", "addmm", "addmv", "addr",
+    "addbmm", "baddbmm", "einsum", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "prelu", "scaled_dot_product_attention"}
+TO_FLOAT32 = {
+    "layer_norm", "group_norm", "softmax", "log_softmax", "softmin", "cross_entropy", "nll_loss",
+    "exp", "expm1", "log", "log2", "log10", "log1p", "pow", "__pow__", "__rpow__", "rsqrt",
+    "reciprocal", "__rdiv__", "__rtruediv__", "sum", "prod", "cumsum", "cumprod", "norm",
+    "normalize", "renorm", "softplus", "erfinv", "acos", "asin", "cosh", "sinh", "tan", "cdist",
+    "dist", "pdist", "cosine_similarity", "mse_loss", "l1_loss", "smooth_l1_loss", "kl_div",
+    "binary_cross_entropy_with_logits", "poisson_nll_loss"}
+
+
+class Functions(TorchFunctionMode):
+    """CUDA autocast and attention's kernel for CUDA tensors (see the module docstring)."""
 
     def __init__(self, gpu):
         super().__init__()
@@ -297,11 +358,33 @@ class Attention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention or not args[0].is_cuda:
-            return func(*args, **kwargs)
-        if self.gpu.values_up_to is None:
-            return _softmax_attention(*args, **kwargs)
-        return _fused_attention(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in TO_LOWER_PRECISION | TO_FLOAT32 and torch.is_autocast_enabled("cuda"):
+            dtype = (torch.get_autocast_dtype("cuda") if name in TO_LOWER_PRECISION
+                     else torch.float32)
+            args, kwargs = pytree.tree_map(functools.partial(_cast, dtype), (args, kwargs))
+        if func is F.scaled_dot_product_attention and args[0].is_cuda:
+            if self.gpu.values_up_to is None:
+                return _softmax_attention(*args, **kwargs)
+            return _fused_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _cast(dtype, x):
+    """Autocast's cast: floating CUDA tensors other than float64."""
+    eligible = (isinstance(x, torch.Tensor) and x.is_cuda and x.is_floating_point()
+                and x.dtype != torch.float64)
+    return x.to(dtype) if eligible else x
+
+
+def _recomputed_in_functions(gpu, checkpoint_impl, fn, *args, **kwargs):
+    """torch.utils.checkpoint, its recomputation (in backward, no function mode) in Functions."""
+    def in_functions(*fn_args, **fn_kwargs):
+        if any(isinstance(m, Functions) for m in _get_current_function_mode_stack()):
+            return fn(*fn_args, **fn_kwargs)
+        with Functions(gpu):
+            return fn(*fn_args, **fn_kwargs)
+    return checkpoint_impl(in_functions, *args, **kwargs)
 
 
 def _softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
@@ -326,3 +409,92 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         bias = bias.masked_fill(~attn_mask, -math.inf).expand(q.shape[0], q.shape[1], -1, -1)
     return aten._scaled_dot_product_efficient_attention(q, k, v, bias, False, dropout_p,
                                                         is_causal, scale=scale)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory model: the peak CUDA memory of training and of FID sampling at any size, counted
+# ---------------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+def _mask_elements(config, rows):
+    """values_up_to for `rows` images: their masks' values are kept (the code gathers by them),
+    no activation's."""
+    return rows * (config.buffer_size + config.seq_len)
+
+
+def kl16(device):
+    """MAR's kl16 VAE with random weights on `device`."""
+    from diffusers import AutoencoderKL  # lazily, as everywhere: a slow import
+    with torch.device(device):
+        return AutoencoderKL(**interop.ldm_vae_config()).eval()
+
+
+def kl16_bytes():
+    """The bytes of kl16's fp32 weights, which train.py and sample.py keep on the GPU."""
+    return sum(p.numel() * p.element_size() for p in kl16("meta").parameters())
+
+
+def training_memory(config, micro_batch, precision="bf16", grad_checkpointing=False,
+                    head_positions=0, world=1, resident_bytes=0):
+    """Bytes: the peak CUDA memory of a rank of train.py at `micro_batch` images per pass, counted
+    over two optimizer steps of a model of `config` (the second holds AdamW's state, the EMA and
+    the gradients beside the activations), every position masked (the most the mask ratio allows:
+    the head, most of the memory, runs on all of them). world > 1 adds DDP's gradient buckets (a
+    reading of DDP: one fp32 copy of the gradients); resident_bytes what else the GPU holds (the
+    VAE)."""
+    with CudaOnCpu(values_up_to=_mask_elements(config, micro_batch)) as gpu:
+        with torch.device(CUDA):
+            model = tb.TokenBridge(config)
+        model.set_grad_checkpointing(grad_checkpointing)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = training.make_optimizer(model, 1e-4, 0.02)
+        scaler = training.loss_scaler(precision, CUDA)
+        model.random_mask = functools.partial(_every_position, config.seq_len)
+        latents = torch.zeros(micro_batch, config.channels, config.grid, config.grid, device=CUDA)
+        labels = torch.zeros(micro_batch, dtype=torch.long, device=CUDA)
+        for step in range(2):
+            training.train_step(training.TrainingLoss(model, head_positions), opt,
+                                [(latents, labels)], 1e-4, 3.0, CUDA, precision, scaler)
+            training.update_ema(ema, model, step, 0.9999)
+        buckets = 4 * model.num_params() if world > 1 else 0
+    return gpu.peak_bytes + buckets + resident_bytes
+
+
+def _every_position(seq_len, batch, device, generator=None):
+    return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+
+
+class _Stop(Exception):
+    pass
+
+
+def sampling_memory(config, batch=64, cfg=3.0, autocast="fp16", decode=True):
+    """Bytes: the peak CUDA memory of sample.py at `batch` images per pass (FID-50K's setting:
+    guidance, fp16 autocast, random order), counted over the first decoding step, the last
+    step's backbone pass (every position but one known: the encoder's largest) and, with decode,
+    kl16's decoding of the batch (its weights stay on the GPU throughout)."""
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
+    rows = 2 * batch if cfg != 1.0 else batch
+
+    def first_step_only(step, tokens, mask):
+        raise _Stop
+
+    with CudaOnCpu(values_up_to=_mask_elements(config, rows)) as gpu, torch.no_grad():
+        with torch.device(CUDA):
+            model = tb.TokenBridge(config).eval()
+        vae = kl16(CUDA) if decode else None
+        labels = torch.arange(batch) % config.num_classes
+        last_mask = torch.zeros(rows, config.seq_len, dtype=torch.bool, device=CUDA)
+        last_mask[:, 0] = True
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            with contextlib.suppress(_Stop):
+                model.sample_tokens(labels, config.seq_len, cfg, on_step=first_step_only)
+            values = torch.zeros(rows, config.seq_len, config.channels, device=CUDA)
+            model.condition(values, last_mask, torch.zeros(rows, dtype=torch.long, device=CUDA))
+            if decode:
+                latents = torch.zeros(batch, config.channels, config.grid, config.grid,
+                                      device=CUDA)
+                data.decode(vae, latents)
+    return gpu.peak_bytes

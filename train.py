@@ -38,6 +38,7 @@ from tqdm import tqdm
 import data
 import runs
 import tokenbridge as tb
+from cuda_on_cpu import GIB, kl16_bytes, training_memory
 from deploy import check_launcher, exclusive
 from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_evaluation, log,
                       loss_scaler, lr_at, make_optimizer, make_thread_invariant, recipe_summary,
@@ -95,6 +96,8 @@ def train(args, given, dist_info, device):
     if args.batch % world or (args.batch // world) % micro_batch:
         raise ValueError(f"--batch {args.batch} (global) must split evenly into {world} "
                          f"process(es) x micro-batches of --micro-batch {args.micro_batch}")
+    if device.type == "cuda":
+        check_gpu_memory(args, config, micro_batch, world, device, dist_info)
     run_dir = Path(args.out)  # made only once the flags hold together
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +161,7 @@ def train(args, given, dist_info, device):
     lr = args.blr * args.batch / 256
     lr_of = functools.partial(lr_at, lr=lr, warmup_steps=args.warmup_epochs * steps_per_epoch,
                               total_steps=args.steps, schedule=args.lr_schedule)
-    model.backbone.grad_checkpointing = args.grad_checkpointing
+    model.set_grad_checkpointing(args.grad_checkpointing)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = make_optimizer(model, lr, args.weight_decay)
     scaler = loss_scaler(args.precision, device)
@@ -233,6 +236,25 @@ def check_args(args):
             raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {value}")
     if args.ema is not None and not 0 <= args.ema < 1:
         raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
+
+
+def check_gpu_memory(args, config, micro_batch, world, device, dist_info):
+    """Refuses a micro-batch whose step would not fit the GPU, before anything is written: the
+    peak of a step, counted on the CPU at the model's shapes (cuda_on_cpu, ~20 s for L)."""
+    kl16 = (config.image_size, config.vae_stride, config.channels) == (256, 16, 16)
+    peak = training_memory(config, micro_batch, args.precision, args.grad_checkpointing,
+                           args.head_positions, world, resident_bytes=kl16_bytes() if kl16 else 0)
+    total = torch.cuda.get_device_properties(device).total_memory
+    checkpointing = ", checkpointing" if args.grad_checkpointing else ""
+    if peak > total:
+        raise ValueError(
+            f"--micro-batch {micro_batch}: a {args.preset} step ({args.precision}{checkpointing}) "
+            f"peaks at {peak / GIB:.1f} GiB, more than this GPU's {total / GIB:.1f} GiB; "
+            "lower --micro-batch (accumulation keeps --batch) or add --grad-checkpointing "
+            f"(python benchmark.py memory --preset {args.preset} prints the peak of each)")
+    log(f"[memory] a step peaks at {peak / GIB:.1f} GiB of the GPU's {total / GIB:.1f} GiB "
+        f"(micro-batch {micro_batch}, {args.precision}{checkpointing}; counted at the model's "
+        "shapes, every position masked)", dist_info)
 
 
 def resolve_flags(args):
@@ -409,7 +431,8 @@ def get_parser():
                         "a loss scaler that skips overflowing steps (GPUs without bf16; the "
                         "official code's), fp32 (default on the CPU; to debug NaNs)")
     parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="recompute backbone activations in backward")
+                        help="recompute every block's activations in backward (backbone and "
+                             "head): less memory, ~1/3 more compute")
     parser.add_argument("--deterministic", action="store_true",
                         help="bit-identical weights at any thread count, not only at a given one "
                         "(LayerNorm ~10%% slower)")

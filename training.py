@@ -54,7 +54,9 @@ class Recipe:
     head_positions: int = 0          # 0: every masked position through the head (the paper's loss)
 
 
-# TokenBridge-L as the official code trains it (32 GPUs x 64); H trains for 800 epochs.
+# TokenBridge-L as the official code trains it (32 GPUs x 64); H trains for 800 epochs. The
+# micro-batch is the largest power of 2 whose bf16 step peaks within 80% of an 80 GB GPU
+# (python benchmark.py memory); accumulation makes up the global batch.
 OFFICIAL_RECIPE = Recipe(global_batch=2048, blr=5e-5, epochs=400, warmup_epochs=100)
 # The CPU demo: ~1,800 steps of 64 digits in ~7 minutes; a short run needs a higher rate, an EMA
 # that ramps (0.999 constant would still hold 16% of the initial weights at the end) and the
@@ -62,8 +64,9 @@ OFFICIAL_RECIPE = Recipe(global_batch=2048, blr=5e-5, epochs=400, warmup_epochs=
 DEMO_RECIPE = Recipe(global_batch=64, blr=4e-3, epochs=26, warmup_epochs=1.5, ema=0.999,
                      ema_ramp=True, head_positions=8)
 RECIPES = {"tiny": DEMO_RECIPE, "digits": DEMO_RECIPE, "bench-s": DEMO_RECIPE,
-           "base": OFFICIAL_RECIPE, "large": OFFICIAL_RECIPE,
-           "huge": replace(OFFICIAL_RECIPE, epochs=800)}
+           "base": replace(OFFICIAL_RECIPE, micro_batch=32),
+           "large": replace(OFFICIAL_RECIPE, micro_batch=16),
+           "huge": replace(OFFICIAL_RECIPE, epochs=800, micro_batch=16)}
 # Flags that default to the preset's recipe; --batch is its global_batch.
 SAME_NAMED = ("blr", "epochs", "warmup_epochs", "lr_schedule", "micro_batch", "ema", "ema_ramp",
               "weight_decay", "grad_clip", "head_positions")

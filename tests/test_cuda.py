@@ -180,3 +180,53 @@ def test_inception_features_on_cuda_are_the_cpus(tmp_path, random_inception):
                                                              "samples")
     np.testing.assert_allclose(cuda_pool, pool, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(cuda_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+# --- the memory model -------------------------------------------------------------------------
+
+def test_memory_counted_here_is_pytorchs_memory_trackers(small_cfg):
+    """Every byte of a bf16 step on CUDA tensors, counted by allocation here and by PyTorch's
+    MemTracker (parameters, gradients, optimizer state, activations by module)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    micro_batch = 8
+    with CudaOnCpu(values_up_to=None) as gpu:
+        with torch.device(CUDA):
+            model = tb.TokenBridge(small_cfg)
+        opt = training.make_optimizer(model, 1e-4, 0.02)
+        weights = gpu.live_bytes
+        latents = torch.randn(micro_batch, 4, 4, 4, device=CUDA)
+        labels = torch.zeros(micro_batch, dtype=torch.long, device=CUDA)
+        made_before = gpu.live_bytes - weights                  # the inputs, not tracked there
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            for _ in range(2):
+                training.train_step(training.TrainingLoss(model), opt, [(latents, labels)],
+                                    1e-4, 3.0, CUDA, "bf16")
+        tracked = tracker.get_tracker_snapshot("peak")[CUDA]["Total"]
+    assert made_before > 0 and gpu.peak_bytes == tracked + made_before
+
+
+def test_the_memory_model_grows_with_the_micro_batch_and_shrinks_with_checkpointing(small_cfg):
+    import cuda_on_cpu
+    params = tb.TokenBridge(small_cfg).num_params()
+    peak = {(mb, ckpt): cuda_on_cpu.training_memory(small_cfg, mb, "bf16", ckpt)
+            for mb in (2, 16) for ckpt in (False, True)}
+    # weights, EMA, gradients and AdamW's two moments: five fp32 copies at least
+    assert peak[2, False] > 5 * 4 * params
+    assert peak[16, False] > peak[2, False] and peak[16, True] < peak[16, False]
+    resident = cuda_on_cpu.training_memory(small_cfg, 2, "bf16", resident_bytes=10**6)
+    assert resident == peak[2, False] + 10**6
+    sampling = cuda_on_cpu.sampling_memory(small_cfg, batch=4, decode=False)
+    assert 4 * params < sampling < peak[2, False]
+
+
+def test_a_micro_batch_that_will_not_fit_the_gpu_is_refused_before_the_run(tmp_path, fake_data,
+                                                                        vae_dir, small_model):
+    run = tmp_path / "run"
+    argv = [a if a != "cpu" else "cuda" for a in run_argv(run, fake_data, vae_dir)]
+    with CudaOnCpu(gpu_memory=2**20), pytest.raises(ValueError) as refused:
+        train.main(train.get_parser().parse_args(argv + ["--micro-batch", "8"]))
+    message = str(refused.value)
+    assert "--micro-batch 8" in message and "more than this GPU's 0.0 GiB" in message
+    assert "\n" not in message and not run.exists()
