@@ -26,6 +26,7 @@ import copy
 import functools
 import math
 import sys
+import types
 import warnings
 import weakref
 from collections import Counter
@@ -56,7 +57,7 @@ GPU_MEMORY = 80 * 2**30  # what torch.cuda reports as the device's memory: an 80
 # shape depends on values (nonzero and boolean indexing ask the device how many).
 SYNCS = {aten._local_scalar_dense.default: "item", aten.is_nonzero.default: "item",
          aten.nonzero.default: "nonzero", aten.equal.default: "equal"}
-# CUDA's fused attention kernels have no CPU twin: their outputs have no value (see Attention)
+# CUDA's fused attention kernels have no CPU twin: their outputs have no value (see Functions)
 FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention,
                    aten._scaled_dot_product_flash_attention_backward,
                    aten._scaled_dot_product_efficient_attention,
@@ -120,7 +121,8 @@ class CudaOnCpu:
     def _cuda_api(self):
         """torch.cuda as a one-GPU machine answers it; the RNG state is the CPU's (values are
         computed there)."""
-        props = mock.Mock(total_memory=self.gpu_memory, name="GPU on the CPU", major=9, minor=0)
+        props = types.SimpleNamespace(total_memory=self.gpu_memory, name="GPU on the CPU",
+                                      major=9, minor=0)
         return {"_lazy_init": lambda: None,  # the driver is never asked
                 "is_available": lambda: True,
                 "is_bf16_supported": lambda *a, **k: True,

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 import export
@@ -54,6 +55,9 @@ def test_cuda_tensors_hold_values_memory_and_count_waits():
         del scratch
         assert gpu.live_bytes == before
         total = x.sum().item()
+        with torch.autocast("cuda", dtype=torch.bfloat16):      # CUDA's policy, not the CPU's
+            assert (x @ x.T).dtype == torch.bfloat16
+            assert F.layer_norm(x.bfloat16(), (3,)).dtype == torch.float32
     host = torch.arange(6.0).view(2, 3)
     assert torch.equal(product, host @ host.T)
     assert total == 15.0 and gpu.syncs["item"] == 1 and gpu.syncs["to cpu"] == 1
