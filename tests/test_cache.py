@@ -151,6 +151,7 @@ def recorded_rows(prefix):
     return sum(int(stop) - int(start) for start, stop, *_ in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_2_rank_build_resumes_to_the_bytes_of_1_process(tmp_path, folder, vae_dir, build):
     """torchrun, 2 ranks: its launcher SIGKILLed half-way, the ranks stop by themselves (they

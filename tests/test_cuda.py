@@ -8,6 +8,8 @@ Run: pytest tests/test_cuda.py
 """
 import copy
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ import sample
 import tokenbridge as tb
 import train
 import training
-from conftest import run_argv
+from conftest import ROOT, run_argv
 from cuda_on_cpu import CudaOnCpu
 
 CUDA = torch.device("cuda", 0)
@@ -234,3 +236,22 @@ def test_a_micro_batch_that_will_not_fit_the_gpu_is_refused_before_the_run(tmp_p
     message = str(refused.value)
     assert "--micro-batch 8" in message and "more than this GPU's 0.0 GiB" in message
     assert "\n" not in message and not run.exists()
+
+
+@pytest.mark.slow
+def test_benchmark_memory_prints_a_line_per_setting():
+    """python benchmark.py memory: one JSON line per (micro-batch, precision, checkpointing),
+    the preset's default micro-batch marked, then FID sampling's."""
+    proc = subprocess.run([sys.executable, "benchmark.py", "memory", "--preset", "tiny",
+                           "--micro-batches", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    steps = {(d["micro_batch"], d["precision"], d["grad_checkpointing"]): d for d in lines[:-1]}
+    default = training.RECIPES["tiny"].micro_batch
+    assert set(steps) == {(mb, p, c) for mb in (2, default) for p in training.PRECISIONS
+                          for c in (False, True)}
+    assert all(d["preset"] == "tiny" and d.get("default", False) == (mb == default)
+               for (mb, _, _), d in steps.items())
+    assert steps[default, "bf16", True]["peak_gib"] < steps[default, "bf16", False]["peak_gib"]
+    assert lines[-1]["what"] == "fid_sampling" and lines[-1]["peak_gib"] > 0

@@ -776,6 +776,7 @@ def test_every_flag_passes_through_torchrun(script):
         parser.parse_args(["--nproc-per-node", "2", script, "--run", "x"])   # the check is live
 
 
+@pytest.mark.slow
 def test_torchrun_samples_fid_style_as_one_process_does(run, tmp_path):
     argv = ["--run-dir", run.path, "--num-images", "6", "--batch-size", "2", "--num-iter", "4",
             "--cfg", "2", "--out", "", "--device", "cpu", "--threads", "1"]

@@ -124,6 +124,7 @@ def patched(fake_runs, trained, monkeypatch, tmp_path):
     return calls, missing
 
 
+@pytest.mark.slow
 def test_tables_are_the_mean_and_spread_of_their_runs_each_scored_once(patched, tmp_path, capsys):
     calls, missing = patched
     missing.add("ar-208ep")
@@ -169,6 +170,7 @@ def test_channel_temperatures_sample_each_slot_at_its_own(fake_runs):
     assert not torch.equal(last_greedy[..., last], one_step[..., last])
 
 
+@pytest.mark.slow
 def test_channels_part_per_slot_nll_and_schedules(patched, fake_runs, tmp_path):
     argv = ["--runs", str(tmp_path), "--out", str(tmp_path / "docs"),
             "--parts", "channels", "--samples", "10"]

@@ -718,6 +718,7 @@ train.main(train.get_parser().parse_args({argv!r}))
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
     """torchrun with 2 CPU processes: trains, rank 0 alone writes, both RNG streams are saved."""
     def argv(run):
@@ -767,6 +768,7 @@ torch.multiprocessing.start_processes(rank_losses, (sys.argv[1],), nprocs=2, sta
 """
 
 
+@pytest.mark.slow
 def test_ddp_logs_the_mean_loss_of_the_ranks(tmp_path):
     """train_step's loss under 2 processes is the mean of the ranks' own losses, as one process
     over the same global batch would log it, not their sum."""
