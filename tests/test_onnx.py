@@ -455,6 +455,7 @@ def _benchmark_line(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_benchmark_prints_one_json_line_of_figures(capsys):
     """The benchmark itself (figures, not a timed test): torch, ONNX fp32 and int8 all ran, and
     fp32 ONNX gave PyTorch's tokens."""
@@ -469,6 +470,7 @@ def test_benchmark_prints_one_json_line_of_figures(capsys):
     assert not [key for key in line if key.endswith("_error")]
 
 
+@pytest.mark.slow
 def test_benchmark_reports_a_failed_runtime_and_times_the_others(capsys, monkeypatch):
     """An int8 export that fails its parity check costs the int8 figures only: the line still
     comes, names the failure, and carries the torch and fp32 ONNX figures."""

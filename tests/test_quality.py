@@ -124,6 +124,7 @@ def test_classifier_is_accurate_on_heldout_digits(trained, heldout):
     assert quality.class_accuracy(net, images, labels) == pytest.approx(info["accuracy"])
 
 
+@pytest.mark.slow
 def test_training_is_deterministic():
     (a, _), (b, _) = quality.train_feature_net(epochs=1), quality.train_feature_net(epochs=1)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -245,6 +246,7 @@ def test_best_sampling_is_the_lowest_fd_among_accurate_settings():
     assert quality.ranked_sampling(rows, min_accuracy=0.97) == [rows[3], rows[1], rows[2], rows[0]]
 
 
+@pytest.mark.slow
 def test_sweep_ranks_the_grid_on_few_samples_then_rescores_its_finalists(trained, perturb):
     import data
     import tokenbridge as tb
