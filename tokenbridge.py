@@ -530,8 +530,12 @@ class DimensionwiseARHead(nn.Module):
             token = self._embed(prev_token, (t - 1).clamp(min=0))                  # (M, D)
         # official_compat: the official sampler adds slot_cond[0] to slot 0, unlike its training
         first = cond + self.slot_cond[0] if self.slot0_quirk else cond
-        x = (torch.where(t == 0, first, token) + self.slot_pos[t]).unsqueeze(1)   # (M, 1, D)
-        c = (cond + self.slot_cond[t]).unsqueeze(1)                                # (M, 1, D)
+        # slot t's embeddings gathered on the device: indexing by the 0-d tensor t would read
+        # it back to the host, a wait for a GPU at every channel
+        slot = t.view(1)
+        x = torch.where(t == 0, first, token) + self.slot_pos.index_select(0, slot)
+        c = cond + self.slot_cond.index_select(0, slot)
+        x, c = x.unsqueeze(1), c.unsqueeze(1)                                      # (M, 1, D)
 
         # every block attends to its cached slots and grows its cache by one
         new_cache = []

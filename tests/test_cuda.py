@@ -132,6 +132,25 @@ def test_sampling_on_cuda_gives_the_cpus_tokens(small_cfg, perturb, cfg_mode, or
     assert torch.equal(tokens, expected) and sum(gpu.syncs.values()) > 0
 
 
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_channel_loop_never_waits_for_the_device(small_cfg, perturb, guided):
+    """16 channel steps per position: a read-back inside the loop would stall a GPU 16 times per
+    decoding step."""
+    model = calibrated(small_cfg, perturb).eval()
+    rows, width = 6, small_cfg.head_width
+    with CudaOnCpu() as gpu, torch.no_grad():
+        on_gpu = copy.deepcopy(model).to(CUDA)
+        cond = torch.randn(2 * rows if guided else rows, width, device=CUDA)
+        uniforms = torch.rand(rows, small_cfg.channels, device=CUDA)
+        gpu.syncs.clear()
+        tokens, _ = on_gpu._sample_channels(cond, uniforms, 0.9, 2.5 if guided else None)
+        assert not gpu.syncs, dict(gpu.syncs)
+        tokens = tokens.cpu()
+    expected, _ = model._sample_channels(gpu.value(cond), gpu.value(uniforms), 0.9,
+                                         2.5 if guided else None)
+    assert torch.equal(tokens, expected)
+
+
 def test_sample_py_on_cuda_writes_the_cpus_tokens(tmp_path, fake_data, vae_dir, small_model):
     """sample.py --device cuda on a trained run, fp32 and under fp16 autocast (the official
     evaluation's), with the VAE decoder; fp32 gives the CPU's tokens."""

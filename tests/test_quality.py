@@ -117,6 +117,7 @@ def test_precision_recall_by_hand():
 # The feature net and the scores of real and broken digits
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_classifier_is_accurate_on_heldout_digits(trained, heldout):
     net, info, _ = trained
     images, labels = heldout
@@ -131,6 +132,7 @@ def test_training_is_deterministic():
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow
 def test_real_digits_score_far_better_than_broken_ones(trained, heldout, floor):
     net = trained[0]
     images, labels = heldout
@@ -148,6 +150,7 @@ def test_real_digits_score_far_better_than_broken_ones(trained, heldout, floor):
         assert scores["fd"] > 10 * real["fd"] and scores["recall"] < 0.3, scores
 
 
+@pytest.mark.slow
 def test_class_accuracy_of_true_and_shuffled_labels(trained, heldout):
     net = trained[0]
     images, labels = heldout
@@ -157,6 +160,7 @@ def test_class_accuracy_of_true_and_shuffled_labels(trained, heldout):
     assert quality.evaluate(images, net=net)["class_accuracy"] is None
 
 
+@pytest.mark.slow
 def test_heldout_digits_against_themselves(trained, heldout):
     scores = quality.evaluate(heldout[0], heldout[1], net=trained[0])
     assert abs(scores["fd"]) < 1e-2 and scores["precision"] == scores["recall"] == 1.0
@@ -174,6 +178,7 @@ def test_real_floor_is_small_and_disjoint(floor):
 # The cache
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cache_is_reused(trained, monkeypatch):
     net, _, cache = trained
 
@@ -186,6 +191,7 @@ def test_cache_is_reused(trained, monkeypatch):
         assert torch.equal(x, y)
 
 
+@pytest.mark.slow
 def test_cache_with_a_wrong_key_is_retrained(trained, tmp_path, monkeypatch):
     net, info, cache = trained
     saved = runs.read_torch_file(cache, "cache", "")
@@ -214,6 +220,7 @@ def test_corrupt_cache_is_one_line_error(tmp_path):
 # Bad input
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_value_error(trained, heldout):
     net = trained[0]
     images, labels = heldout

@@ -215,6 +215,7 @@ def test_sign_verdicts_pair_each_row_with_its_own_runs(monkeypatch, tmp_path):
     assert list(signs.values()) == [None, "agrees", "agrees", "ours better"], signs
 
 
+@pytest.mark.slow
 def test_reconstruction_rows_against_numpy(fake_runs, trained):
     models, modes = fake_runs
     model, vae, _ = models["demo"]
