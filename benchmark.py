@@ -200,26 +200,25 @@ def memory(args):
     """The peak CUDA memory of a preset's training (per micro-batch, precision, checkpointing)
     and of FID sampling (batch 64, guidance, fp16), counted on this machine at the preset's real
     shapes with CUDA tensors that hold no memory (cuda_on_cpu): no GPU needed."""
-    from cuda_on_cpu import GIB, kl16_bytes, sampling_memory, training_memory
+    from cuda_on_cpu import GIB, sampling_memory, training_memory, uses_kl16, vae_bytes
     config, recipe = tb.TokenBridgeConfig.preset(args.preset), RECIPES[args.preset]
-    kl16 = (config.image_size, config.vae_stride, config.channels) == (256, 16, 16)
-    resident = kl16_bytes() if kl16 else 0  # the frozen VAE, on the GPU during training
     micro_batches = sorted({*args.micro_batches, recipe.micro_batch})
     common = {"benchmark": "memory", "preset": args.preset}
     for precision in PRECISIONS:
         for checkpointing in (False, True):
             for micro_batch in micro_batches:
                 peak = training_memory(config, micro_batch, precision, checkpointing,
-                                       recipe.head_positions, resident_bytes=resident)
+                                       recipe.head_positions, resident_bytes=vae_bytes(config))
                 line = {**common, "what": "train_step", "micro_batch": micro_batch,
                         "precision": precision, "grad_checkpointing": checkpointing,
                         "peak_gib": round(peak / GIB, 2)}
                 if micro_batch == recipe.micro_batch:
                     line["default"] = True
                 print(json.dumps(line), flush=True)
-    peak = sampling_memory(config, batch=64, cfg=3.0, autocast="fp16", decode=kl16)
+    decode = uses_kl16(config)  # kl16 decodes the batch; the demo's VAE is not built here
+    peak = sampling_memory(config, batch=64, cfg=3.0, autocast="fp16", decode=decode)
     print(json.dumps({**common, "what": "fid_sampling", "batch": 64, "cfg": 3.0,
-                      "autocast": "fp16", "vae_decode": kl16, "peak_gib": round(peak / GIB, 2)}),
+                      "autocast": "fp16", "vae_decode": decode, "peak_gib": round(peak / GIB, 2)}),
           flush=True)
 
 

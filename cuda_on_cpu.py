@@ -433,8 +433,16 @@ def kl16(device):
         return AutoencoderKL(**interop.ldm_vae_config()).eval()
 
 
-def kl16_bytes():
-    """The bytes of kl16's fp32 weights, which train.py and sample.py keep on the GPU."""
+def uses_kl16(config):
+    """Whether a config's latents have kl16's geometry (the ImageNet presets)."""
+    return (config.image_size, config.vae_stride, config.channels) == (256, 16, 16)
+
+
+def vae_bytes(config):
+    """The bytes of the VAE weights that train.py keeps on the GPU: kl16's in fp32 for a config
+    of its geometry; the demo's small VAE counts as nothing."""
+    if not uses_kl16(config):
+        return 0
     return sum(p.numel() * p.element_size() for p in kl16("meta").parameters())
 
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import data
 import runs
 import tokenbridge as tb
-from cuda_on_cpu import GIB, kl16_bytes, training_memory
+from cuda_on_cpu import GIB, training_memory, vae_bytes
 from deploy import check_launcher, exclusive
 from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_evaluation, log,
                       loss_scaler, lr_at, make_optimizer, make_thread_invariant, recipe_summary,
@@ -241,9 +241,8 @@ def check_args(args):
 def check_gpu_memory(args, config, micro_batch, world, device, dist_info):
     """Refuses a micro-batch whose step would not fit the GPU, before anything is written: the
     peak of a step, counted on the CPU at the model's shapes (cuda_on_cpu, ~20 s for L)."""
-    kl16 = (config.image_size, config.vae_stride, config.channels) == (256, 16, 16)
     peak = training_memory(config, micro_batch, args.precision, args.grad_checkpointing,
-                           args.head_positions, world, resident_bytes=kl16_bytes() if kl16 else 0)
+                           args.head_positions, world, resident_bytes=vae_bytes(config))
     total = torch.cuda.get_device_properties(device).total_memory
     checkpointing = ", checkpointing" if args.grad_checkpointing else ""
     if peak > total:

@@ -3,8 +3,9 @@ so a CPU/CUDA mix raises as on a GPU, and their values are compared with a CPU r
 
 Training (a new run: calibration, the reconstruction report, accumulated steps in each
 precision, clipping, the EMA, validation, the checkpoint), sampling (both guidance modes, both
-position orders, sample.py), the export wrappers and the evaluator's feature pass.
-Run: pytest tests/test_cuda.py
+position orders, sample.py, a channel loop without waits), the export wrappers, the evaluator's
+feature pass, and the memory model (against PyTorch's MemTracker; a micro-batch that will not
+fit refused). Run: pytest tests/test_cuda.py
 """
 import copy
 import json
