@@ -4,7 +4,7 @@
     python export.py --run-dir runs/demo --fp16      # half-precision graphs, for GPU
     python export.py --run-dir runs/demo --int8      # int8 matmuls in backbone and head, for CPU
 
-Writes three graphs and one JSON (DESIGN.md §3):
+Writes three graphs and one JSON:
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
                      = TokenBridge.condition: backbone + head.project; fixed-shape inputs, the
                      known positions gathered inside (every image has as many masked: NonZero)

@@ -7,7 +7,7 @@
 
 Both converters are plain key maps checked both ways: every source key lands on exactly one
 target tensor of the same shape and every target tensor is filled, or a ValueError names the
-first key that does not fit. The facts about these files: shared/interop/README.md.
+first key that does not fit.
 Kept out of tokenbridge.py, which describes the method; this file only describes other layouts.
 """
 import argparse

@@ -10,7 +10,7 @@ Random weights, the real command lines (torchrun included), real SIGKILLs half-w
 
 Every stage but the first runs what a user types, as a subprocess from the repository root, and
 reports its wall time and peak memory: ru_maxrss from os.wait4, the largest single process of the
-command's tree (DESIGN.md §4, "Real size"). What each stage of --path sample (the default) proves:
+command's tree. What each stage of --path sample (the default) proves:
   weights   official-format checkpoint-last.pth files for L (with an AdamW state) and H, and MAR's
             kl16.ckpt, written by interop's inverse converters from random weights (in-process)
   convert   interop.py reads both official files (mmap: L's optimizer state is never read) and kl16

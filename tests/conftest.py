@@ -30,6 +30,15 @@ def perturb():
     return perturb_
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and spinning thread pools are slow on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """(net, info, cache path): quality.py's feature net at its default recipe, trained into a

@@ -29,12 +29,7 @@ from cuda_on_cpu import CudaOnCpu
 CUDA = torch.device("cuda", 0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibrated(cfg, perturb, seed=0):

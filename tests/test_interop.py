@@ -1,5 +1,5 @@
 """Interop with the released weights, against numbers produced by the official code itself
-(tests/data/*_reference.pt, copied from shared/interop) and its state-dict key lists."""
+(tests/data/*_reference.pt) and its state-dict key lists."""
 import json
 import math
 import shutil
