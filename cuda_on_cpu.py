@@ -54,7 +54,8 @@ _TORCH_LOAD, _TORCH_SAVE = torch.load, torch.save
 GPU_MEMORY = 80 * 2**30  # what torch.cuda reports as the device's memory: an 80 GB H100
 
 # The operators that make the host wait for the device: a value read back, or an output whose
-# shape depends on values (nonzero and boolean indexing ask the device how many).
+# shape depends on values (nonzero and boolean indexing ask the device how many). Copies to and
+# from the host are counted where they happen (Values).
 SYNCS = {aten._local_scalar_dense.default: "item", aten.is_nonzero.default: "item",
          aten.nonzero.default: "nonzero", aten.equal.default: "equal"}
 # CUDA's fused attention kernels have no CPU twin: their outputs have no value (see Functions)
@@ -234,6 +235,8 @@ class Values(TorchDispatchMode):
         if func is aten.copy_.default and not isinstance(args[0], FakeTensor):
             self.gpu.syncs["to cpu"] += 1
             return args[0].copy_(self._to_host(args[1], {}))
+        if self._blocking_upload(func, args, kwargs):
+            self.gpu.syncs["from host"] += 1
         if func in (aten._local_scalar_dense.default, aten.is_nonzero.default):
             value = self.gpu.value(args[0])
             if value is None:  # see the module docstring
@@ -254,6 +257,18 @@ class Values(TorchDispatchMode):
                 self.gpu._allocated(tensor)
         self._compute_value(func, args, kwargs, out)
         return out
+
+    @staticmethod
+    def _blocking_upload(func, args, kwargs):
+        """A copy from host memory that is not non_blocking: PyTorch waits for the stream to
+        finish (cudaStreamSynchronize after the copy), so on a GPU it waits for all queued work.
+        torch.tensor(x, device="cuda") is one."""
+        if kwargs.get("non_blocking"):
+            return False
+        if func is aten._to_copy.default:
+            return _is_cuda(kwargs.get("device")) and not isinstance(args[0], FakeTensor)
+        return (func is aten.copy_.default and not isinstance(args[1], FakeTensor)
+                and not (len(args) > 2 and args[2]))              # copy_(src, non_blocking)
 
     def _to_host(self, tensor, kwargs):
         """A CUDA tensor copied to the host: its value (zeros where none was kept)."""

@@ -46,8 +46,8 @@ VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
 # sample.py uses unless told otherwise.
 SAMPLING_FILE = "sampling.json"
 # The version of the graphs' interface this loop drives; export.py records it, and graphs of
-# another version are refused (format 2: the head's KV cache grows a slot per step).
-EXPORT_FORMAT = 2
+# another version are refused (format 3: the head's KV cache has a slot for every channel).
+EXPORT_FORMAT = 3
 # What ORT raises for a graph file it cannot load or a provider that fails: its own exception
 # classes, plain Exception subclasses (not RuntimeError), so they are named one by one.
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
@@ -177,8 +177,8 @@ class OnnxSampler:
         self.std = np.asarray(quantizer["std"], np.float32)
         self.order = np.asarray(quantizer["order"], np.int64)
         head = meta["head"]
-        # (depth, 2, G*M rows, heads, slots, head_dim): the rows are set per call; no slots yet
-        self.cache_shape = (head["depth"], 2, None, head["heads"], 0, head["head_dim"])
+        # (depth, 2, G*M rows, heads, C slots, head_dim): the rows are set per call
+        self.cache_shape = (head["depth"], 2, None, head["heads"], self.C, head["head_dim"])
         # step indices live on the device once, so the channel loop never uploads them
         self.steps = [np.array(t, np.int64) for t in range(self.C)]
         self.step_values = [ort.OrtValue.ortvalue_from_numpy(t, self.device, self.device_id)
@@ -279,7 +279,7 @@ class OnnxSampler:
 
     def _channel_loop_bound(self, feeds):
         """The same loop with IOBinding: inputs bound once, each step's state outputs stay on the
-        device (ORT allocates them: the cache grows a slot per step) and are bound as the next
+        device (ORT allocates them) and are bound as the next
         step's inputs; only the final tokens and scores come back to the host (the logits output
         is not bound, so never copied). On CPU an OrtValue shares its numpy array's memory, so
         every array put here is one that `feeds` keeps alive (no temporaries)."""

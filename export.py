@@ -8,9 +8,10 @@ Writes three graphs and one JSON:
   backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
                      = TokenBridge.condition: backbone + head.project; fixed-shape inputs, the
                      known positions gathered inside (every image has as many masked: NonZero)
-  head_step.onnx     one channel of the AR head with its KV cache (t slots in, t+1 out), the
-                     logit-level CFG mix and the inverse-CDF sampler inside (head.step +
-                     sample_from_logits), so a whole channel loop can stay on the device
+  head_step.onnx     one channel of the AR head with its KV cache (a slot per channel, slot t
+                     written), the logit-level CFG mix and the inverse-CDF sampler inside
+                     (head.step + sample_from_logits): every step has the same shapes, and a
+                     whole channel loop can stay on the device
   vae_decoder.onnx   scaled latents (B, C, H, W) -> image (B, 3, H', W') in [-1, 1]
   tokenbridge.json   config, quantizer tables, channel order, graph I/O names, fingerprint
 A graph with over 1 GiB of weights (TokenBridge-H's backbone) keeps them beside it in one
@@ -67,8 +68,7 @@ class HeadStepGraph(nn.Module):
 
     cond (G, M, D): G = 1, or 2 for logit-level CFG (cond rows, then uncond rows).
     tokens (M, C): the tokens sampled so far, in generation order; column t is written.
-    cache (depth, 2, G*M, heads, step, head_dim): head.step's cache, the `step` slots so far (none
-    at step 0; the graph never reshapes it: ONNX Reshape reads a 0 in a shape as "keep this dim").
+    cache (depth, 2, G*M, heads, C, head_dim): head.step's cache, slots 0..step-1 filled.
     uniforms (M, C), score (M,): as in _sample_channels; temperature, guidance: 0-d float.
     """
 
@@ -120,8 +120,9 @@ def head_inputs(model, guidance_halves, rows, step, gen):
     config, head = model.config, model.head
     cond = torch.randn(guidance_halves, rows, config.head_width, generator=gen)
     cache_rows = guidance_halves * rows
-    cache = torch.randn(len(head.blocks), 2, cache_rows, head.heads, step, head.head_dim,
-                        generator=gen)                              # the `step` slots before it
+    # random in every slot: the slots from `step` on must not matter
+    cache = torch.randn(len(head.blocks), 2, cache_rows, head.heads, config.channels,
+                        head.head_dim, generator=gen)
     tokens = torch.randint(0, config.levels, (rows, config.channels), generator=gen)
     uniforms = torch.rand(rows, config.channels, generator=gen)
     guidance = 2.5 if guidance_halves == 2 else 1.0
@@ -131,11 +132,18 @@ def head_inputs(model, guidance_halves, rows, step, gen):
 
 # --- export + check ---------------------------------------------------------------------------
 
-def _toposort(model):
-    """The fp16 converter appends its input casts after their users; the checker wants order."""
+def _repair_fp16(model):
+    """The fp16 converter appends its input casts after their users, and gives a tensor that
+    several fp32-kept nodes read one identical cast per reader; the checker wants the nodes in
+    order and one node per output name."""
     graph = model.graph
     ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
+    pending, ordered, made = [], [], set()
+    for node in graph.node:
+        if not made.isdisjoint(node.output) and node.op_type == "Cast":
+            continue                                  # the same cast again: its twin is kept
+        made.update(node.output)
+        pending.append(node)
     while pending:
         blocked = []
         for node in pending:
@@ -208,9 +216,14 @@ def _export(module, example, path, inputs, outputs, dynamic_axes, meta, precisio
         # Tracing a half model on CPU leaves fp32/fp16 mixes (LayerNorm upcasts) that the checker
         # rejects; ORT's own converter rewrites the fp32 graph instead (given a path, it infers
         # shapes by path, which works past 2 GB). keep_io_types: inputs and outputs stay fp32
-        # (cast at the edges), so the loop and the sampler's uniforms do not change.
+        # (cast at the edges), so the loop and the sampler's uniforms do not change. The
+        # wrapper's own nodes (the head step's guidance mix and sampler: log-softmax, exp, the
+        # CDF compare) stay fp32: in fp16 the CDF resolves ~5e-4 and moves tokens.
         from onnxruntime.transformers.float16 import convert_float_to_float16
-        graph = _toposort(convert_float_to_float16(traced, keep_io_types=True))
+        nodes = onnx.load(traced, load_external_data=False).graph.node
+        wrapper_nodes = [node.name for node in nodes if node.name.count("/") == 1]
+        graph = _repair_fp16(convert_float_to_float16(traced, keep_io_types=True,
+                                                      node_block_list=wrapper_nodes))
     else:
         graph = onnx.load(traced)
     for key, value in meta.items():
@@ -357,10 +370,10 @@ def _export_graphs(model, vae, folder, precision, limits, say):
     examples = [head_inputs(model, 2, 5, 3, gen), head_inputs(model, 1, 7, 0, gen),
                 head_inputs(model, 2, 3, config.channels - 1, gen)]
     run_export(HEAD_FILE, HeadStepGraph(model), examples, HEAD_INPUTS, HEAD_OUTPUTS,
-               {"cond": {0: "halves", 1: "rows"}, "cache": {2: "cache_rows", 4: "slots"},
+               {"cond": {0: "halves", 1: "rows"}, "cache": {2: "cache_rows"},
                 "tokens": {0: "rows"}, "uniforms": {0: "rows"}, "score": {0: "rows"},
                 "logits": {0: "rows"}, "tokens_out": {0: "rows"}, "score_out": {0: "rows"},
-                "cache_out": {2: "cache_rows", 4: "slots_out"}})
+                "cache_out": {2: "cache_rows"}})
 
     # the VAE decoder, when the run has one
     if vae is None:

@@ -136,6 +136,11 @@ class GaussianQuantizer(nn.Module):
                 f"got {indices.dtype} {tuple(indices.shape)}")
         require(bool(((indices >= 0) & (indices < self.levels)).all()),
                 f"indices must lie in [0, {self.levels})")
+        return self.bin_values(indices)
+
+    def bin_values(self, indices):
+        """dequantize without its checks, for indices the model drew itself: the range check reads
+        a value back from the device, which a GPU sampler would wait for at every step."""
         return self.centers[indices] * self.std + self.mean
 
 
@@ -299,12 +304,16 @@ class Attention(nn.Module):
         """mask: bool, True = may attend; broadcast to (B, h, L, L)."""
         return self._attend(*self._qkv(x), mask)
 
-    def forward_cached(self, x, cache):
-        """One new slot x (B, 1, D) after the t slots in cache (2, B, h, t, hd): it attends to
-        them and to itself; returns the cache grown by its key and value, (2, B, h, t+1, hd)."""
+    def forward_cached(self, x, cache, slot):
+        """One new slot x (B, 1, D) at index `slot` (0-d long tensor) of a cache with room for
+        every slot, (2, B, h, slots, hd): its key and value are written there, and it attends to
+        slots 0..slot. Returns the output and the cache. The shapes never change, whatever the
+        slot: a GPU can replay the step as one captured graph."""
         q, k, v = self._qkv(x)
-        cache = torch.cat([cache, torch.stack([k, v])], dim=-2)
-        return self._attend(q, cache[0], cache[1], None), cache
+        slots = torch.arange(cache.shape[-2], device=x.device)
+        cache = torch.where((slots == slot).unsqueeze(-1), torch.stack([k, v]).to(cache.dtype),
+                            cache)
+        return self._attend(q, cache[0], cache[1], (slots <= slot).view(1, -1)), cache
 
 
 class Mlp(nn.Module):
@@ -344,14 +353,14 @@ class AdaLNBlock(nn.Module):
         self.mlp = Mlp(dim, mlp_ratio, dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, mask=None, cache=None):
-        """Teacher-forced over all slots (cache None), or one slot t with a KV cache."""
+    def forward(self, x, c, mask=None, cache=None, slot=None):
+        """Teacher-forced over all slots (cache None), or one slot with a KV cache."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
         if cache is None:
             h = self.attn(h, mask)
         else:
-            h, cache = self.attn.forward_cached(h, cache)
+            h, cache = self.attn.forward_cached(h, cache, slot)
         x = x + gate1 * h
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x, cache
@@ -369,6 +378,11 @@ class FinalLayer(nn.Module):
 
 
 # --- 5. Backbone: MAR's masked encoder-decoder over spatial positions ----------------------------
+
+def _along(index, x):
+    """index (B, K) of rows of x (B, *, D), expanded over D for gather and scatter."""
+    return index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+
 
 class Backbone(nn.Module):
     """Known positions (dequantized tokens) + class -> a feature z for every position. As in MAR,
@@ -416,27 +430,40 @@ class Backbone(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
-    def forward(self, values, mask, labels):
-        """values (B, N, C) dequantized tokens, mask (B, N) bool True = unknown, labels (B,)."""
+    @staticmethod
+    def count_masked(mask):
+        """The number of unknown positions, the same in every image, read back from the device
+        (one wait for a GPU); in an ONNX trace, a tensor the graph computes."""
+        if torch.jit.is_tracing():
+            return mask[0].sum()
+        counts = mask.sum(1).tolist()
+        require(min(counts) == max(counts),
+                f"every image needs the same number of masked positions (got {counts}); "
+                "draw masks as TokenBridge.random_mask does")
+        return counts[0]
+
+    def forward(self, values, mask, labels, masked=None):
+        """values (B, N, C) dequantized tokens, mask (B, N) bool True = unknown, labels (B,).
+        masked: the number of unknown positions of every image when the caller knows it (the
+        sampler), so that nothing is read back from the device; None: counted from mask."""
         B, L = values.shape[0], self.buffer_size + mask.shape[1]
-        if not torch.jit.is_tracing() and (mask.sum(1) != mask[0].sum()).any():
-            raise ValueError("every image needs the same number of masked positions "
-                             f"(got {mask.sum(1).tolist()}); "
-                             "draw masks as TokenBridge.random_mask does")
+        masked = self.count_masked(mask) if masked is None else masked
 
         # the class buffer, then the projected values
         buffer = self.class_embedding(labels).unsqueeze(1).expand(-1, self.buffer_size, -1)
         x = torch.cat([buffer, self.z_proj(values)], dim=1)                     # (B, S+N, De)
         x = self.z_proj_ln(x + self.encoder_pos_embed)
 
-        # dropping: the encoder sees the buffer and the known positions only
-        kept = F.pad(~mask, (self.buffer_size, 0), value=True)                  # (B, S+N)
-        keep = kept.nonzero(as_tuple=True)                                      # B*V (image, slot)
-        x = self._run(self.encoder_blocks, x[keep].view(B, -1, x.shape[-1]))    # (B, V, De)
+        # dropping: the encoder sees the buffer and the known positions only, in slot order
+        # (a sort moves the unknown ones last: the count is known, so nothing is read back)
+        slots = torch.arange(L, device=mask.device).expand(B, L)
+        unknown = F.pad(mask, (self.buffer_size, 0), value=False)               # (B, S+N)
+        keep = slots.masked_fill(unknown, L).sort(dim=1).values[:, :L - masked]  # (B, V)
+        x = self._run(self.encoder_blocks, x.gather(1, _along(keep, x)))        # (B, V, De)
 
         # the decoder: encoded slots back in place, the mask token everywhere else
-        x = self.decoder_embed(self.encoder_norm(x)).flatten(0, 1)              # (B*V, Dd)
-        x = self.mask_token.to(x.dtype).repeat(B, L, 1).index_put(keep, x)      # (B, S+N, Dd)
+        x = self.decoder_embed(self.encoder_norm(x))                            # (B, V, Dd)
+        x = self.mask_token.to(x.dtype).repeat(B, L, 1).scatter(1, _along(keep, x), x)
         x = self._run(self.decoder_blocks, x + self.decoder_pos_embed)
         x = self.decoder_norm(x)[:, self.buffer_size:]
         return x + self.output_pos_embed                                        # (B, N, Dd)
@@ -515,14 +542,15 @@ class DimensionwiseARHead(nn.Module):
         return self._logits(x, c, slice(0, L + 1))
 
     def empty_cache(self, rows, device=None, dtype=torch.float32):
-        """The KV cache before channel 0: (depth, 2, rows, heads, 0 slots, head_dim)."""
-        return torch.zeros(len(self.blocks), 2, rows, self.heads, 0, self.head_dim,
+        """The KV cache before channel 0, with room for every slot:
+        (depth, 2, rows, heads, C slots, head_dim)."""
+        return torch.zeros(len(self.blocks), 2, rows, self.heads, self.channels, self.head_dim,
                            device=device, dtype=dtype)
 
     def step(self, cond, prev_token, t, cache):
         """One channel: cond (M, D), prev_token (M,) = q^{t-1} (ignored at t=0), t a 0-d long
-        tensor, cache the t slots before. Returns logits (M, levels) for channel t, equal to
-        forward()'s slot t to float tolerance, and the cache grown to t+1 slots."""
+        tensor, cache holding slots 0..t-1. Returns logits (M, levels) for channel t, equal to
+        forward()'s slot t to float tolerance, and the cache with slot t written."""
         # slot t's input, as in forward()
         if self.parallel:
             token = torch.zeros_like(cond)
@@ -540,7 +568,7 @@ class DimensionwiseARHead(nn.Module):
         # every block attends to its cached slots and grows its cache by one
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
-            x, layer_cache = block(x, c, cache=layer_cache)
+            x, layer_cache = block(x, c, cache=layer_cache, slot=t)
             new_cache.append(layer_cache)
         return self._logits(x, c, t.view(1))[:, 0], torch.stack(new_cache)
 
@@ -570,7 +598,8 @@ def guidance_weight(cfg, seq_len, left, schedule="linear", official_clamp=False)
 def sample_from_logits(logits, uniforms, temperature):
     """Pick a token per row by inverse CDF with supplied uniforms (M,), so both runtimes agree:
     tokens (M,) and their log-probabilities. temperature 0 is greedy; a tensor in ONNX."""
-    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    if not isinstance(temperature, torch.Tensor):  # filled on the device: an upload would wait
+        temperature = torch.full((), temperature, device=logits.device)
     greedy = temperature == 0
     logp = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, temperature), dim=-1)
     cdf = logp.exp().cumsum(-1)
@@ -637,9 +666,9 @@ class TokenBridge(nn.Module):
                 f"got {labels.shape[0]} labels for a batch of {batch} latents")
         top = num_classes + 1 if allow_null else num_classes
         null = f" ({num_classes}: unconditional)" if allow_null else ""
-        require(bool(((labels >= 0) & (labels < top)).all()),
-                f"labels must lie in [0, {top}) for this model's {num_classes} classes{null}, "
-                f"got {labels.tolist()[:8]}")
+        if not bool(((labels >= 0) & (labels < top)).all()):  # the labels read back on failure only
+            raise ValueError(f"labels must lie in [0, {top}) for this model's {num_classes} "
+                             f"classes{null}, got {labels.tolist()[:8]}")
 
     def _check_sampling(self, num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order):
         N = self.config.seq_len
@@ -715,19 +744,25 @@ class TokenBridge(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     # --- sampling ------------------------------------------------------------------------------
-    def condition(self, values, mask, labels):
+    def condition(self, values, mask, labels, masked=None):
         """Backbone + the head's input projection: (B, N, C) known values -> (B, N, D)."""
-        return self.head.project(self.backbone(values, mask, labels))
+        return self.head.project(self.backbone(values, mask, labels, masked))
 
     def _sample_channels(self, cond, uniforms, temperature, logit_guidance=None):
         """Channel by channel with the KV cache. cond (M, D), or (2M, D) with logit guidance w
         (cond rows first); uniforms (M, C). Returns tokens (M, C) in VAE channel order and the
-        summed log-probability of each position's C tokens."""
-        cache = self.head.empty_cache(len(cond), cond.device, cond.dtype)
-        token = torch.zeros(len(cond), dtype=torch.long, device=cond.device)
+        summed log-probability of each position's C tokens. Nothing is read back from the device
+        and every step has the same shapes."""
+        device = cond.device
+        # under autocast the keys and values are computed in 16 bits: the cache keeps them so
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else cond.dtype
+        cache = self.head.empty_cache(len(cond), device, dtype)
+        token = torch.zeros(len(cond), dtype=torch.long, device=device)
+        steps = torch.arange(self.config.channels, device=device)  # made there, not uploaded
         generated, score = [], 0.0
         for t in range(self.config.channels):
-            logits, cache = self.head.step(cond, token, torch.tensor(t, device=cond.device), cache)
+            logits, cache = self.head.step(cond, token, steps[t], cache)
             if logit_guidance is not None:
                 l_cond, l_uncond = logits.chunk(2)
                 logits = l_uncond + logit_guidance * (l_cond - l_uncond)
@@ -751,16 +786,20 @@ class TokenBridge(nn.Module):
         for the channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
         on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown)."""
         device = next(self.parameters()).device
-        labels = torch.as_tensor(labels, device=device)
-        self._check_labels(labels, allow_null=True)
+
+        def upload(array):  # not waiting for the device's queue, as a blocking copy would
+            return torch.as_tensor(array).to(device, non_blocking=True)
+
+        labels = torch.as_tensor(labels)
+        self._check_labels(labels, allow_null=True)     # on the host, unless given on the device
+        labels = upload(labels)
         self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order)
         B, N, C = len(labels), self.config.seq_len, self.config.channels
 
         # random order: the permutations are the generator's first draws
         rng = np.random.default_rng(seed)
         if position_order == "random":
-            orders = torch.from_numpy(np.stack([rng.permutation(N) for _ in range(B)])).to(device)
-            rank = orders.argsort(-1)                          # rank[b, n]: when n is decoded
+            orders = upload(np.stack([rng.permutation(N) for _ in range(B)]))  # (B, N)
 
         # guidance runs every image twice: its class first, then the null class
         guided = cfg != 1.0
@@ -769,11 +808,12 @@ class TokenBridge(nn.Module):
         all_labels = torch.cat([labels, null_labels]) if guided else labels
         tokens = torch.zeros(B, N, C, dtype=torch.long, device=device)
         mask = torch.ones(B, N, dtype=torch.bool, device=device)
+        masked = N  # positions still unknown in every image: counted here, never read back
         for s, left in enumerate(mask_schedule(N, num_iter)):
             # this step's uniforms, and every position conditioned on the tokens known so far
-            uniforms = torch.from_numpy(rng.random((B, N, C))).float().to(device)
-            values = self.quantizer.dequantize(tokens).repeat(reps, 1, 1)
-            cond = self.condition(values, mask.repeat(reps, 1), all_labels)   # (reps*B, N, D)
+            uniforms = upload(rng.random((B, N, C)).astype(np.float32))
+            values = self.quantizer.bin_values(tokens).repeat(reps, 1, 1)
+            cond = self.condition(values, mask.repeat(reps, 1), all_labels, masked)  # (rB, N, D)
             w = guidance_weight(cfg, N, left, cfg_schedule, self.config.official_compat)
             if guided and cfg_mode == "features":
                 # Guidance on backbone features z, applied after the head's linear projection:
@@ -781,31 +821,37 @@ class TokenBridge(nn.Module):
                 cond_c, cond_u = cond.chunk(2)
                 cond = cond_u + w * (cond_c - cond_u)
 
-            # the channels of every candidate position
+            # the candidate positions of each image, in position order: random order decodes
+            # the next slice of each permutation, confidence order samples every unknown position
             if position_order == "random":
-                chosen = mask & (rank >= left)      # decode the next slice of each order
-                candidates = chosen
+                candidates = orders[:, left:masked].sort(dim=1).values            # (B, k)
             else:
-                candidates = mask                   # sample all, keep the most confident
-            rows = candidates.repeat(cond.shape[0] // B, 1)
+                positions = torch.arange(N, device=device).expand(B, N)
+                candidates = positions.masked_fill(~mask, N).sort(dim=1).values[:, :masked]
+            rows = cond.gather(1, _along(candidates.repeat(cond.shape[0] // B, 1), cond))
             logit_guidance = w if guided and cfg_mode == "logits" else None
-            new, score = self._sample_channels(cond[rows], uniforms[candidates], temperature,
-                                               logit_guidance)
+            new, score = self._sample_channels(rows.flatten(0, 1),
+                                               uniforms.gather(1, _along(candidates, uniforms))
+                                               .flatten(0, 1), temperature, logit_guidance)
+            new, score = new.view(B, -1, C), score.view(B, -1)                   # (B, k, C)
 
             # confidence order: keep the most likely positions, Gumbel noise fading out
+            chosen = candidates
             if position_order == "confidence":
-                noise = torch.from_numpy(rng.random((B, N))).float().to(device)
+                noise = upload(rng.random((B, N)).astype(np.float32))
                 gumbel = -torch.log(-torch.log(noise))
-                scores = torch.full((B, N), -math.inf, device=device)
-                scores[candidates] = score
+                scores = torch.full((B, N), -math.inf, device=device).scatter(1, candidates, score)
                 scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
-                keep = scores.topk(int(mask[0].sum()) - left, dim=-1).indices
-                chosen = torch.zeros_like(mask).scatter_(1, keep, True)
-                new = new[chosen[candidates]]
+                chosen = scores.topk(masked - left, dim=-1).indices
+                # the kept candidates' tokens: index j of candidates holds position candidates[j]
+                slot_of = torch.zeros(B, N, dtype=torch.long, device=device).scatter(
+                    1, candidates, torch.arange(masked, device=device).expand(B, -1))
+                new = new.gather(1, _along(slot_of.gather(1, chosen), new))
 
             # the chosen positions become known
-            tokens[chosen] = new
-            mask = mask & ~chosen
+            tokens = tokens.scatter(1, _along(chosen, tokens), new)
+            mask = mask.scatter(1, chosen, False)
+            masked = left
             if on_step is not None:  # copies: a watcher cannot change the sampling
                 on_step(s, tokens.clone(), mask.clone())
         return tokens

@@ -53,12 +53,15 @@ def test_cuda_tensors_hold_values_memory_and_count_waits():
         del scratch
         assert gpu.live_bytes == before
         total = x.sum().item()
+        torch.tensor(2.0, device="cuda")                      # a blocking upload: a wait
+        torch.ones(3).to("cuda", non_blocking=True)           # queued behind the work: none
         with torch.autocast("cuda", dtype=torch.bfloat16):      # CUDA's policy, not the CPU's
             assert (x @ x.T).dtype == torch.bfloat16
             assert F.layer_norm(x.bfloat16(), (3,)).dtype == torch.float32
     host = torch.arange(6.0).view(2, 3)
     assert torch.equal(product, host @ host.T)
     assert total == 15.0 and gpu.syncs["item"] == 1 and gpu.syncs["to cpu"] == 1
+    assert gpu.syncs["from host"] == 1
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -145,6 +148,21 @@ def test_the_channel_loop_never_waits_for_the_device(small_cfg, perturb, guided)
     expected, _ = model._sample_channels(gpu.value(cond), gpu.value(uniforms), 0.9,
                                          2.5 if guided else None)
     assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("cfg_mode,order", [("features", "random"), ("logits", "confidence")])
+def test_a_decoding_step_never_waits_for_the_device(small_cfg, perturb, cfg_mode, order):
+    """The whole sampler, guidance and the backbone's gather included: every count it needs is
+    known on the host, so the host queues step after step and reads the tokens back once."""
+    model = calibrated(small_cfg, perturb).eval()
+    waits = []
+    with CudaOnCpu() as gpu:
+        on_gpu = copy.deepcopy(model).to(CUDA)
+        gpu.syncs.clear()
+        on_gpu.sample_tokens([0, 1, 2], num_iter=4, cfg=2.5, seed=3, cfg_mode=cfg_mode,
+                             position_order=order,
+                             on_step=lambda *_: waits.append(sum(gpu.syncs.values())))
+    assert waits == [0, 0, 0, 0], dict(gpu.syncs)
 
 
 def test_sample_py_on_cuda_writes_the_cpus_tokens(tmp_path, fake_data, vae_dir, small_model):

@@ -246,7 +246,8 @@ def test_fingerprint_mismatch_is_refused(run, tmp_path, perturb):
         deploy.OnnxSampler(str(copy), "cpu", threads=1)
     del meta["format"]  # graphs from before the format was recorded: the old cache layout
     (copy / deploy.META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"another export.py \(format 1, this sample.py reads 2\)"):
+    reads = rf"another export.py \(format 1, this sample.py reads {deploy.EXPORT_FORMAT}\)"
+    with pytest.raises(ValueError, match=reads):
         deploy.OnnxSampler(str(copy), "cpu", threads=1)
     # graphs fine, but the run's checkpoint is not the one they came from
     other = save_run(tmp_path / "other", perturb(tb.TokenBridge(run.model.config), seed=9))
@@ -439,6 +440,12 @@ def test_reduced_precision_graphs_are_checked_and_sample(run, tmp_path, precisio
                             (deploy.VAE_FILE, False)):
         ops = {node.op_type for node in onnx.load(str(out / name)).graph.node}
         assert bool(ops & int8_ops) == (quantized and precision == "int8"), name
+    # the head step's sampler (log-softmax, exp, the CDF) computes in fp32 at every precision
+    head = onnx.shape_inference.infer_shapes(onnx.load(str(out / deploy.HEAD_FILE)))
+    types = {v.name: v.type.tensor_type.elem_type for v in head.graph.value_info}
+    sampler_ops = [n for n in head.graph.node if n.op_type in ("LogSoftmax", "Exp", "CumSum")]
+    assert len(sampler_ops) == 3
+    assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in sampler_ops)
     tokens = deploy.OnnxSampler(str(out), "cpu").sample_tokens(LABELS, num_iter=4, seed=0)
     assert tokens.shape == (3, 64, 16) and 0 <= tokens.min() and tokens.max() < 64
 
