@@ -1,7 +1,7 @@
 """Speed and memory figures as one JSON line each: sampling (PyTorch vs ONNX Runtime), the
 training step, and the GPU memory of training and sampling.
 
-    python benchmark.py sample            # bench-s: KV-cached head, torch vs ONNX fp32 / int8
+    python benchmark.py sample            # bench-s: a decoding step, torch eager/captured, ONNX
     python benchmark.py train             # bench-s: one optimizer step, the paper's loss
     python benchmark.py train --preset large --device cuda   # and days for TokenBridge-L's recipe
     python benchmark.py memory --preset large   # peak GPU memory per micro-batch, on any machine
@@ -9,6 +9,7 @@ training step, and the GPU memory of training and sampling.
 Random weights and latents: no run folder, data or VAE needed. The README quotes these lines.
 """
 import argparse
+import copy
 import functools
 import json
 import math
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 import tokenbridge as tb
+from cuda_on_cpu import (GIB, sampling_counts, sampling_memory, training_memory, uses_kl16,
+                         vae_bytes)
 from deploy import ORT_ERRORS, OnnxSampler, one_line
 from export import export
 from runs import torch_device
@@ -52,7 +55,11 @@ def _onnx_runtime(run, precision, args):
 
 
 def sampling(args):
-    """One JSON line: KV-cached vs recomputed head per position, torch vs ONNX Runtime images/s.
+    """One JSON line: the sampler's hot path. Per decoding step: milliseconds of torch eager,
+    torch captured (capture_sampler) and each ONNX runtime, measured; the host's waits for the
+    device and the kernels a GPU launches, counted (cuda_on_cpu.sampling_counts, the same on any
+    machine), the captured launches derived from them (a channel step replays as one graph), and
+    the ONNX Runtime runs, counted. Also images/s, and the KV-cached vs recomputed head.
 
     Each ONNX runtime stands alone: one whose export fails its parity check, or that ONNX Runtime
     cannot load, is reported as NAME_error (one line) and its keys are absent; the others are
@@ -107,16 +114,30 @@ def sampling(args):
                 samplers[name] = _onnx_runtime(run, precision, args)
             except (ValueError, *ORT_ERRORS) as e:
                 errors[f"{name}_error"] = one_line(e)
-        runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy()}
+        captured = copy.deepcopy(model).capture_sampler()  # traced in the warm-up run
+        runtimes = {"torch": lambda: model.sample_tokens(labels, **kwargs).cpu().numpy(),
+                    "torch_captured": lambda: captured.sample_tokens(labels, **kwargs).cpu()
+                    .numpy()}
         for name, sampler in samplers.items():
             runtimes[name] = functools.partial(sampler.sample_tokens, labels, **kwargs)
-        seconds, result = _best_seconds(runtimes, 3, sync)
+        onnx_runs = _count_runs(samplers.values())
+        repeats = 3
+        seconds, result = _best_seconds(runtimes, repeats, sync)
 
     # the figures, and how far the runtimes' tokens agree
     figures = {f"{k}_images_per_s": round(images / v, 2) for k, v in seconds.items()}
+    figures.update({f"{k}_ms_per_step": round(v * 1e3 / steps, 2) for k, v in seconds.items()})
     figures.update({f"{k}_speedup": round(seconds["torch"] / v, 2)
                     for k, v in seconds.items() if k != "torch"})
-    agreement = {}
+    counted = sampling_counts(config, images, **{**kwargs, "num_iter": COUNTED_STEPS})
+    figures.update({f"torch_{k}": v for k, v in counted.items()})
+    # captured: each channel step is one graph launch instead of its kernels
+    figures["torch_captured_launches_per_step"] = (
+        counted["kernels_per_step"] - config.channels * (counted["head_step_kernels"] - 1))
+    if samplers:  # every call of a runtime's sessions, over its timed runs
+        figures["onnx_runs_per_step"] = onnx_runs() / (len(samplers) * (1 + repeats) * steps)
+    agreement = {"captured_tokens_equal": bool((result["torch"] == result["torch_captured"])
+                                               .all())}
     if "onnx" in result:
         agreement["onnx_provider"] = "cuda" if samplers["onnx"].on_cuda else "cpu"
         agreement["tokens_equal"] = bool((result["torch"] == result["onnx"]).all())
@@ -200,7 +221,6 @@ def memory(args):
     """The peak CUDA memory of a preset's training (per micro-batch, precision, checkpointing)
     and of FID sampling (batch 64, guidance, fp16), counted on this machine at the preset's real
     shapes with CUDA tensors that hold no memory (cuda_on_cpu): no GPU needed."""
-    from cuda_on_cpu import GIB, sampling_memory, training_memory, uses_kl16, vae_bytes
     config, recipe = tb.TokenBridgeConfig.preset(args.preset), RECIPES[args.preset]
     micro_batches = sorted({*args.micro_batches, recipe.micro_batch})
     common = {"benchmark": "memory", "preset": args.preset}
@@ -220,6 +240,25 @@ def memory(args):
     print(json.dumps({**common, "what": "fid_sampling", "batch": 64, "cfg": 3.0,
                       "autocast": "fp16", "vae_decode": decode, "peak_gib": round(peak / GIB, 2)}),
           flush=True)
+
+
+COUNTED_STEPS = 4  # the waits and kernels are the same at every decoding step
+
+
+def _count_runs(samplers):
+    """Wrap the ONNX sessions' run methods; returns a function giving how many calls so far."""
+    calls = [0]
+
+    def counted(run):
+        def run_and_count(*args, **kwargs):
+            calls[0] += 1
+            return run(*args, **kwargs)
+        return run_and_count
+    for sampler in samplers:
+        for session in (sampler.backbone, sampler.head):
+            session.run = counted(session.run)
+            session.run_with_iobinding = counted(session.run_with_iobinding)
+    return lambda: calls[0]
 
 
 def peak_memory(device):

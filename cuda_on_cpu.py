@@ -4,6 +4,7 @@
         model = build().to("cuda")                 # parameters are CUDA tensors, values on the CPU
         loss = model(latents.to("cuda"), labels.to("cuda"))
     gpu.syncs                                      # Counter: every wait of the host for the device
+    gpu.kernels                                    # CUDA operators run, views not counted
     gpu.peak_bytes                                 # the most tensor memory the CUDA device held
 
 A CUDA tensor is a FakeTensor (torch._subclasses): it has a shape, a dtype and a CUDA device but
@@ -76,6 +77,7 @@ class CudaOnCpu:
         self.values_up_to = values_up_to
         self.gpu_memory = gpu_memory
         self.syncs = Counter()
+        self.kernels = 0  # CUDA operators run that compute (not views): about one launch each
         self.live_bytes = 0
         self.peak_bytes = 0
         self._stack = None
@@ -252,6 +254,7 @@ class Values(TorchDispatchMode):
             args = self._bool_indices_as_long(func, args)
 
         out = func(*args, **kwargs)  # FakeTensorMode: the shape, the dtype, the device check
+        self.gpu.kernels += not func.is_view
         for tensor in pytree.tree_leaves(out):
             if isinstance(tensor, FakeTensor):
                 self.gpu._allocated(tensor)
@@ -523,3 +526,26 @@ def sampling_memory(config, batch=64, cfg=3.0, autocast="fp16", decode=True):
                                       device=CUDA)
                 data.decode(vae, latents)
     return gpu.peak_bytes
+
+
+def sampling_counts(config, batch, num_iter, **sampling):
+    """What a GPU does per decoding step of sample_tokens at `batch` images: the host's waits for
+    the device, the kernels launched, and the kernels of one channel step of the head, counted
+    with a random model of `config` on a CUDA device (neither count depends on the values)."""
+    with CudaOnCpu(values_up_to=1) as gpu, torch.no_grad():
+        with torch.device(CUDA):
+            model = tb.TokenBridge(config).eval()
+        labels = torch.arange(batch) % config.num_classes
+        gpu.syncs.clear()
+        gpu.kernels = 0
+        model.sample_tokens(labels, num_iter, **sampling)
+        waits, kernels = sum(gpu.syncs.values()), gpu.kernels
+        head, rows = model.head, batch
+        cache = head.empty_cache(rows, CUDA)
+        before = gpu.kernels
+        head.step(torch.zeros(rows, config.head_width, device=CUDA),
+                  torch.zeros(rows, dtype=torch.long, device=CUDA),
+                  torch.ones((), dtype=torch.long, device=CUDA), cache)
+        step_kernels = gpu.kernels - before
+    return {"waits_per_step": waits / num_iter, "kernels_per_step": kernels / num_iter,
+            "head_step_kernels": step_kernels}

@@ -647,6 +647,17 @@ class TokenBridge(nn.Module):
         self.backbone.grad_checkpointing = self.head.grad_checkpointing = enabled
         return self
 
+    def capture_sampler(self):
+        """Capture the head's channel step, the sampler's hot path, with torch.compile: traced once
+        into a graph of the same operators, which a GPU records as a CUDA graph and replays as one
+        launch instead of a few hundred (backend "cudagraphs"); elsewhere the graph runs operator
+        by operator ("aot_eager"). The same kernels either way, so the same tokens. Every channel
+        step has the same shapes, so it is traced once per number of rows. Call after .to(device).
+        """
+        backend = "cudagraphs" if next(self.parameters()).is_cuda else "aot_eager"
+        self.head.step = torch.compile(self.head.step, backend=backend, fullgraph=True)
+        return self
+
     # --- input checks ----------------------------------------------------------------------------
     def _check_latents(self, latents):
         channels, grid = self.config.channels, self.config.grid

@@ -371,8 +371,10 @@ def test_export_out_that_cannot_be_created_is_one_clear_error(run):
     (["--num-iter", "0"], "--num-iter must be >= 1, got 0"),
     (["--cfg", "-1"], "--cfg must be >= 0, got -1.0"),
     (["--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
-    (["--threads", "-1"], "--threads must be >= 0, got -1")],
-    ids=["num-images", "labels", "num-iter", "cfg", "temperature", "threads"])
+    (["--threads", "-1"], "--threads must be >= 0, got -1"),
+    (["--runtime", "onnx", "--capture"],
+     r"--capture is for --runtime torch (ONNX Runtime keeps its own graphs)")],
+    ids=["num-images", "labels", "num-iter", "cfg", "temperature", "threads", "capture"])
 def test_bad_sampling_flags_are_one_line_errors(run, tmp_path, flags, message):
     png = tmp_path / "grid.png"
     err = _cli_error("sample.py", "--run-dir", run.path, "--out", str(png), *flags)
@@ -458,10 +460,20 @@ def _benchmark_line(capsys):
 
 @pytest.mark.slow
 def test_benchmark_prints_one_json_line_of_figures(capsys):
-    """The benchmark itself (figures, not a timed test): torch, ONNX fp32 and int8 all ran, and
-    fp32 ONNX gave PyTorch's tokens."""
+    """The benchmark itself (figures, not a timed test): torch eager and captured, ONNX fp32 and
+    int8 all ran, captured torch and fp32 ONNX gave eager PyTorch's tokens, and the counts of a
+    decoding step are the sampler's: no wait, one ONNX run for the backbone and one a channel."""
     line = _benchmark_line(capsys)
-    for name in ("onnx", "onnx_int8"):  # each speed-up is that runtime's rate over PyTorch's
+    channels = tb.TokenBridgeConfig.preset("tiny").channels
+    assert line["torch_waits_per_step"] == 0 and line["captured_tokens_equal"] is True
+    assert line["onnx_runs_per_step"] == 1 + channels
+    eager, step = line["torch_kernels_per_step"], line["torch_head_step_kernels"]
+    assert eager > channels * step > 0
+    assert line["torch_captured_launches_per_step"] == eager - channels * (step - 1)
+    steps = line["num_iter"]
+    assert line["torch_ms_per_step"] == pytest.approx(
+        1e3 * line["images"] / line["torch_images_per_s"] / steps, rel=0.02)
+    for name in ("torch_captured", "onnx", "onnx_int8"):  # the rate over PyTorch's
         ratio = line[f"{name}_images_per_s"] / line["torch_images_per_s"]
         assert line[f"{name}_speedup"] == pytest.approx(ratio, rel=0.05, abs=0.01), name
     assert line["head_speedup"] > 1                # C one-slot steps beat recomputing the prefix

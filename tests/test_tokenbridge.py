@@ -221,6 +221,27 @@ def test_greedy_channel_sampling_follows_the_teacher_forced_argmax(perturb):
     assert torch.equal(greedy, in_generation_order)
 
 
+def test_a_captured_sampler_gives_the_eager_tokens(perturb):
+    """capture_sampler: the channel step traced by torch.compile as one graph (fullgraph: a
+    graph break would raise) and replayed with the same operators: the same tokens."""
+    from torch._dynamo import reset
+    from torch._dynamo.utils import counters
+    model = perturb(tiny()).calibrate(torch.randn(8, 16, 8, 8)).eval()
+    kw = dict(num_iter=4, cfg=2.0, temperature=0.9, seed=1)
+    orders = ("random", "confidence")
+    eager = [model.sample_tokens([0, 1, 10], position_order=order, **kw) for order in orders]
+    reset()
+    counters.clear()
+    try:
+        model.capture_sampler()
+        captured = [model.sample_tokens([0, 1, 10], position_order=order, **kw)
+                    for order in orders]
+        assert counters["stats"]["unique_graphs"] >= 1
+    finally:
+        reset()
+    assert all(torch.equal(a, b) for a, b in zip(eager, captured, strict=True))
+
+
 def test_inverse_cdf_sampling_matches_numpy():
     logits, u = torch.randn(500, 64) * 3, torch.rand(500)
     token, logp = tb.sample_from_logits(logits, u, temperature=0.7)
