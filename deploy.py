@@ -13,8 +13,10 @@ OnnxSampler.sample_tokens is a step-for-step mirror of TokenBridge.sample_tokens
 §7): the same cosine schedule, order rule and guidance weight, and the same draws from
 numpy.random.default_rng(seed) in the same sequence, so a seed gives the same tokens in both
 runtimes (up to a rare flip where a uniform lands on a near-tie of the CDF). Each step names its
-twin. On GPU the channel loop keeps the KV cache, tokens, uniforms and scores on the device with
-IOBinding, so nothing crosses to the host between channel steps.
+twin. On GPU, with IOBinding, the backbone's graph gathers and mixes the rows the head needs and
+leaves them on the device, and the channel loop keeps the KV cache, tokens, uniforms and scores
+there: per decoding step the host sends the known tokens and the candidates, and reads back the
+new tokens and scores, nothing else.
 """
 import contextlib
 import functools
@@ -37,7 +39,8 @@ HEAD_FILE = "head_step.onnx"
 VAE_FILE = "vae_decoder.onnx"
 # A graph's weights over 1 GiB live beside it in NAME.onnx.data (ONNX external data; ORT finds it)
 DATA_SUFFIX = ".data"
-BACKBONE_INPUTS, BACKBONE_OUTPUTS = ("values", "mask", "labels"), ("cond",)
+BACKBONE_INPUTS = ("values", "mask", "labels", "candidates", "guidance")
+BACKBONE_OUTPUTS = ("rows", "mixed")                  # the candidates' rows per half; mixed
 HEAD_INPUTS = ("cond", "step", "cache", "tokens", "uniforms", "temperature", "guidance", "score")
 HEAD_OUTPUTS = ("logits", "tokens_out", "score_out", "cache_out")
 HEAD_STATE = ("cache", "tokens", "score")          # fed back: output NAME_out is next step's NAME
@@ -242,23 +245,37 @@ class OnnxSampler:
         g = int(round(math.sqrt(self.N)))
         return tokens.transpose(0, 2, 1).reshape(len(tokens), self.C, g, g)
 
-    def condition(self, values, mask, labels):
-        """Twin of TokenBridge.condition: backbone.onnx."""
-        feeds = dict(zip(BACKBONE_INPUTS, (values.astype(self.dtype), mask, labels), strict=True))
-        return self.backbone.run(None, feeds)[0]                                       # (B, N, D)
+    def condition_rows(self, values, mask, labels, candidates, guidance, mixed):
+        """Twin of TokenBridge.condition_rows (backbone.onnx), returning the one output the head
+        needs: the feature-guided mix (1, M, D) if `mixed`, else the rows of each half (G, M, D).
+        With IOBinding it stays where ORT computed it (an OrtValue): on a GPU, on the GPU."""
+        arrays = (values.astype(self.dtype), mask, labels, candidates,
+                  np.array(guidance, np.float32))
+        feeds = dict(zip(BACKBONE_INPUTS, arrays, strict=True))
+        wanted = BACKBONE_OUTPUTS.index("mixed" if mixed else "rows")
+        if not self.iobinding:
+            return self.backbone.run(None, feeds)[wanted]
+        binding = self.backbone.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name in BACKBONE_OUTPUTS:  # both stay on the device; one is read by the head
+            binding.bind_output(name, self.device, self.device_id)
+        self.backbone.run_with_iobinding(binding)
+        return binding.get_outputs()[wanted]
 
     def decode(self, latents):
         """Twin of export.VAEDecoderGraph: scaled latents (B, C, H, W) -> image in [-1, 1]."""
         return self.vae.run(None, {VAE_INPUTS[0]: latents.astype(self.dtype)})[0].astype(np.float32)
 
     def sample_channels(self, cond, uniforms, temperature, guidance=1.0):
-        """Twin of TokenBridge._sample_channels. cond (G, M, D) with G = 2 halves (cond, uncond)
-        for logit-level guidance; uniforms (M, C). Returns tokens (M, C) in VAE channel order and
-        the summed log-probability of each position's tokens."""
-        G, M, _ = cond.shape
+        """Twin of TokenBridge._sample_channels. cond (G, M, D), an array or an OrtValue, with
+        G = 2 halves (cond, uncond) for logit-level guidance; uniforms (M, C). Returns tokens
+        (M, C) in VAE channel order and the summed log-probability of each position's tokens."""
+        on_device = isinstance(cond, ort.OrtValue)
+        G, M, _ = cond.shape() if on_device else cond.shape
         shape = list(self.cache_shape)
         shape[2] = G * M
-        feeds = {"cond": cond.astype(self.dtype),
+        feeds = {"cond": cond if on_device else cond.astype(self.dtype),
                  "cache": np.zeros(shape, self.dtype),                                # empty_cache
                  "tokens": np.zeros((M, self.C), np.int64),
                  "uniforms": uniforms,
@@ -288,7 +305,9 @@ class OnnxSampler:
 
         binding = self.head.io_binding()
         for name in ("cond", "uniforms", "temperature", "guidance"):
-            binding.bind_ortvalue_input(name, put(feeds[name]))
+            value = feeds[name]
+            binding.bind_ortvalue_input(name, value if name == "cond" and isinstance(
+                value, ort.OrtValue) else put(value))
         state = {n: put(feeds[n]) for n in HEAD_STATE}
         for t in range(self.C):
             binding.bind_ortvalue_input("step", self.step_values[t])
@@ -316,51 +335,54 @@ class OnnxSampler:
         rng = np.random.default_rng(seed)
         if position_order == "random":
             orders = np.stack([rng.permutation(N) for _ in range(B)])
-            rank = orders.argsort(-1)                           # rank[b, n]: when n is decoded
         guided = cfg != 1.0
+        reps = 2 if guided else 1
         all_labels = labels
         if guided:  # the unconditional half: the null class
             all_labels = np.concatenate([labels, np.full_like(labels, num_classes)])
         tokens = np.zeros((B, N, C), np.int64)
         mask = np.ones((B, N), bool)
+        masked = N                                      # positions still unknown in every image
+        image = np.arange(B)[:, None]                   # indexes (B, k) positions, image by image
 
         for s, left in enumerate(mask_schedule(N, num_iter)):
-            # condition every position on the known ones (both halves when guided)
+            # this step's uniforms; the candidates: the next slice of each order, or every
+            # unknown position, in position order
             uniforms = rng.random((B, N, C)).astype(np.float32)
-            values = self.dequantize(tokens)
-            reps = 2 if guided else 1
-            cond = self.condition(np.tile(values, (reps, 1, 1)), np.tile(mask, (reps, 1)),
-                                  all_labels)                                         # (rB, N, D)
-            w = guidance_weight(cfg, N, left, cfg_schedule, self.config["official_compat"])
-            if guided and cfg_mode == "features":                     # guidance on proj(z)
-                cond_c, cond_u = np.split(cond, 2)
-                cond = cond_u + w * (cond_c - cond_u)
-
-            # choose the candidate positions, sample their channels
             if position_order == "random":
-                chosen = mask & (rank >= left)          # decode the next slice of each order
-                candidates = chosen
+                candidates = np.sort(orders[:, left:masked], axis=1)                     # (B, k)
             else:
-                candidates = mask                       # sample all, keep the most confident
-            halves = cond.reshape(-1, B, N, cond.shape[-1])                         # (G, B, N, D)
-            cond_rows = halves[:, candidates]                              # (G, M, D): cond[rows]
+                candidates = np.sort(np.where(mask, np.arange(N), N), axis=1)[:, :masked]
+
+            # the candidates conditioned on the known positions, guided
+            values = self.dequantize(tokens)
+            w = guidance_weight(cfg, N, left, cfg_schedule, self.config["official_compat"])
+            cond = self.condition_rows(np.tile(values, (reps, 1, 1)), np.tile(mask, (reps, 1)),
+                                       all_labels, candidates, w,
+                                       mixed=guided and cfg_mode == "features")     # (G, M, D)
+
+            # the channels of every candidate
             logit_guidance = w if guided and cfg_mode == "logits" else 1.0
-            new, score = self.sample_channels(cond_rows, uniforms[candidates], temperature,
-                                              logit_guidance)
+            new, score = self.sample_channels(cond, uniforms[image, candidates].reshape(-1, C),
+                                              temperature, logit_guidance)
+            new, score = new.reshape(B, -1, C), score.reshape(B, -1)                 # (B, k, C)
 
             # confidence order: keep the best-scored candidates, under shrinking Gumbel noise
+            chosen = candidates
             if position_order == "confidence":
                 gumbel = -np.log(-np.log(rng.random((B, N)).astype(np.float32)))
                 scores = np.full((B, N), -np.inf, np.float32)
-                scores[candidates] = score
+                scores[image, candidates] = score
                 scores = scores + confidence_noise * (1 - (s + 1) / num_iter) * gumbel
-                count = int(mask[0].sum()) - left
-                keep = np.argsort(-scores, axis=-1, kind="stable")[:, :count]          # topk
-                chosen = np.zeros_like(mask)
-                np.put_along_axis(chosen, keep, True, axis=1)
-                new = new[chosen[candidates]]
-            tokens[chosen] = new
-            mask = mask & ~chosen
+                chosen = np.argsort(-scores, axis=-1, kind="stable")[:, :masked - left]  # topk
+                slot_of = np.zeros((B, N), np.int64)                 # index j holds candidates[j]
+                slot_of[image, candidates] = np.arange(masked)
+                new = new[image, slot_of[image, chosen]]
+
+            # the chosen positions become known
+            tokens[image, chosen] = new
+            mask[image, chosen] = False
+            masked = left
         return tokens
 
     def _check_sampling(self, num_iter, temperature, cfg, cfg_mode, cfg_schedule, position_order):

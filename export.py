@@ -5,9 +5,10 @@
     python export.py --run-dir runs/demo --int8      # int8 matmuls in backbone and head, for CPU
 
 Writes three graphs and one JSON:
-  backbone.onnx      known values (B, N, C), mask (B, N), labels (B,) -> head condition (B, N, D)
-                     = TokenBridge.condition: backbone + head.project; fixed-shape inputs, the
-                     known positions gathered inside (every image has as many masked: NonZero)
+  backbone.onnx      known values, mask, labels of both guidance halves, each image's candidate
+                     positions and the guidance weight -> the head's condition at the candidates,
+                     per half and mixed = TokenBridge.condition_rows (backbone + head.project +
+                     the row gather and feature guidance): the loop needs no array of its output
   head_step.onnx     one channel of the AR head with its KV cache (a slot per channel, slot t
                      written), the logit-level CFG mix and the inverse-CDF sampler inside
                      (head.step + sample_from_logits): every step has the same shapes, and a
@@ -52,15 +53,16 @@ OPSET = 17
 # --- export wrappers: thin shells around tokenbridge.py, in the order the loop calls them -----
 
 class BackboneGraph(nn.Module):
-    """Twin of TokenBridge.condition: values (B, N, C), mask (B, N) bool, labels (B,)
-    -> (B, N, D)."""
+    """Twin of TokenBridge.condition_rows: values (G*B, N, C), mask (G*B, N) bool, labels (G*B,),
+    candidates (B, k), guidance 0-d -> rows (G, B*k, D) and the feature-guided mix (1, B*k, D).
+    The rows the head needs come out of the backbone's run: on a GPU they stay there."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, values, mask, labels):
-        return self.model.condition(values, mask, labels)
+    def forward(self, values, mask, labels, candidates, guidance):
+        return self.model.condition_rows(values, mask, labels, candidates, guidance)
 
 
 class HeadStepGraph(nn.Module):
@@ -105,15 +107,20 @@ class VAEDecoderGraph(nn.Module):
 
 # --- random example inputs, used for tracing and for the parity check ------------------------
 
-def backbone_inputs(config, batch, gen):
-    values = torch.randn(batch, config.seq_len, config.channels, generator=gen)
-    # as in sampling: as many positions masked in every image
-    masked = int(torch.randint(1, config.seq_len, (), generator=gen))
-    mask = torch.rand(batch, config.seq_len, generator=gen).argsort(-1) < masked
+def backbone_inputs(config, images, halves, gen):
+    """images x halves rows (2 halves: guidance), k candidates per image among its masked."""
+    batch, N = images * halves, config.seq_len
+    values = torch.randn(batch, N, config.channels, generator=gen)
+    # as in sampling: as many positions masked in every image, the halves of an image alike
+    masked = int(torch.randint(1, N, (), generator=gen))
+    mask = (torch.rand(images, N, generator=gen).argsort(-1) < masked).repeat(halves, 1)
     # the null class included
     labels = torch.randint(0, config.num_classes + 1, (batch,), generator=gen)
     labels[-1] = config.num_classes
-    return values, mask, labels
+    k = int(torch.randint(1, masked + 1, (), generator=gen))
+    candidates = torch.stack([row.nonzero()[:, 0][torch.randperm(masked, generator=gen)[:k]]
+                              for row in mask[:images]]).sort(dim=1).values
+    return values, mask, labels, candidates, torch.tensor(2.5)
 
 
 def head_inputs(model, guidance_halves, rows, step, gen):
@@ -361,10 +368,11 @@ def _export_graphs(model, vae, folder, precision, limits, say):
         report[name] = diff
 
     # traced in fp32 at every precision: --fp16 / --int8 convert the traced graphs (see _export)
-    examples = [backbone_inputs(config, b, gen) for b in (2, 3)]
+    examples = [backbone_inputs(config, 2, 2, gen), backbone_inputs(config, 3, 1, gen)]
     run_export(BACKBONE_FILE, BackboneGraph(model), examples, BACKBONE_INPUTS, BACKBONE_OUTPUTS,
                {"values": {0: "batch"}, "mask": {0: "batch"}, "labels": {0: "batch"},
-                "cond": {0: "batch"}})
+                "candidates": {0: "images", 1: "candidates"},
+                "rows": {0: "halves", 1: "rows"}, "mixed": {1: "rows"}})
 
     # trace at a middle step with guidance, check at the first/last step and without guidance too
     examples = [head_inputs(model, 2, 5, 3, gen), head_inputs(model, 1, 7, 0, gen),

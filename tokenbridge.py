@@ -759,6 +759,19 @@ class TokenBridge(nn.Module):
         """Backbone + the head's input projection: (B, N, C) known values -> (B, N, D)."""
         return self.head.project(self.backbone(values, mask, labels, masked))
 
+    def condition_rows(self, values, mask, labels, candidates, guidance, masked=None):
+        """The head's condition at each image's candidate positions (B, k): condition(), and its
+        rows gathered, (G, M, D) with M = B*k rows, for G = 1 or the 2 guidance halves (images
+        with their class, then with the null class); and feature guidance's mix of the halves,
+        (1, M, D). Guidance on backbone features z is applied after the head's linear projection:
+        proj(z_u + w (z_c - z_u)) = proj(z_u) + w (proj(z_c) - proj(z_u)), exactly; and on the
+        gathered rows alone, which changes no value. Both outputs: one graph serves both modes."""
+        cond = self.condition(values, mask, labels, masked)                      # (G*B, N, D)
+        halves = cond.shape[0] // candidates.shape[0]
+        index = candidates.repeat(halves, 1)                                       # (G*B, k)
+        rows = cond.gather(1, _along(index, cond)).reshape(halves, -1, cond.shape[-1])
+        return rows, rows[-1:] + guidance * (rows[:1] - rows[-1:])
+
     def _sample_channels(self, cond, uniforms, temperature, logit_guidance=None):
         """Channel by channel with the KV cache. cond (M, D), or (2M, D) with logit guidance w
         (cond rows first); uniforms (M, C). Returns tokens (M, C) in VAE channel order and the
@@ -821,27 +834,26 @@ class TokenBridge(nn.Module):
         mask = torch.ones(B, N, dtype=torch.bool, device=device)
         masked = N  # positions still unknown in every image: counted here, never read back
         for s, left in enumerate(mask_schedule(N, num_iter)):
-            # this step's uniforms, and every position conditioned on the tokens known so far
+            # this step's uniforms; the candidate positions of each image, in position order:
+            # random order decodes the next slice of each permutation, confidence order samples
+            # every unknown position
             uniforms = upload(rng.random((B, N, C)).astype(np.float32))
-            values = self.quantizer.bin_values(tokens).repeat(reps, 1, 1)
-            cond = self.condition(values, mask.repeat(reps, 1), all_labels, masked)  # (rB, N, D)
-            w = guidance_weight(cfg, N, left, cfg_schedule, self.config.official_compat)
-            if guided and cfg_mode == "features":
-                # Guidance on backbone features z, applied after the head's linear projection:
-                # proj(z_u + w (z_c - z_u)) = proj(z_u) + w (proj(z_c) - proj(z_u)), exactly.
-                cond_c, cond_u = cond.chunk(2)
-                cond = cond_u + w * (cond_c - cond_u)
-
-            # the candidate positions of each image, in position order: random order decodes
-            # the next slice of each permutation, confidence order samples every unknown position
             if position_order == "random":
                 candidates = orders[:, left:masked].sort(dim=1).values            # (B, k)
             else:
                 positions = torch.arange(N, device=device).expand(B, N)
                 candidates = positions.masked_fill(~mask, N).sort(dim=1).values[:, :masked]
-            rows = cond.gather(1, _along(candidates.repeat(cond.shape[0] // B, 1), cond))
+
+            # the candidates conditioned on the tokens known so far, guided
+            values = self.quantizer.bin_values(tokens).repeat(reps, 1, 1)
+            w = guidance_weight(cfg, N, left, cfg_schedule, self.config.official_compat)
+            rows, mixed = self.condition_rows(values, mask.repeat(reps, 1), all_labels,
+                                              candidates, w, masked)             # (G, M, D)
+            cond = mixed if guided and cfg_mode == "features" else rows
+
+            # the channels of every candidate
             logit_guidance = w if guided and cfg_mode == "logits" else None
-            new, score = self._sample_channels(rows.flatten(0, 1),
+            new, score = self._sample_channels(cond.flatten(0, 1),
                                                uniforms.gather(1, _along(candidates, uniforms))
                                                .flatten(0, 1), temperature, logit_guidance)
             new, score = new.view(B, -1, C), score.view(B, -1)                   # (B, k, C)

@@ -196,17 +196,18 @@ def test_export_wrappers_on_cuda_inputs_are_the_cpus(small_cfg, perturb, halves)
     """The graphs' modules run on a GPU as traced: every tensor they make on the inputs' device."""
     model = calibrated(small_cfg, perturb).eval()
     gen = torch.Generator().manual_seed(0)
-    backbone_in = export.backbone_inputs(small_cfg, 3, gen)
+    backbone_in = export.backbone_inputs(small_cfg, 3, halves, gen)
     head_in = export.head_inputs(model, halves, 5, 2, gen)
-    expected = export.BackboneGraph(model)(*backbone_in), export.HeadStepGraph(model)(*head_in)
+    with torch.no_grad():
+        expected = [*export.BackboneGraph(model)(*backbone_in),
+                    *export.HeadStepGraph(model)(*head_in)]
     with CudaOnCpu(), torch.no_grad():
         on_gpu = copy.deepcopy(model).to(CUDA)
-        features = export.BackboneGraph(on_gpu)(*(x.to(CUDA) for x in backbone_in))
-        head_out = export.HeadStepGraph(on_gpu)(*(x.to(CUDA) for x in head_in))
-        features, head_out = features.cpu(), [x.cpu() for x in head_out]
-    torch.testing.assert_close(features, expected[0].detach())
-    for got, want in zip(head_out, expected[1], strict=True):
-        torch.testing.assert_close(got, want.detach())
+        got = [*export.BackboneGraph(on_gpu)(*(x.to(CUDA) for x in backbone_in)),
+               *export.HeadStepGraph(on_gpu)(*(x.to(CUDA) for x in head_in))]
+        got = [x.cpu() for x in got]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_inception_features_on_cuda_are_the_cpus(tmp_path, random_inception):

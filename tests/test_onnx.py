@@ -104,13 +104,23 @@ def test_guidance_weight_twin():
 
 # --- level 1: every graph close to PyTorch ----------------------------------------------------
 
-def test_backbone_graph_matches_torch(run, sampler):
+@pytest.mark.parametrize("halves", [1, 2])
+def test_backbone_graph_matches_torch(run, sampler, halves):
+    """The candidates' rows of each half and their feature-guided mix, against PyTorch's, and
+    against the rows of the full condition gathered by hand."""
     g = torch.Generator().manual_seed(5)
-    values, mask, labels = export.backbone_inputs(run.model.config, 5, g)
+    inputs = export.backbone_inputs(run.model.config, 5, halves, g)
+    values, mask, labels, candidates, guidance = inputs
     with torch.no_grad():
-        want = run.model.condition(values, mask, labels).numpy()
-    got = sampler.condition(values.numpy(), mask.numpy(), labels.numpy())
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        want = [x.numpy() for x in run.model.condition_rows(*inputs)]
+        cond = run.model.condition(values, mask, labels).numpy()                  # (G*B, N, D)
+    by_hand = np.stack([np.concatenate([half[i, candidates[i].numpy()] for i in range(5)])
+                        for half in np.split(cond, halves)])
+    np.testing.assert_allclose(want[0], by_hand, atol=1e-6)
+    arrays = [x.numpy() for x in (values, mask, labels, candidates)]
+    for mixed, expected in ((False, want[0]), (True, want[1])):
+        got = sampler.condition_rows(*arrays, float(guidance), mixed)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("halves,step", [(1, 0), (2, 5), (1, 15)])
@@ -182,10 +192,16 @@ def test_tokens_equal_across_runtimes(run, sampler, order, cfg, mode, temperatur
     assert not np.array_equal(got, sampler.sample_tokens(LABELS, seed=2, **kw))  # the seed matters
 
 
-def test_iobinding_loop_equals_plain_run(run, sampler):
+@pytest.mark.parametrize("mode,order", [("logits", "confidence"), ("features", "random")])
+def test_iobinding_loop_equals_plain_run(run, sampler, mode, order):
+    """With IOBinding the backbone's rows stay where ORT made them (an OrtValue) and go to the
+    head's loop as they are: the same tokens as plain runs."""
     bound = deploy.OnnxSampler(run.onnx, "cpu", iobinding=True, threads=1)
     assert bound.iobinding and not sampler.iobinding
-    kw = dict(num_iter=5, cfg=2.0, cfg_mode="logits", position_order="confidence", seed=4)
+    inputs = [x.numpy() for x in export.backbone_inputs(run.model.config, 2, 2,
+                                                         torch.Generator().manual_seed(0))]
+    assert isinstance(bound.condition_rows(*inputs, mixed=mode == "features"), ort.OrtValue)
+    kw = dict(num_iter=5, cfg=2.0, cfg_mode=mode, position_order=order, seed=4)
     np.testing.assert_array_equal(bound.sample_tokens(LABELS, **kw),
                                   sampler.sample_tokens(LABELS, **kw))
 
@@ -429,11 +445,11 @@ def test_reduced_precision_graphs_are_checked_and_sample(run, tmp_path, precisio
     assert info["precision"] == precision and (precision != "int8" or info["int8"]["reduce_range"])
     # our own check on fresh inputs: close to fp32 PyTorch, yet not fp32 (precision was reduced)
     g = torch.Generator().manual_seed(11)
-    values, mask, labels = export.backbone_inputs(run.model.config, 4, g)
+    inputs = export.backbone_inputs(run.model.config, 4, 2, g)
     with torch.no_grad():
-        want = run.model.condition(values, mask, labels).numpy()
+        want = run.model.condition_rows(*inputs)[0].numpy()
     session = deploy.make_session(str(out / deploy.BACKBONE_FILE), "cpu")[0]
-    feeds = {"values": values.numpy(), "mask": mask.numpy(), "labels": labels.numpy()}
+    feeds = dict(zip(deploy.BACKBONE_INPUTS, (x.numpy() for x in inputs), strict=True))
     got = session.run(None, feeds)[0]
     relative = np.abs(got - want).max() / (1 + np.abs(want).max())
     assert 1e-5 < relative < export.PRECISIONS[precision]["tolerance"], relative
