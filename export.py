@@ -273,10 +273,12 @@ def _available_memory():
         return None
 
 
-def _max_diff(module, examples, path, inputs, outputs, relative):
-    """Largest |torch - onnxruntime| over the float outputs of all example sets (relative: to each
-    output's scale), and the share of integer outputs (sampled tokens) that differ."""
-    session = make_session(path, "cpu")[0]
+def _max_diff(module, examples, path, inputs, outputs, precision):
+    """Largest |torch - onnxruntime| over the float outputs of all example sets (relative to each
+    output's scale unless fp32), the share of integer outputs (sampled tokens) that differ, and
+    the provider that ran the graph: fp16 graphs are for GPUs, so CUDA's when it loads."""
+    session, on_cuda = make_session(path, "auto" if precision == "fp16" else "cpu")
+    relative = precision != "fp32"
     worst, mismatched, total = 0.0, 0, 0
     for example in examples:
         with torch.no_grad():
@@ -299,7 +301,7 @@ def _max_diff(module, examples, path, inputs, outputs, relative):
             else:
                 mismatched += int((w != g).sum())
                 total += g.size
-    return worst, mismatched / max(total, 1)
+    return worst, mismatched / max(total, 1), "CUDA" if on_cuda else "CPU"
 
 
 def export(run, out=None, precision="fp32", tolerance=None, verbose=True):
@@ -356,10 +358,9 @@ def _export_graphs(model, vae, folder, precision, limits, say):
         module.eval()
         path = os.path.join(folder, name)
         _export(module, examples[0], path, inputs, outputs, axes, meta, graph_precision)
-        relative = graph_precision != "fp32"
-        diff, wrong = _max_diff(module, examples, path, inputs, outputs, relative)
-        say(f"{name}: onnx.checker ok, {graph_precision}, max |torch - onnxruntime| = {diff:.2e}"
-            + (" (relative)" if relative else "")
+        diff, wrong, provider = _max_diff(module, examples, path, inputs, outputs, graph_precision)
+        say(f"{name}: onnx.checker ok, {graph_precision}, max |torch - onnxruntime ({provider})| "
+            f"= {diff:.2e}" + (" (relative)" if graph_precision != "fp32" else "")
             + (f", {wrong:.1%} of sampled tokens differ" if wrong else ""))
         if diff > limits["tolerance"] or wrong > limits["token_flips"]:
             raise ValueError(f"{name} differs from PyTorch by {diff:.2e} (tolerance "
