@@ -167,6 +167,7 @@ def test_heldout_digits_against_themselves(trained, heldout):
     assert scores["n"] == scores["n_reference"] == 500 and scores["k"] == quality.K
 
 
+@pytest.mark.slow
 def test_real_floor_is_small_and_disjoint(floor):
     assert floor["n"] == floor["n_reference"] == 250 and floor["repeats"] == 3
     assert 0 < floor["fd"] < 30, floor  # disjoint halves: above 0, far below broken digits
