@@ -24,7 +24,7 @@ import torch
 import tokenbridge as tb
 from cuda_on_cpu import (GIB, sampling_counts, sampling_memory, training_memory, uses_kl16,
                          vae_bytes)
-from deploy import ORT_ERRORS, OnnxSampler, one_line
+from deploy import ORT_ERRORS, DefaultsHelpFormatter, OnnxSampler, one_line
 from export import export
 from runs import torch_device
 from training import PRECISIONS, RECIPES, TrainingLoss, make_optimizer, train_step
@@ -284,7 +284,8 @@ def int_list(text):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("what", choices=["sample", "train", "memory"], help="which figures")
     parser.add_argument("--preset", default="bench-s", choices=sorted(tb.PRESETS),
                         help="model configuration")

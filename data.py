@@ -261,6 +261,10 @@ def open_vae(path, stride, channels):
 
 
 def check_vae(vae, stride, channels):
+    colours = (vae.config.in_channels, vae.config.out_channels)
+    if colours != (3, 3):
+        raise ValueError(f"the VAE encodes {colours[0]}-channel and decodes {colours[1]}-channel "
+                         "images, but the images here are RGB; use an RGB VAE such as MAR's kl16")
     if vae_stride(vae) != stride:
         raise ValueError(f"the VAE downsamples by {vae_stride(vae)} but the config says "
                          f"vae_stride {stride}")

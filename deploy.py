@@ -18,6 +18,7 @@ leaves them on the device, and the channel loop keeps the KV cache, tokens, unif
 there: per decoding step the host sends the known tokens and the candidates, and reads back the
 new tokens and scores, nothing else.
 """
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -321,14 +322,17 @@ class OnnxSampler:
 
     # --- the sampler: twin of TokenBridge.sample_tokens, line by line -------------------------
 
-    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
+    def sample_tokens(self, labels, num_iter=None, cfg=1.0, temperature=1.0, seed=0,
                       cfg_mode="features", cfg_schedule="linear", position_order="random",
                       confidence_noise=1.0):
+        """Twin of TokenBridge.sample_tokens: token indices (B, N, C); num_iter by default one
+        position per step."""
         # the arguments, refused with TokenBridge.sample_tokens' messages
         labels = np.asarray(labels, np.int64)
         num_classes = self.config["num_classes"]
         check_labels(labels, num_classes, allow_null=True)
         B, N, C = len(labels), self.N, self.C
+        num_iter = N if num_iter is None else num_iter
         self._check_sampling(num_iter, temperature, cfg, cfg_mode, cfg_schedule, position_order)
 
         # the decoding order, both guidance halves' labels, nothing known yet
@@ -402,6 +406,18 @@ class OnnxSampler:
 
 
 # --- labels, output paths and images, for both runtimes --------------------------------------
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help gives each flag's default once: added where the help does not state it already and
+    there is one to give (not None, not an unset switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if "default" in text or not shown or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
 
 def parse_labels(text):
     """--labels "3,3,7" -> int64 array, or None when not given (the range is checked per model)."""

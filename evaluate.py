@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 import runs
-from deploy import unwritable
+from deploy import DefaultsHelpFormatter, unwritable
 
 K = 3                   # ADM's nhood_sizes=(3,): the k-th nearest neighbour sets a ball's radius
 SPLIT_SIZE = 5000       # ADM's compute_inception_score(split_size=5000)
@@ -369,7 +369,8 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--samples", required=True,
                         help=f"samples .npz: {LAYOUT} (sample.py --npz)")
     parser.add_argument("--reference", required=True,

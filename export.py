@@ -45,7 +45,7 @@ import tokenbridge as tb
 import runs
 from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, DATA_SUFFIX, EXPORT_FORMAT,
                     HEAD_FILE, HEAD_INPUTS, HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS,
-                    VAE_OUTPUTS, file_sha256, make_session)
+                    VAE_OUTPUTS, DefaultsHelpFormatter, file_sha256, make_session)
 
 OPSET = 17
 
@@ -449,7 +449,8 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--run-dir", dest="run",
                         help="run folder holding checkpoint.pt (and vae/, a diffusers "
                              "AutoencoderKL)")

@@ -18,6 +18,7 @@ import torch
 
 import runs
 import tokenbridge as tb
+from deploy import SAMPLING_FILE, DefaultsHelpFormatter
 
 # AR slot i of the official models generates VAE channel OFFICIAL_ORDER[i] (hard-coded there).
 OFFICIAL_ORDER = [8, 1, 10, 9, 6, 12, 4, 0, 3, 11, 7, 14, 2, 15, 13, 5]
@@ -307,8 +308,9 @@ def load_ldm_vae(path, latent_channels=None):
 # ---------------------------------------------------------------------------------------------
 
 def import_official(checkpoint, preset, vae=None, out=None):
-    """Convert an official checkpoint (and MAR's kl16 VAE) into RUN/checkpoint.pt (+ RUN/vae).
-    Returns the run directory; an existing conversion of the same file is reused."""
+    """Convert an official checkpoint (and MAR's kl16 VAE) into RUN/checkpoint.pt (+ RUN/vae),
+    with the released sampling settings in RUN/sampling.json, which sample.py and watch.py use
+    unless told otherwise. Returns the run directory; a conversion of the same file is reused."""
     out = out or os.path.join("runs", f"official-{preset}")
     path = os.path.join(out, runs.CHECKPOINT)
     if os.path.isfile(path) and load_checkpoint(path).get("source") == os.path.abspath(checkpoint):
@@ -319,6 +321,9 @@ def import_official(checkpoint, preset, vae=None, out=None):
         runs.atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "step": 0,
                           "source": os.path.abspath(checkpoint)}, path)
         print(f"converted {checkpoint} -> {path} ({model.num_params() / 1e6:.1f}M parameters)")
+    if preset in RELEASED_SAMPLING:
+        settings = {**RELEASED_SAMPLING[preset], "source": "the official README"}
+        runs.write_json(settings, os.path.join(out, SAMPLING_FILE))
     if vae is not None:
         channels = tb.TokenBridgeConfig.preset(preset).channels
         load_ldm_vae(vae, latent_channels=channels).save_pretrained(os.path.join(out, runs.VAE_DIR))
@@ -377,7 +382,8 @@ def main(args):
 
 def get_parser():
     parser = argparse.ArgumentParser(
-        description="Convert released TokenBridge weights (and kl16) into a run folder.")
+        description="Convert released TokenBridge weights (and kl16) into a run folder.",
+        formatter_class=DefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--official", help="official checkpoint-last.pth, a local file")
     source.add_argument("--download", choices=list(RELEASED_CHECKPOINTS),

@@ -61,7 +61,7 @@ from PIL import Image, ImageDraw
 import data
 import interop
 import tokenbridge as tb
-from deploy import BACKBONE_FILE, HEAD_FILE, META_FILE, VAE_FILE
+from deploy import BACKBONE_FILE, HEAD_FILE, META_FILE, VAE_FILE, DefaultsHelpFormatter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -861,7 +861,8 @@ def main(args):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     p.add_argument("--path", choices=["sample", "train"], default="sample",
                    help="sample: the released weights sampled, exported and scored; train: a "
                         "folder trained on, from the latent cache to the exported run")

@@ -46,7 +46,7 @@ import data
 import quality
 import runs
 import tokenbridge as tb
-from deploy import SAMPLING_FILE, tile
+from deploy import SAMPLING_FILE, DefaultsHelpFormatter, tile
 from training import grid_classes, validation_bits
 
 # run folder name -> train.py flags; every run but the demo also gets --vae <runs>/demo/vae
@@ -588,7 +588,7 @@ PARTS = ("reconstruction", "generation", "budget", "channels", "demo")
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--runs", default="runs",
                         help="folder of the run folders (names as in RUNS)")
     parser.add_argument("--out", default="docs",

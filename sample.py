@@ -20,9 +20,9 @@ import sys
 
 import numpy as np
 
-from deploy import (SAMPLING_FILE, OnnxSampler, Parts, check_labels, latent_preview, npy_writer,
-                    npz_writer, parse_labels, process_slot, sample_in_batches, save_grid,
-                    to_uint8, unwritable)
+from deploy import (SAMPLING_FILE, DefaultsHelpFormatter, OnnxSampler, Parts, check_labels,
+                    latent_preview, npy_writer, npz_writer, parse_labels, process_slot,
+                    sample_in_batches, save_grid, to_uint8, unwritable)
 
 
 def onnx_runtime(args, device_id):
@@ -196,7 +196,8 @@ def check_args(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--run-dir", dest="run", help="run folder with checkpoint.pt (and vae/): "
                         "the torch runtime's model and tuned settings")
     parser.add_argument("--weights", choices=["ema", "raw"], default="ema",

@@ -388,7 +388,7 @@ class Backbone(nn.Module):
     """Known positions (dequantized tokens) + class -> a feature z for every position. As in MAR,
     the encoder sees only the class buffer and the known positions, the decoder every position
     (unknown ones as the mask token). Every image of a batch has as many unknown positions, so the
-    known ones gather into a (B, V, D) batch, in training, sampling and ONNX (NonZero) alike.
+    known ones gather into a (B, V, D) batch, in training, sampling and ONNX alike.
     Shapes: S = buffer_size class slots, V the kept slots, De / Dd the encoder / decoder width."""
 
     def __init__(self, config):
@@ -800,12 +800,13 @@ class TokenBridge(nn.Module):
         return tokens, score
 
     @torch.no_grad()
-    def sample_tokens(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0,
+    def sample_tokens(self, labels, num_iter=None, cfg=1.0, temperature=1.0, seed=0,
                       cfg_mode="features", cfg_schedule="linear", position_order="random",
                       confidence_noise=1.0, on_step=None):
         """MAR-style iterative decoding of all positions: token indices (B, N, C). labels (B,):
         classes, or num_classes for unconditional samples (guidance leaves the null class
-        unchanged). Every random number comes from numpy.random.default_rng(seed), in this
+        unchanged). num_iter: decoding steps, by default one position each (the paper's 256 on
+        ImageNet). Every random number comes from numpy.random.default_rng(seed), in this
         sequence: random order: one permutation of N per image; then per step: uniforms (B, N, C)
         for the channel tokens, and in confidence order also uniforms (B, N) for the Gumbel noise.
         on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown)."""
@@ -817,8 +818,9 @@ class TokenBridge(nn.Module):
         labels = torch.as_tensor(labels)
         self._check_labels(labels, allow_null=True)     # on the host, unless given on the device
         labels = upload(labels)
-        self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order)
         B, N, C = len(labels), self.config.seq_len, self.config.channels
+        num_iter = N if num_iter is None else num_iter
+        self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order)
 
         # random order: the permutations are the generator's first draws
         rng = np.random.default_rng(seed)
@@ -880,7 +882,7 @@ class TokenBridge(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def generate(self, labels, num_iter=64, cfg=1.0, temperature=1.0, seed=0, **kwargs):
+    def generate(self, labels, num_iter=None, cfg=1.0, temperature=1.0, seed=0, **kwargs):
         """Sample images' latents (B, C, H, W), dequantized, ready for the VAE decoder."""
         tokens = self.sample_tokens(labels, num_iter, cfg, temperature, seed, **kwargs)
         return unpatchify(self.quantizer.dequantize(tokens), self.config.grid)

@@ -39,7 +39,7 @@ import data
 import runs
 import tokenbridge as tb
 from cuda_on_cpu import GIB, training_memory, vae_bytes
-from deploy import check_launcher, exclusive
+from deploy import DefaultsHelpFormatter, check_launcher, exclusive
 from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_evaluation, log,
                       loss_scaler, lr_at, make_optimizer, make_thread_invariant, recipe_summary,
                       resolve_recipe, restore_state, resume_flags, sample_grid, save_checkpoint,
@@ -353,7 +353,7 @@ def prepare_latents(args, config, vae, images, labels, device, dist_info):
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     # the data, the VAE and the run
     parser.add_argument("--data",
                         help="ImageNet-style folder (one sub-folder per class); "

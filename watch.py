@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw
 import data
 import runs
 import tokenbridge as tb
-from deploy import SAMPLING_FILE, batch_seed, check_labels, tile, unwritable, write_atomic
+from deploy import (SAMPLING_FILE, DefaultsHelpFormatter, batch_seed, check_labels, tile,
+                    unwritable, write_atomic)
 
 TINT = np.array([60, 80, 130], np.float32)  # unknown positions lean to slate blue: visible on
 UNKNOWN_SHADE = 0.7                          # the digits' black background and on white alike
@@ -273,7 +274,8 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--run-dir", dest="run", required=True,
                         help="run folder with checkpoint.pt and vae/ (train.py writes both)")
     parser.add_argument("--out", default="decoding",

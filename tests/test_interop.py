@@ -5,6 +5,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,6 +197,29 @@ def test_released_weights_sample_and_export_from_the_command_line(tmp_path):
         ["--official", str(tmp_path / "ckpt.pth"), "--preset", "tiny", "--run-dir", str(run)]))
     assert (run / "onnx" / "head_step.onnx").is_file()
     assert (run / "onnx" / "vae_decoder.onnx").is_file()
+
+
+def test_a_converted_run_samples_with_the_released_settings(tmp_path, monkeypatch, capsys):
+    """interop writes the released cfg, temperature and steps beside the converted weights, and
+    sample.py without sampling flags uses them: the tokens of the same flags given by hand."""
+    import argparse
+    import sample
+    released = dict(cfg=2.5, temperature=0.9, num_iter=3)
+    monkeypatch.setitem(interop.RELEASED_SAMPLING, "tiny", released)
+    ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
+    torch.save({"model_ema": ref["state_dict"], "args": argparse.Namespace(model="tiny")},
+               tmp_path / "ckpt.pth")
+    run = interop.import_official(tmp_path / "ckpt.pth", "tiny", out=str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "sampling.json").read_text()).items() >= released.items()
+
+    def tokens(*flags):
+        return sample.main(sample.get_parser().parse_args(
+            ["--run-dir", run, "--num-images", "2", "--out", "", *flags]))
+    by_default = tokens()
+    assert "sampling as" in capsys.readouterr().out
+    by_hand = tokens("--cfg", "2.5", "--temperature", "0.9", "--num-iter", "3")
+    assert np.array_equal(by_default, by_hand)
+    assert not np.array_equal(by_default, tokens("--cfg", "1", "--num-iter", "3"))
 
 
 def test_official_range_is_the_fixed_affine_map():

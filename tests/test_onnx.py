@@ -4,6 +4,7 @@ close to PyTorch, then the same tokens for a seed in both runtimes, then the pro
 Every test builds its own tiny run (a perturbed tiny TokenBridge with EMA weights, a random tiny
 AutoencoderKL) in a temporary folder: no downloads. CPU only; the CUDA checks skip without CUDA.
 """
+import inspect
 import json
 import os
 import pickle
@@ -88,6 +89,14 @@ def test_export_uses_ema_and_records_fingerprint(run):
         graph = onnx.load(os.path.join(run.onnx, name))
         metadata = {p.key: p.value for p in graph.metadata_props}
         assert metadata["fingerprint"] == run.info["fingerprint"]
+
+
+def test_both_samplers_take_the_same_arguments_with_the_same_defaults():
+    ours = inspect.signature(tb.TokenBridge.sample_tokens).parameters
+    twin = inspect.signature(deploy.OnnxSampler.sample_tokens).parameters
+    shared = [name for name in ours if name != "on_step"]     # a torch-side watcher hook
+    assert list(twin) == shared
+    assert [ours[n].default for n in shared] == [twin[n].default for n in shared]
 
 
 def test_mask_schedule_twin():

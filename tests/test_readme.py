@@ -7,6 +7,7 @@ placeholder; the README stays within 15,000 characters; every relative link poin
 Parsing never runs a script, so the whole file takes seconds. Each check also has a test that
 hands it a broken command or page and expects it to fail (the last section).
 """
+import argparse
 import contextlib
 import functools
 import importlib
@@ -248,6 +249,38 @@ def test_readme_test_command_is_what_ci_runs():
     assert TEST_COMMAND in lines, f"the README does not give `{TEST_COMMAND}`"
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert TEST_COMMAND in ci, f".ci/run does not run `{TEST_COMMAND}`"
+
+
+def test_the_readme_installs_what_the_tests_import():
+    """After the README's install, its test block's pip line brings pytest (CI installs the same
+    file): the test command does not fail for want of it."""
+    lines = [line.strip() for _, body in bash_blocks(README.read_text())
+             for line in body.splitlines()]
+    install = "pip install -r requirements-dev.txt"
+    assert install in lines, f"the README does not say `{install}`"
+    dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert "-r requirements.txt" in dev and any(line.startswith("pytest") for line in dev)
+    assert "-r requirements-dev.txt" in (ROOT / ".ci" / "run").read_text()
+
+
+SCRIPTS = sorted(p.name for p in ROOT.glob("*.py")
+                 if "def get_parser" in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_gives_each_default_once(script):
+    """--help: a flag with a default says it once (the help's own words or the formatter's), and
+    none says "default: None"."""
+    parser = script_parser_factory(script)()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or not action.help:
+            continue
+        text = formatter._expand_help(action)
+        flag = action.option_strings[-1]
+        assert text.count("default:") <= 1 and "default: None" not in text, (flag, text)
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in text, (flag, text)
 
 
 # --- each check fails when it should -----------------------------------------------------------

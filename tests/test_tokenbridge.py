@@ -242,6 +242,15 @@ def test_a_captured_sampler_gives_the_eager_tokens(perturb):
     assert all(torch.equal(a, b) for a, b in zip(eager, captured, strict=True))
 
 
+def test_sampling_decodes_one_position_per_step_by_default():
+    """The paper's setting (256 steps for 256 positions), and no error on a model of fewer
+    positions than some fixed default (the digits: 16)."""
+    model = tb.TokenBridge(tb.TokenBridgeConfig.preset("digits")).eval()
+    steps = []
+    model.sample_tokens([1], on_step=lambda s, tokens, mask: steps.append(int(mask.sum())))
+    assert steps == list(range(15, -1, -1))
+
+
 def test_inverse_cdf_sampling_matches_numpy():
     logits, u = torch.randn(500, 64) * 3, torch.rand(500)
     token, logp = tb.sample_from_logits(logits, u, temperature=0.7)

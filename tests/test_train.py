@@ -674,6 +674,16 @@ def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
     args = train.get_parser().parse_args(["--image-size", "30", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="divisible by vae_stride"):
         train.main(args)
+    # a grayscale VAE of the right geometry: refused before any image meets its first conv
+    from diffusers import AutoencoderKL
+    AutoencoderKL(in_channels=1, out_channels=1, latent_channels=16, block_out_channels=(8,) * 3,
+                  down_block_types=("DownEncoderBlock2D",) * 3, layers_per_block=1,
+                  up_block_types=("UpDecoderBlock2D",) * 3,
+                  norm_num_groups=8).save_pretrained(tmp_path / "gray")               # stride 4
+    args = train.get_parser().parse_args(
+        ["--vae", str(tmp_path / "gray"), "--out", str(tmp_path / "g"), "--preset", "tiny"])
+    with pytest.raises(ValueError, match="encodes 1-channel and decodes 1-channel images, but"):
+        train.main(args)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fake_data, vae_dir, small_model,
