@@ -9,10 +9,14 @@ evaluations/evaluator.py), which the TokenBridge paper's ImageNet tables follow:
   - FID: Fréchet distance of Gaussians fitted to Inception pool_3 features (2048-d); the
     reference side is the mu/sigma stored in the reference .npz when it has them (ADM's files do,
     computed by ADM's TensorFlow graph), else the statistics of its images' features;
-  - Inception Score: exp(E KL(p(y|x) || p(y))) over chunks of 5,000 samples, the mean of the
-    chunks' scores; p(y|x) is the softmax of pool_3 @ W without the bias, as ADM's graph;
+  - Inception Score: exp(E KL(p(y|x) || p(y))) over 10 chunks of the samples shuffled by
+    numpy's RandomState(2020), the mean of the chunks' scores: torch-fidelity's definition, which
+    the official code reports (the paper's IS). ADM's (consecutive chunks of 5,000, no shuffle)
+    comes beside it: sample.py cycles the classes, so each such chunk holds every class equally
+    often, which raises the score. p(y|x) is the softmax of pool_3 @ W without the bias;
   - precision / recall: Kynkäänniemi et al. 2019 with k = 3, as ADM's ManifoldEstimator computes
-    them (squared distances in float16 arithmetic, blocks of 10,000 x 10,000).
+    them (squared distances in float16 arithmetic, blocks of 10,000 x 10,000). They need the
+    reference images: a reference of mu/sigma only gives FID and IS.
 
 The features come from torch-fidelity's FeatureExtractorInceptionV3: the official MAR/TokenBridge
 code takes its FID and IS from torch-fidelity (calculate_metrics with ADM's statistics), and that
@@ -41,6 +45,7 @@ from deploy import DefaultsHelpFormatter, unwritable
 
 K = 3                   # ADM's nhood_sizes=(3,): the k-th nearest neighbour sets a ball's radius
 SPLIT_SIZE = 5000       # ADM's compute_inception_score(split_size=5000)
+IS_SPLITS, IS_SEED = 10, 2020   # torch-fidelity's isc: RandomState(2020) permutation, 10 splits
 BLOCK = 10000           # ADM's row_batch_size and col_batch_size of pairwise distances
 MIN_IMAGES = K + 1      # a k-th neighbour other than the point itself
 FEATURE_DIM = 2048      # Inception pool_3
@@ -111,6 +116,16 @@ def image_batches(path, batch_size):
                 raise ValueError(f"{path}: arr_0 ends after {start} + {got // batch[0].nbytes} "
                                  f"of {shape[0]} images (a truncated file)")
             yield batch
+
+
+def holds(path, name):
+    """Whether the .npz at path has an array `name` (False for a file that is not a readable
+    .npz: image_count then says what is wrong with it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return f"{name}.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def reference_statistics(path):
@@ -231,18 +246,32 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 # Inception Score: ADM's Evaluator.compute_inception_score
 # ---------------------------------------------------------------------------------------------
 
-def inception_score(logits, split_size=SPLIT_SIZE):
-    """exp(mean KL(p(y|x) || p(y))) of each consecutive chunk of split_size samples (the last may
-    be shorter), p(y) the chunk's mean; the mean over chunks, as ADM returns (not the first, and
-    no shuffling). In float64 from log_softmax, where ADM takes np.log of a float32 softmax."""
+def inception_score(logits, splits=IS_SPLITS, seed=IS_SEED):
+    """torch-fidelity's Inception Score (the official code's, and so the paper's): the samples in
+    the order of RandomState(seed).permutation, cut into `splits` near-equal chunks (fewer when
+    there are fewer samples), the mean of the chunks' scores."""
     logits = np.asarray(logits, dtype=np.float64)
-    scores = []
-    for start in range(0, len(logits), split_size):
-        log_p = scipy.special.log_softmax(logits[start:start + split_size], axis=1)   # (S, C)
-        log_marginal = np.log(np.exp(log_p).mean(0, keepdims=True))                  # (1, C)
-        kl = (np.exp(log_p) * (log_p - log_marginal)).sum(1).mean()
-        scores.append(np.exp(kl))
-    return float(np.mean(scores))
+    n = len(logits)
+    shuffled = logits[np.random.RandomState(seed).permutation(n)]
+    splits = min(splits, n)
+    return float(np.mean([_chunk_score(shuffled[i * n // splits:(i + 1) * n // splits])
+                          for i in range(splits)]))
+
+
+def inception_score_adm(logits, split_size=SPLIT_SIZE):
+    """ADM's Inception Score: consecutive chunks of split_size samples (the last may be shorter),
+    no shuffling, the mean of the chunks' scores (not the first)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return float(np.mean([_chunk_score(logits[start:start + split_size])
+                          for start in range(0, len(logits), split_size)]))
+
+
+def _chunk_score(logits):
+    """exp(mean KL(p(y|x) || p(y))) with p(y) the chunk's mean, in float64 from log_softmax (ADM
+    takes np.log of a float32 softmax; torch-fidelity works in float64 as here)."""
+    log_p = scipy.special.log_softmax(logits, axis=1)                                  # (S, C)
+    log_marginal = np.log(np.exp(log_p).mean(0, keepdims=True))                        # (1, C)
+    return np.exp((np.exp(log_p) * (log_p - log_marginal)).sum(1).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,13 +358,17 @@ def main(args):
     args.out = args.out or default_out(args.samples)
     check_args(args)
     num_samples = image_count(args.samples, "samples")
-    num_reference = image_count(args.reference, "reference")
+    # a reference of statistics only (the official code's fid_stats/adm_in256_stats.npz): FID
+    stats_only = holds(args.reference, "mu") and not holds(args.reference, "arr_0")
+    num_reference = 0 if stats_only else image_count(args.reference, "reference")
     ref_stats = reference_statistics(args.reference)
     device = runs.torch_device(args.device)
     net = load_inception(args.inception_weights, device)
 
     # Features: the reference first, as ADM (its images give the precision/recall manifold)
-    ref_pool, _ = inception_features(net, args.reference, "reference", args.batch_size)
+    ref_pool = None
+    if not stats_only:
+        ref_pool, _ = inception_features(net, args.reference, "reference", args.batch_size)
     pool, logits = inception_features(net, args.samples, "samples", args.batch_size)
 
     # Metrics
@@ -344,9 +377,15 @@ def main(args):
     if ref_stats is None:
         ref_stats = feature_statistics(ref_pool)
     fid = frechet_distance(*feature_statistics(pool), *ref_stats)
-    precision, recall = precision_recall(ref_pool, pool, K, BLOCK, device)
+    precision = recall = None
+    if stats_only:
+        print(f"{args.reference} holds mu/sigma only: FID and IS; precision and recall need the "
+              "reference images (arr_0, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    else:
+        precision, recall = precision_recall(ref_pool, pool, K, BLOCK, device)
     metrics = {"fid": fid,
                "inception_score": inception_score(logits),
+               "inception_score_adm": inception_score_adm(logits),
                "precision": precision,
                "recall": recall,
                "samples": args.samples,
@@ -355,15 +394,18 @@ def main(args):
                "num_reference": num_reference,
                "fid_reference_statistics": stats_from,
                "k": K,
-               "is_split_size": SPLIT_SIZE,
+               "inception_score_definition": f"torch-fidelity's: {IS_SPLITS} splits after a "
+                                     f"RandomState({IS_SEED}) shuffle (the paper's)",
+               "inception_score_adm_definition": f"ADM's: consecutive chunks of {SPLIT_SIZE}",
                "inception_weights": args.inception_weights or "torch hub cache (torch-fidelity)",
                "device": device}
     runs.write_json(metrics, args.out)
 
     # Report
     for name, key in (("FID", "fid"), ("Inception Score", "inception_score"),
+                      ("IS (ADM's)", "inception_score_adm"),
                       ("Precision", "precision"), ("Recall", "recall")):
-        print(f"{name:<16} {metrics[key]:.4f}")
+        print(f"{name:<16} " + ("-" if metrics[key] is None else f"{metrics[key]:.4f}"))
     print(f"wrote {args.out} ({num_samples} samples against {num_reference} reference images)")
     return metrics
 

@@ -81,19 +81,45 @@ def naive_inception_score(logits, split_size):
     return scores
 
 
-def test_inception_score_is_the_mean_over_splits_of_a_naive_formula():
+def test_adms_inception_score_is_the_mean_over_splits_of_a_naive_formula():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(11, 7)) * np.array([[3.0]] * 4 + [[0.3]] * 7)  # splits differ
     scores = naive_inception_score(logits, 4)                 # splits of 4, 4 and 3 rows
-    got = evaluate.inception_score(logits, split_size=4)
+    got = evaluate.inception_score_adm(logits, split_size=4)
     assert got == pytest.approx(np.mean(scores), rel=1e-10)
     assert abs(got - scores[0]) > 0.1                         # the mean, not the first split
 
 
+def fidelity_inception_score(logits):
+    """torch-fidelity's own function, on the same logits."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    return isc_features_to_metric(torch.from_numpy(logits))["inception_score_mean"]
+
+
+def test_inception_score_is_torch_fidelitys():
+    logits = np.random.default_rng(1).normal(size=(53, 7)) * 2.0     # 53: chunks of 5 and 6
+    assert evaluate.inception_score(logits) == pytest.approx(fidelity_inception_score(logits),
+                                                             rel=1e-10)
+
+
+def test_cycled_labels_raise_adms_score_not_the_papers():
+    """sample.py cycles the classes: ADM's consecutive chunks then each hold every class equally
+    often, a higher score than torch-fidelity's shuffled splits give (the paper's definition)."""
+    classes, n = 100, 2000
+    rng = np.random.default_rng(2)
+    logits = 10.0 * np.eye(classes)[np.arange(n) % classes] + rng.normal(size=(n, classes))
+    paper, adm = evaluate.inception_score(logits), evaluate.inception_score_adm(logits, 200)
+    assert paper == pytest.approx(fidelity_inception_score(logits), rel=1e-10)
+    assert adm > 1.1 * paper, (adm, paper)
+
+
 def test_inception_score_closed_forms():
-    assert evaluate.inception_score(np.zeros((6, 5))) == pytest.approx(1.0)   # uniform p(y|x)
+    for score in (evaluate.inception_score, evaluate.inception_score_adm):
+        assert score(np.zeros((16, 5))) == pytest.approx(1.0)               # uniform p(y|x)
     confident = 60.0 * np.eye(5)[np.arange(10) % 5]           # 5 classes, each certain and equal
-    assert evaluate.inception_score(confident) == pytest.approx(5.0, rel=1e-9)
+    assert evaluate.inception_score_adm(confident) == pytest.approx(5.0, rel=1e-9)
+    # the same in 10 shuffled chunks of one sample: each chunk certain of its one class
+    assert evaluate.inception_score(confident) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +334,8 @@ def test_command_end_to_end(tmp_path, monkeypatch, capsys, random_inception):
     assert np.array_equal(mu2, mu) and np.array_equal(sigma2, sigma)   # the stored statistics
     precision, recall, _ = brute_force_pr(ref_pool, pool, 3, adm_sq_distances)
     assert returned["fid"] == 12.5
-    assert returned["inception_score"] == pytest.approx(naive_inception_score(logits, 5000)[0])
+    assert returned["inception_score"] == pytest.approx(evaluate.inception_score(logits))
+    assert returned["inception_score_adm"] == pytest.approx(naive_inception_score(logits, 5000)[0])
     assert (returned["precision"], returned["recall"]) == (precision, recall)
     assert returned["fid_reference_statistics"] == "mu/sigma stored in the reference .npz"
     assert (returned["num_samples"], returned["num_reference"]) == (6, 5)
@@ -316,8 +343,35 @@ def test_command_end_to_end(tmp_path, monkeypatch, capsys, random_inception):
     # One line each on stdout
     lines = {line[:16].strip(): line[16:] for line in capsys.readouterr().out.splitlines()}
     for name, key in (("FID", "fid"), ("Inception Score", "inception_score"),
+                      ("IS (ADM's)", "inception_score_adm"),
                       ("Precision", "precision"), ("Recall", "recall")):
         assert float(lines[name]) == pytest.approx(returned[key], abs=1e-4)
+
+
+def test_a_reference_of_statistics_only_gives_fid_and_is(tmp_path, monkeypatch, capsys,
+                                                        random_inception):
+    """The official code evaluates against mu/sigma alone (fid_stats/adm_in256_stats.npz): the
+    same FID and IS as a reference holding those statistics and images; precision and recall
+    are left out, in one line that says why."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
+    rng = np.random.default_rng(3)
+    mu, sigma = rng.normal(size=2048), np.diag(rng.uniform(0.5, 1, 2048))
+    np.savez(tmp_path / "fid.npz", arr_0=images(12, 48, seed=1))
+    np.savez(tmp_path / "full.npz", arr_0=images(5, 40, seed=2), mu=mu, sigma=sigma)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+
+    def run(reference):
+        argv = ["--samples", str(tmp_path / "fid.npz"), "--reference", str(tmp_path / reference),
+                "--device", "cpu", "--inception-weights", random_inception,
+                "--out", str(tmp_path / f"{reference}.json")]
+        return evaluate.main(evaluate.get_parser().parse_args(argv))
+    full, stats = run("full.npz"), run("stats.npz")
+    assert "precision and recall need the reference images" in capsys.readouterr().out
+    for key in ("fid", "inception_score", "inception_score_adm"):
+        assert stats[key] == full[key], key
+    assert stats["precision"] is None and stats["recall"] is None and full["precision"] >= 0
+    assert stats["num_reference"] == 0
 
 
 def test_command_bad_input_exits_with_one_line(tmp_path, monkeypatch):
