@@ -12,6 +12,7 @@ Kept out of tokenbridge.py, which describes the method; this file only describes
 """
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -28,18 +29,12 @@ RELEASED_SAMPLING = {"large": dict(cfg=3.1, temperature=0.96, num_iter=256),
                      "huge": dict(cfg=3.45, temperature=0.91, num_iter=256)}
 
 # Where the released files are published. The official README: "Download pre-trained TokenBridge
-# models from [huggingface](https://huggingface.co/Epiphqny/TokenBridge), and save the
-# corresponding folder as pretrained_models"; its commands then read
-# pretrained_models/tokenbridge/tokenbridge_{large,huge} (+ /checkpoint-last.pth, added by
-# main_tokenbridge.py). The paths inside the repo below follow from that layout. kl16 is MAR's,
-# published at the Dropbox link of MAR's util/download.py (dl=1: the file, not its web page).
+# models from [huggingface](https://huggingface.co/Epiphqny/TokenBridge)"; the checkpoint of a
+# size is found by listing that repository (released_checkpoint). kl16 is MAR's, published at the
+# Dropbox link of MAR's util/download.py (dl=1: the file, not its web page).
 TOKENBRIDGE_REPO = "Epiphqny/TokenBridge"
-RELEASED_CHECKPOINTS = {
-    "large": dict(repo_id=TOKENBRIDGE_REPO,
-                  filename="tokenbridge/tokenbridge_large/checkpoint-last.pth"),
-    "huge": dict(repo_id=TOKENBRIDGE_REPO,
-                 filename="tokenbridge/tokenbridge_huge/checkpoint-last.pth"),
-}
+RELEASED_SIZES = ("large", "huge")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt")
 RELEASED_KL16 = dict(filename="kl16.ckpt",
                      url="https://www.dropbox.com/scl/fi/hhmuvaiacrarfg28qxhwz/kl16.ckpt"
                          "?rlkey=l44xipsezc8atcffdp4q7mwmh&dl=1")
@@ -334,14 +329,41 @@ def import_official(checkpoint, preset, vae=None, out=None):
 def download_official(preset, vae=None, out=None):
     """Fetch the released checkpoint of preset, and kl16 unless vae is a local file, into the
     Hugging Face cache by their published names, then import_official them into out."""
-    if preset not in RELEASED_CHECKPOINTS:
+    if preset not in RELEASED_SIZES:
         raise ValueError(f"no released TokenBridge checkpoint is named {preset!r} "
-                         f"(published: {', '.join(RELEASED_CHECKPOINTS)})")
-    checkpoint = fetch_released(RELEASED_CHECKPOINTS[preset],
-                                f"pass --official PATH --preset {preset} --vae KL16_PATH")
+                         f"(published: {', '.join(RELEASED_SIZES)})")
+    fix = f"pass --official PATH --preset {preset} --vae KL16_PATH"
+    filename = released_checkpoint(preset, list_released_files(fix), fix)
+    checkpoint = fetch_released(dict(repo_id=TOKENBRIDGE_REPO, filename=filename), fix)
     if vae is None:  # both files before any conversion: a failed download costs no conversion
         vae = fetch_released(RELEASED_KL16, f"pass --vae PATH (with --download {preset})")
     return import_official(checkpoint, preset, vae, out)
+
+
+def list_released_files(fix):
+    """The files of the official Hugging Face repository; a failure (offline, no client) is one
+    ValueError saying where to look and fix."""
+    try:
+        from huggingface_hub import list_repo_files  # only downloading needs the hub client
+        return list_repo_files(TOKENBRIDGE_REPO)
+    except Exception as e:  # the hub client's exception classes differ between its versions
+        raise ValueError(f"could not list {TOKENBRIDGE_REPO} ({type(e).__name__}); download the "
+                         f"checkpoint from https://huggingface.co/{TOKENBRIDGE_REPO}/tree/main by "
+                         f"hand and {fix}") from e
+
+
+def released_checkpoint(size, files, fix):
+    """The one checkpoint file among `files` whose path names `size` as a word (such as
+    tokenbridge_large/checkpoint-last.pth); none or several is one ValueError listing them."""
+    def names_size(path):
+        return re.search(rf"(^|[^a-z]){size}([^a-z]|$)", path.lower()) is not None
+    found = [f for f in files if f.endswith(CHECKPOINT_SUFFIXES) and names_size(f)]
+    if len(found) == 1:
+        return found[0]
+    what = (f"several checkpoints name {size!r}: {', '.join(found)}" if found else
+            f"no checkpoint names {size!r} (it holds: {', '.join(files) or 'nothing'})")
+    raise ValueError(f"in {TOKENBRIDGE_REPO}, {what}; download the one you want by hand and "
+                     f"{fix}")
 
 
 def fetch_released(entry, fix):
@@ -386,7 +408,7 @@ def get_parser():
         formatter_class=DefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--official", help="official checkpoint-last.pth, a local file")
-    source.add_argument("--download", choices=list(RELEASED_CHECKPOINTS),
+    source.add_argument("--download", choices=RELEASED_SIZES,
                         help="fetch the released checkpoint of this size (and kl16, unless --vae) "
                              "from its published home, then convert it")
     parser.add_argument("--preset", choices=sorted(tb.PRESETS),

@@ -237,22 +237,59 @@ def test_official_range_is_the_fixed_affine_map():
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """hub(files, fail=()): hf_hub_download answers from files {filename: local path} and raises
-    the exception given for a filename in fail; the real client stays offline in a tmp cache."""
+    """hub(files, fail=()): the official repo lists the names of files {filename: local path},
+    hf_hub_download answers from them and raises the exception given for a filename in fail
+    ("list": for the listing); the real client stays offline in a tmp cache."""
     import huggingface_hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     calls = []
 
     def install(files, fail=None):
+        fail = fail or {}
+
+        def listing(repo_id, **kwargs):
+            assert repo_id == interop.TOKENBRIDGE_REPO
+            if "list" in fail:
+                raise fail["list"]
+            return list(files)
+
         def fake(repo_id, filename, **kwargs):
             calls.append((repo_id, filename))
-            if fail and filename in fail:
+            if filename in fail:
                 raise fail[filename]
             return str(files[filename])
+        monkeypatch.setattr(huggingface_hub, "list_repo_files", listing)
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
         return calls
     return install
+
+
+# Listings of the official repository in the layouts a release may have: the one its README
+# implies (a folder per size), a flat one, and two that must be refused.
+README_LAYOUT = [".gitattributes", "README.md", "tokenbridge/tokenbridge_large/checkpoint-last.pth",
+                 "tokenbridge/tokenbridge_huge/checkpoint-last.pth"]
+FLAT_LAYOUT = ["README.md", "tokenbridge-huge.pth", "tokenbridge-large.pth", "kl16.ckpt"]
+
+
+@pytest.mark.parametrize("files", [README_LAYOUT, FLAT_LAYOUT], ids=["folders", "flat"])
+def test_the_released_checkpoint_of_a_size_is_found_by_listing(files):
+    for size in interop.RELEASED_SIZES:
+        found = interop.released_checkpoint(size, files, "FIX")
+        assert size in found and found.endswith(".pth") and found in files
+
+
+@pytest.mark.parametrize("files,message", [
+    (["README.md", "tokenbridge_large/checkpoint-last.pth"],
+     "no checkpoint names 'huge' (it holds: README.md, tokenbridge_large/checkpoint-last.pth)"),
+    (["huge/checkpoint-last.pth", "huge/checkpoint-best.pth"],
+     "several checkpoints name 'huge': huge/checkpoint-last.pth, huge/checkpoint-best.pth")])
+def test_no_or_several_matching_checkpoints_are_one_line_listing_them(files, message):
+    with pytest.raises(ValueError) as info:
+        interop.released_checkpoint("huge", files, "pass --official PATH")
+    text = str(info.value)
+    assert message in text and text.endswith("by hand and pass --official PATH")
+    assert "\n" not in text
 
 
 def test_download_converts_the_fetched_files_into_a_loadable_run(hub, monkeypatch, tmp_path):
@@ -263,9 +300,8 @@ def test_download_converts_the_fetched_files_into_a_loadable_run(hub, monkeypatc
                tmp_path / "checkpoint-last.pth")
     vae = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
     torch.save({"model": vae["model"]}, tmp_path / "kl16-source.ckpt")
-    monkeypatch.setitem(interop.RELEASED_CHECKPOINTS, "tiny",
-                        dict(repo_id="test/tiny", filename="tiny/checkpoint-last.pth"))
-    calls = hub({"tiny/checkpoint-last.pth": tmp_path / "checkpoint-last.pth"})
+    monkeypatch.setattr(interop, "RELEASED_SIZES", ("tiny",))
+    calls = hub({"README.md": None, "tiny/checkpoint-last.pth": tmp_path / "checkpoint-last.pth"})
     fetched = []
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
 
@@ -276,7 +312,7 @@ def test_download_converts_the_fetched_files_into_a_loadable_run(hub, monkeypatc
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     for _ in range(2):  # the second time from the caches
         run = interop.download_official("tiny", out=str(tmp_path / "run"))
-    assert calls == [("test/tiny", "tiny/checkpoint-last.pth")] * 2
+    assert calls == [(interop.TOKENBRIDGE_REPO, "tiny/checkpoint-last.pth")] * 2
     assert fetched == [interop.RELEASED_KL16["url"]]
     model, ckpt = runs.load_run(run)
     assert ckpt["config"]["official_compat"] and runs.has_vae(run)
@@ -289,14 +325,24 @@ def test_download_failure_says_what_to_fetch_by_hand(hub, error):
     """Offline (what the hub client raises then), no such file, no network at all."""
     import huggingface_hub.errors
     exc = ConnectionError if error == "ConnectionError" else getattr(huggingface_hub.errors, error)
-    ckpt = interop.RELEASED_CHECKPOINTS["large"]["filename"]
-    hub({}, fail={ckpt: exc("offline")})
+    ckpt = README_LAYOUT[2]
+    hub(dict.fromkeys(README_LAYOUT), fail={ckpt: exc("offline")})
     with pytest.raises(ValueError) as info:
         interop.download_official("large", vae="kl16.ckpt")
     message = str(info.value)
     assert "\n" not in message and f"could not download {ckpt} ({error})" in message
     assert f"https://huggingface.co/Epiphqny/TokenBridge/resolve/main/{ckpt}" in message
     assert "--official PATH --preset large" in message
+
+
+def test_a_repository_that_cannot_be_listed_says_where_to_look(hub):
+    hub({}, fail={"list": ConnectionError("offline")})
+    with pytest.raises(ValueError, match=r"^could not list Epiphqny/TokenBridge "
+                                         r"\(ConnectionError\); download the checkpoint from "
+                                         r"https://huggingface.co/Epiphqny/TokenBridge/tree/main "
+                                         r"by hand and pass --official PATH --preset large "
+                                         r"--vae KL16_PATH$"):
+        interop.download_official("large")
 
 
 def test_kl16_download_failure_points_to_mars_link(hub, tmp_path, monkeypatch):
@@ -306,7 +352,7 @@ def test_kl16_download_failure_points_to_mars_link(hub, tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    hub({interop.RELEASED_CHECKPOINTS["huge"]["filename"]: tmp_path / "unused.pth"})
+    hub({"tokenbridge_huge/checkpoint-last.pth": tmp_path / "unused.pth"})
     with pytest.raises(ValueError, match=r"could not download kl16\.ckpt \(URLError\); download "
                                          r"https://www\.dropbox\.com/.*kl16\.ckpt.* by hand and "
                                          r"pass --vae PATH \(with --download huge\)$"):
