@@ -215,6 +215,7 @@ class Values(TorchDispatchMode):
         super().__init__()
         self.gpu = gpu
         self.known = _TensorKeyed()
+        self.pinned = _TensorKeyed()  # host tensors made by pin_memory()
         self.counted = weakref.WeakKeyDictionary()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -226,6 +227,13 @@ class Values(TorchDispatchMode):
             return torch.device("meta")
         if _is_meta(kwargs.get("device")):
             kwargs = {**kwargs, "device": CUDA}
+        if func is aten._pin_memory.default:  # page-locked host memory, without a driver to ask
+            with unset_fake_temporarily():
+                pinned = args[0].clone()
+            self.pinned[pinned] = True
+            return pinned
+        if func is aten.is_pinned.default:
+            return bool(self.pinned.get(args[0]))
         leaves = pytree.tree_leaves((args, kwargs))
         if not any(isinstance(x, FakeTensor) or _is_cuda(x) for x in leaves):
             with unset_fake_temporarily():  # CPU work, no CUDA tensor involved
@@ -261,17 +269,21 @@ class Values(TorchDispatchMode):
         self._compute_value(func, args, kwargs, out)
         return out
 
-    @staticmethod
-    def _blocking_upload(func, args, kwargs):
-        """A copy from host memory that is not non_blocking: PyTorch waits for the stream to
-        finish (cudaStreamSynchronize after the copy), so on a GPU it waits for all queued work.
-        torch.tensor(x, device="cuda") is one."""
-        if kwargs.get("non_blocking"):
+    def _blocking_upload(self, func, args, kwargs):
+        """A copy from host memory that waits for all work queued on the device: PyTorch
+        synchronises the stream after a blocking copy (torch.tensor(x, device="cuda") is one), and
+        the driver stages a non_blocking copy from pageable memory behind the queue too. Only a
+        non_blocking copy from pinned memory is queued without a wait."""
+        if func is aten._to_copy.default and _is_cuda(kwargs.get("device")):
+            source, non_blocking = args[0], kwargs.get("non_blocking", False)
+        elif func is aten.copy_.default:
+            source = args[1]
+            non_blocking = kwargs.get("non_blocking", len(args) > 2 and args[2])
+        else:
             return False
-        if func is aten._to_copy.default:
-            return _is_cuda(kwargs.get("device")) and not isinstance(args[0], FakeTensor)
-        return (func is aten.copy_.default and not isinstance(args[1], FakeTensor)
-                and not (len(args) > 2 and args[2]))              # copy_(src, non_blocking)
+        if isinstance(source, FakeTensor):
+            return False
+        return not (non_blocking and self.pinned.get(source))
 
     def _to_host(self, tensor, kwargs):
         """A CUDA tensor copied to the host: its value (zeros where none was kept)."""

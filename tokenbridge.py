@@ -812,8 +812,11 @@ class TokenBridge(nn.Module):
         on_step(s, tokens, mask), if given, gets copies after each step s (mask: still unknown)."""
         device = next(self.parameters()).device
 
-        def upload(array):  # not waiting for the device's queue, as a blocking copy would
-            return torch.as_tensor(array).to(device, non_blocking=True)
+        def upload(array):  # from pinned memory: a copy from pageable memory waits for the GPU
+            tensor = torch.as_tensor(array)
+            if device.type == "cuda":
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=True)
 
         labels = torch.as_tensor(labels)
         self._check_labels(labels, allow_null=True)     # on the host, unless given on the device

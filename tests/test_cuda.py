@@ -54,14 +54,15 @@ def test_cuda_tensors_hold_values_memory_and_count_waits():
         assert gpu.live_bytes == before
         total = x.sum().item()
         torch.tensor(2.0, device="cuda")                      # a blocking upload: a wait
-        torch.ones(3).to("cuda", non_blocking=True)           # queued behind the work: none
+        torch.ones(3).to("cuda", non_blocking=True)           # staged from pageable memory: a wait
+        torch.ones(3).pin_memory().to("cuda", non_blocking=True)   # queued behind the work: none
         with torch.autocast("cuda", dtype=torch.bfloat16):      # CUDA's policy, not the CPU's
             assert (x @ x.T).dtype == torch.bfloat16
             assert F.layer_norm(x.bfloat16(), (3,)).dtype == torch.float32
     host = torch.arange(6.0).view(2, 3)
     assert torch.equal(product, host @ host.T)
     assert total == 15.0 and gpu.syncs["item"] == 1 and gpu.syncs["to cpu"] == 1
-    assert gpu.syncs["from host"] == 1
+    assert gpu.syncs["from host"] == 2
 
 
 # --- training ---------------------------------------------------------------------------------
