@@ -228,6 +228,8 @@ class Values(TorchDispatchMode):
         if _is_meta(kwargs.get("device")):
             kwargs = {**kwargs, "device": CUDA}
         if func is aten._pin_memory.default:  # page-locked host memory, without a driver to ask
+            if isinstance(args[0], FakeTensor):
+                raise RuntimeError("cannot pin a CUDA tensor: only dense CPU tensors can be pinned")
             with unset_fake_temporarily():
                 pinned = args[0].clone()
             self.pinned[pinned] = True

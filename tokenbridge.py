@@ -814,7 +814,7 @@ class TokenBridge(nn.Module):
 
         def upload(array):  # from pinned memory: a copy from pageable memory waits for the GPU
             tensor = torch.as_tensor(array)
-            if device.type == "cuda":
+            if device.type == "cuda" and not tensor.is_cuda:
                 tensor = tensor.pin_memory()
             return tensor.to(device, non_blocking=True)
 

@@ -130,6 +130,10 @@ def test_sampling_on_cuda_gives_the_cpus_tokens(small_cfg, perturb, cfg_mode, or
         assert tokens.is_cuda
         tokens = tokens.cpu()
     assert torch.equal(tokens, expected) and sum(gpu.syncs.values()) > 0
+    with CudaOnCpu():                                     # labels given on the device
+        on_device = copy.deepcopy(model).to(CUDA).sample_tokens(
+            torch.tensor(labels, device=CUDA), **kwargs).cpu()
+    assert torch.equal(on_device, expected)
 
 
 @pytest.mark.parametrize("guided", [False, True])
