@@ -7,7 +7,7 @@
 
 Imports numpy, onnxruntime and Pillow only, and nothing of this project: a deployer copies this
 file and the graphs folder. export.py writes the graphs against the interface defined here;
-sample.py drives them (and PyTorch) through the same batch loop.
+sample.py drives them (and PyTorch) through the same batch loop (lib/jobs.py).
 
 OnnxSampler.sample_tokens is a step-for-step mirror of TokenBridge.sample_tokens (tokenbridge.py
 §7): the same cosine schedule, order rule and guidance weight, and the same draws from
@@ -18,7 +18,6 @@ leaves them on the device, and the channel loop keeps the KV cache, tokens, unif
 there: per decoding step the host sends the known tokens and the candidates, and reads back the
 new tokens and scores, nothing else.
 """
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -26,8 +25,6 @@ import io
 import json
 import math
 import os
-import time
-import zipfile
 
 import numpy as np
 import onnxruntime as ort
@@ -46,9 +43,6 @@ HEAD_INPUTS = ("cond", "step", "cache", "tokens", "uniforms", "temperature", "gu
 HEAD_OUTPUTS = ("logits", "tokens_out", "score_out", "cache_out")
 HEAD_STATE = ("cache", "tokens", "score")          # fed back: output NAME_out is next step's NAME
 VAE_INPUTS, VAE_OUTPUTS = ("latents",), ("image",)
-# In a run folder: the sampling settings its sweep found best (quality.sweep_sampling), which
-# sample.py uses unless told otherwise.
-SAMPLING_FILE = "sampling.json"
 # The version of the graphs' interface this loop drives; export.py records it, and graphs of
 # another version are refused (format 3: the head's KV cache has a slot for every channel).
 EXPORT_FORMAT = 3
@@ -133,8 +127,9 @@ class OnnxSampler:
         """threads: ORT's intra-op threads for the backbone and the VAE decoder (0 = ORT's default).
         head_threads: for head_step.onnx, 1 by default: ORT's CPU thread pool synchronises after
         every operator, and the head step is a few hundred small ones, run C times per decoding
-        step, where that costs more than a second thread gains (README, Speed). Raise it for wide
-        heads on many cores. device_id: the GPU (one per process under torchrun)."""
+        step, where that costs more than a second thread gains (docs/deployment.md#cpu-int8).
+        Raise it for wide heads on many cores. device_id: the GPU (one per process under
+        torchrun)."""
         # tokenbridge.json, the graph files it names, the checkpoint they came from
         self.meta = meta = self._read_meta(onnx_dir)
         files = [BACKBONE_FILE, HEAD_FILE] + ([meta["vae"]["file"]] if meta["vae"] else [])
@@ -324,16 +319,16 @@ class OnnxSampler:
 
     def sample_tokens(self, labels, num_iter=None, cfg=1.0, temperature=1.0, seed=0,
                       cfg_mode="features", cfg_schedule="linear", position_order="random",
-                      confidence_noise=1.0):
+                      confidence_noise=1.0, on_step=None):
         """Twin of TokenBridge.sample_tokens: token indices (B, N, C); num_iter by default one
-        position per step."""
-        # the arguments, refused with TokenBridge.sample_tokens' messages
-        labels = np.asarray(labels, np.int64)
+        position per step; on_step(s, tokens, mask) gets copies after each step s."""
+        # the arguments, refused with TokenBridge.sample_tokens' checks, in its order
         num_classes = self.config["num_classes"]
-        check_labels(labels, num_classes, allow_null=True)
+        labels = check_labels(labels, num_classes, allow_null=True)
         B, N, C = len(labels), self.N, self.C
         num_iter = N if num_iter is None else num_iter
-        self._check_sampling(num_iter, temperature, cfg, cfg_mode, cfg_schedule, position_order)
+        self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order,
+                             confidence_noise)
 
         # the decoding order, both guidance halves' labels, nothing known yet
         rng = np.random.default_rng(seed)
@@ -387,70 +382,46 @@ class OnnxSampler:
             tokens[image, chosen] = new
             mask[image, chosen] = False
             masked = left
+            if on_step is not None:
+                on_step(s, tokens.copy(), mask.copy())
         return tokens
 
-    def _check_sampling(self, num_iter, temperature, cfg, cfg_mode, cfg_schedule, position_order):
-        """Twin of the argument checks of TokenBridge.sample_tokens."""
-        if not 1 <= num_iter <= self.N:
+    def _check_sampling(self, num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order,
+                        confidence_noise):
+        """Twin of TokenBridge._check_sampling: the same checks, in order, and messages."""
+        if not (isinstance(num_iter, (int, np.integer)) and 1 <= num_iter <= self.N):
             raise ValueError(f"num_iter must be in [1, {self.N}] (one position at least per step), "
-                             f"got {num_iter}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+                             f"got {num_iter!r}")
         if not cfg >= 0:
             raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        if (cfg_mode not in ("features", "logits") or cfg_schedule not in ("linear", "constant")
-                or position_order not in ("random", "confidence")):
-            raise ValueError("cfg_mode must be features|logits, cfg_schedule linear|constant and "
-                             f"order random|confidence, got {cfg_mode!r}, {cfg_schedule!r}, "
-                             f"{position_order!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        for name, value, choices in (("cfg_mode", cfg_mode, ("features", "logits")),
+                                     ("cfg_schedule", cfg_schedule, ("linear", "constant")),
+                                     ("position_order", position_order, ("random", "confidence"))):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not confidence_noise >= 0:
+            raise ValueError(f"confidence_noise must be >= 0, got {confidence_noise}")
 
 
-# --- labels, output paths and images, for both runtimes --------------------------------------
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """--help gives each flag's default once: added where the help does not state it already and
-    there is one to give (not None, not an unset switch)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS)
-        if "default" in text or not shown or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def parse_labels(text):
-    """--labels "3,3,7" -> int64 array, or None when not given (the range is checked per model)."""
-    if not text:
-        return None
-    try:
-        return np.array([int(x) for x in text.split(",")], np.int64)
-    except ValueError:
-        raise ValueError("--labels must be comma-separated class numbers such as 3,3,7, "
-                         f"got {text!r}") from None
-
-
-def unwritable(path):
-    """Why no file can be written at `path`, or None: the scripts check their outputs before
-    any work."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return "it is a folder; give a file name"
-    if not os.path.isdir(folder):
-        return f"folder {folder} does not exist; create it or choose another path"
-    if not os.access(folder, os.W_OK):
-        return f"folder {folder} is not writable; choose another path"
-    return None
+# --- labels and images, for both runtimes -----------------------------------------------------
 
 
 def check_labels(labels, num_classes, allow_null=False):
-    """Twin of TokenBridge._check_labels (the message too); returns the labels."""
+    """Twin of TokenBridge._check_labels: the same checks, in order, and messages. Returns the
+    labels as an int64 array."""
+    labels = np.asarray(labels)
+    integers = labels.dtype.kind in "iu"
+    if not (labels.ndim == 1 and len(labels) > 0 and integers):
+        raise ValueError("labels must be a 1-D array of integer class numbers, got "
+                         f"{'integers' if integers else 'non-integers'} of shape {labels.shape}")
     top = num_classes + 1 if allow_null else num_classes
-    if labels.ndim != 1 or not ((labels >= 0) & (labels < top)).all():
+    if not ((labels >= 0) & (labels < top)).all():
         raise ValueError(f"labels must lie in [0, {top}) for this model's {num_classes} classes"
                          + (f" ({num_classes}: unconditional)" if allow_null else "")
                          + f", got {labels.tolist()[:8]}")
-    return labels
+    return labels.astype(np.int64)
 
 
 def to_uint8(images):
@@ -478,228 +449,7 @@ def tile(images, cols=None):
     return grid
 
 
-def save_grid(images, path, cols=None):
-    """tile(images, cols) as a PNG."""
+def save_grid(images, file, cols=None):
+    """tile(images, cols) as a PNG, into a path or an open binary file."""
     from PIL import Image
-    Image.fromarray(tile(images, cols)).save(path)
-
-
-# --- sampling in batches: progress, resumable, shared between processes ---------------------
-
-def process_slot():
-    """(rank, world, local rank) under torchrun, (0, 1, 0) otherwise."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
-def check_launcher(parent):
-    """Under torchrun, stop when the launcher that started this process (pid `parent`) is gone.
-    torchrun starts each worker in a session of its own, so killing the launcher (a scheduler's
-    time limit, kill -9 of its process group) would otherwise leave the ranks running, writing
-    beside the next launch."""
-    if "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != parent:
-        raise SystemExit(f"error: the torchrun launcher (pid {parent}) is gone; this rank stops")
-
-
-@contextlib.contextmanager
-def exclusive(path, what):
-    """Hold an exclusive lock on PATH.lock while the block runs, so one process at a time writes
-    `what`. A second writer stops with one line naming the holder's pid. The kernel releases
-    the lock of a process that dies, so a lock left by a killed process is simply taken over.
-    (Where fcntl does not exist, on Windows, nothing is locked.)"""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(f"{path}.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise ValueError(f"{what} is being written by another process (pid {holder}); "
-                             "wait for it to finish, or stop it") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        yield
-
-
-class Parts:
-    """Finished batches of a sampling job, one .npz each in a folder, written atomically, so a
-    re-run skips them and a crash loses at most the batch in flight. settings.json names what
-    they were sampled with: a folder from other settings is refused, never mixed in.
-
-    Used as a context manager: rank 0 holds the folder's lock (one job at a time writes it) and
-    writes settings.json; the other ranks read it (no two processes write one file)."""
-
-    def __init__(self, folder, settings):
-        self.folder = folder
-        self.settings = settings
-        self._held = contextlib.ExitStack()
-
-    def __enter__(self):
-        os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, "settings.json")
-        if process_slot()[0] == 0:
-            self._held.enter_context(exclusive(os.path.join(self.folder, "job"),
-                                               f"the sampling job in {self.folder}"))
-            if not os.path.isfile(path):
-                write_atomic(path, lambda f: f.write(json.dumps(self.settings, indent=1).encode()))
-        while not os.path.isfile(path):  # rank 0 writes it at once
-            time.sleep(0.2)
-        with open(path) as f:
-            found = json.load(f)
-        if found != self.settings:
-            self._held.close()
-            changed = sorted(k for k in self.settings if found.get(k) != self.settings[k])
-            raise ValueError(f"{self.folder} holds batches sampled with other settings "
-                             f"({', '.join(changed)}); delete it, or write to another --npz")
-        return self
-
-    def __exit__(self, *exc):
-        self._held.close()
-
-    def path(self, b):
-        return os.path.join(self.folder, f"batch_{b:06d}.npz")
-
-    def done(self, b):
-        return os.path.isfile(self.path(b))
-
-    def write(self, b, tokens, images, labels):
-        write_atomic(self.path(b),
-                     lambda f: np.savez(f, tokens=tokens, images=images, labels=labels))
-
-    def read(self, b):
-        with np.load(self.path(b)) as part:
-            return part["tokens"], part["images"], part["labels"]
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """A binary file written under a temp name of this process, renamed into place when the block
-    ends without error, removed when it fails: a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_atomic(path, write):
-    """write(file) into atomic_file(path)."""
-    with atomic_file(path) as f:
-        write(f)
-
-
-class RowWriter:
-    """An array of `count` rows written batch by batch in .npy format (the header from the first
-    batch's row shape and dtype, then each batch's bytes): never held whole in memory."""
-
-    def __init__(self, file, count):
-        self.file = file
-        self.count = count
-        self.written = 0
-
-    def write(self, rows):
-        if self.written == 0:
-            header = {"descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False,
-                      "shape": (self.count, *rows.shape[1:])}
-            np.lib.format.write_array_header_1_0(self.file, header)
-        self.file.write(np.ascontiguousarray(rows).tobytes())
-        self.written += len(rows)
-
-    def check_complete(self):
-        if self.written != self.count:
-            raise ValueError(f"{self.written} rows written of the {self.count} announced")
-
-
-@contextlib.contextmanager
-def npy_writer(path, count):
-    """Yields write(rows): a .npy of `count` rows written batch by batch, atomically."""
-    with atomic_file(path) as f:
-        rows = RowWriter(f, count)
-        yield rows.write
-        rows.check_complete()
-
-
-@contextlib.contextmanager
-def npz_writer(path, count):
-    """Yields add(images, labels): ADM's sample layout (arr_0 (count, H, W, 3) uint8, labels)
-    written batch by batch, atomically. arr_0 streams into an uncompressed zip64 member, as
-    np.savez writes it: 50,000 images at 256 px (9.8 GB) are never held in memory."""
-    labels = []
-    with atomic_file(path) as f, zipfile.ZipFile(f, "w", allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-            images = RowWriter(member, count)
-            yield lambda batch_images, batch_labels: (images.write(batch_images),
-                                                      labels.append(batch_labels))
-            images.check_complete()
-        with archive.open("labels.npy", "w") as member:
-            np.lib.format.write_array(member, np.concatenate(labels))
-
-
-def batch_seed(seed, b):
-    """Batch b draws from numpy.random.default_rng((seed, b)): its samples do not depend on the
-    batch size of the others, on how processes share the batches, or on a re-run."""
-    return (seed, b)
-
-
-def sample_in_batches(sample, labels, batch_size, seed, parts=None):
-    """Sample `labels` in batches: sample(labels, seed) -> (tokens, images). Batch b goes to rank
-    b % world, with a progress bar in images; finished batches go to `parts` when given (a re-run
-    skips them). On rank 0, once every batch is done, returns the batches in order as
-    (tokens, images, labels), read back from `parts` one at a time when given (a job of any
-    size is never held whole); None on the other ranks."""
-    # this rank's batches, and those of them a previous run finished
-    rank, world, _ = process_slot()
-    launcher = os.getppid()
-    starts = range(0, len(labels), batch_size)
-    sizes = [min(batch_size, len(labels) - start) for start in starts]
-    mine = [b for b in range(len(starts)) if b % world == rank]
-    skipped = [b for b in mine if parts is not None and parts.done(b)]
-
-    # sample the rest
-    bar = _progress_bar(total=sum(sizes[b] for b in mine), initial=sum(sizes[b] for b in skipped),
-                        unit="img", dynamic_ncols=True,
-                        desc="sample" if world == 1 else f"sample (rank {rank})",
-                        disable=len(starts) == 1)
-    kept = []
-    for b in (b for b in mine if b not in skipped):
-        check_launcher(launcher)
-        batch_labels = labels[starts[b]:starts[b] + sizes[b]]
-        tokens, images = sample(batch_labels, batch_seed(seed, b))
-        if parts is None:
-            kept.append((tokens, images, batch_labels))
-        else:
-            parts.write(b, tokens, images, batch_labels)
-        bar.update(sizes[b])
-    bar.close()
-
-    # rank 0 returns every batch, in order
-    if rank != 0:
-        return None
-    if parts is None:
-        return kept
-    wait_for(parts, len(starts))
-    return (parts.read(b) for b in range(len(starts)))
-
-
-def _progress_bar(**kwargs):
-    """tqdm's bar when tqdm is installed (the deployment itself needs only numpy, onnxruntime
-    and Pillow)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return type("NoBar", (), {"update": lambda self, n: None, "close": lambda self: None})()
-    return tqdm(**kwargs)
-
-
-def wait_for(parts, count, poll_s=2.0):
-    """Rank 0 waits for the other ranks' batches (torchrun stops every rank if one fails)."""
-    while not all(parts.done(b) for b in range(count)):
-        time.sleep(poll_s)
+    Image.fromarray(tile(images, cols)).save(file, format="PNG")

@@ -42,10 +42,24 @@ import torch
 import torch.nn as nn
 
 import tokenbridge as tb
-import runs
-from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, DATA_SUFFIX, EXPORT_FORMAT,
-                    HEAD_FILE, HEAD_INPUTS, HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS,
-                    VAE_OUTPUTS, DefaultsHelpFormatter, file_sha256, make_session)
+from deploy import (
+    BACKBONE_FILE,
+    BACKBONE_INPUTS,
+    BACKBONE_OUTPUTS,
+    DATA_SUFFIX,
+    EXPORT_FORMAT,
+    HEAD_FILE,
+    HEAD_INPUTS,
+    HEAD_OUTPUTS,
+    META_FILE,
+    VAE_FILE,
+    VAE_INPUTS,
+    VAE_OUTPUTS,
+    file_sha256,
+    make_session,
+)
+from lib import runs
+from lib.cli import DefaultsHelpFormatter
 
 OPSET = 17
 
@@ -440,8 +454,8 @@ def _publish(stage, out):
 
 def main(args):
     if args.official:
-        import interop
-        args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
+        from lib import official
+        args.run = official.import_official(args.official, args.preset, args.vae, args.run)
     if not args.run:
         raise ValueError("give --run-dir RUN (a folder with checkpoint.pt) "
                          "or --official CHECKPOINT.pth")

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 sample.py --run-dir RUN --num-images 50000 --npz fid.npz   # FID-50K
 
 Sampling runs in batches with a progress bar; with --npz finished batches are kept, a re-run
-samples only the missing ones, and torchrun's processes share them (deploy.sample_in_batches).
+samples only the missing ones, and torchrun's processes share them (jobs.sample_in_batches).
 Batch b draws from default_rng((seed, b)) in both runtimes: a seed gives the same tokens in each.
 The run folder is --run-dir, not --run: torchrun reads `--run` as an abbreviation of its own
 --run-path and stops ("ambiguous option").
@@ -13,16 +13,16 @@ The run folder is --run-dir, not --run: torchrun reads `--run` as an abbreviatio
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import sys
 
 import numpy as np
 
-from deploy import (SAMPLING_FILE, DefaultsHelpFormatter, OnnxSampler, Parts, check_labels,
-                    latent_preview, npy_writer, npz_writer, parse_labels, process_slot,
-                    sample_in_batches, save_grid, to_uint8, unwritable)
+from deploy import OnnxSampler, check_labels, latent_preview, save_grid, to_uint8
+from lib.cli import DefaultsHelpFormatter, parse_labels, unwritable, use_tuned
+from lib.files import npy_writer, npz_writer, write_atomic
+from lib.jobs import Parts, process_slot, sample_in_batches
 
 
 def onnx_runtime(args, device_id):
@@ -46,9 +46,9 @@ def onnx_runtime(args, device_id):
 def torch_runtime(args, device_id):
     """The same as onnx_runtime, with the model and VAE of --run-dir in PyTorch."""
     import torch
-    import data
-    import runs
+
     import tokenbridge as tb
+    from lib import data, runs
     if args.threads:
         torch.set_num_threads(args.threads)
     device = runs.torch_device(args.device, device_id)
@@ -145,7 +145,8 @@ def write_outputs(args, batches, count):
             else:
                 kept.append(tokens)
     if args.out:
-        save_grid(np.concatenate(grid), args.out)  # the first 100; --npz holds them all
+        grid = np.concatenate(grid)  # the first 100; --npz holds them all
+        write_atomic(args.out, lambda f: save_grid(grid, f))
         print(f"wrote {args.out} ({min(count, 100)} of {count} images, {args.runtime})")
     if args.npz:
         print(f"wrote {args.npz} ({count} images, ADM layout: arr_0 (N, H, W, 3) uint8, labels)")
@@ -154,23 +155,10 @@ def write_outputs(args, batches, count):
 
 def use_official(args):
     """--official: convert the released weights into a run folder; released sampling defaults."""
-    import interop
-    args.run = interop.import_official(args.official, args.preset, args.vae, args.run)
-    released = interop.RELEASED_SAMPLING.get(args.preset, {})
+    from lib import official
+    args.run = official.import_official(args.official, args.preset, args.vae, args.run)
+    released = official.RELEASED_SAMPLING.get(args.preset, {})
     vars(args).update({k: v for k, v in released.items() if getattr(args, k) is None})
-
-
-def use_tuned(args):
-    """--cfg, --temperature, --num-iter left out: the run's best, when its sweep found them."""
-    path = os.path.join(args.run or "", SAMPLING_FILE)
-    if args.run and os.path.isfile(path):
-        with open(path) as f:
-            taken = {k: v for k, v in json.load(f).items()
-                     if k in ("cfg", "temperature", "num_iter") and getattr(args, k) is None}
-        vars(args).update(taken)
-        if taken:
-            said = ", ".join(f"{k} {v}" for k, v in taken.items())
-            print(f"sampling as {path} says: {said} (flags override)")
 
 
 def check_args(args):

@@ -250,7 +250,8 @@ PRESETS = {
     # tests; also the official tiny reference configuration (32px, VAE stride 4 -> 8x8 tokens)
     "tiny": TokenBridgeConfig(),
     # the CPU demo: the digits through a VAE that compresses, as kl16 does (stride 8 -> 4x4x16), so
-    # its latents are near Gaussian, as the bins assume (README: why not stride 4)
+    # its latents are near Gaussian, as the bins assume (why not stride 4:
+    # docs/findings.md#1-post-training-quantization-is-near-lossless)
     "digits": TokenBridgeConfig(vae_stride=8),
     # 32px images, VAE stride 4 -> 8x8 tokens: the speed benchmark
     "bench-s": TokenBridgeConfig(buffer_size=64,
@@ -669,10 +670,13 @@ class TokenBridge(nn.Module):
                 "latents contain NaN or inf; check the VAE output")
 
     def _check_labels(self, labels, batch=None, allow_null=False):
-        """allow_null: in sampling, label num_classes is the null class (unconditional)."""
+        """allow_null: in sampling, label num_classes is the null class (unconditional). In
+        sampling, deploy.check_labels is the twin (the same checks, in order, and messages)."""
         num_classes = self.config.num_classes
-        require(labels.dim() == 1 and not labels.is_floating_point(),
-                f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+        integers = labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+        require(labels.dim() == 1 and len(labels) > 0 and integers,
+                "labels must be a 1-D array of integer class numbers, got "
+                f"{'integers' if integers else 'non-integers'} of shape {tuple(labels.shape)}")
         require(batch is None or labels.shape[0] == batch,
                 f"got {labels.shape[0]} labels for a batch of {batch} latents")
         top = num_classes + 1 if allow_null else num_classes
@@ -681,16 +685,19 @@ class TokenBridge(nn.Module):
             raise ValueError(f"labels must lie in [0, {top}) for this model's {num_classes} "
                              f"classes{null}, got {labels.tolist()[:8]}")
 
-    def _check_sampling(self, num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order):
+    def _check_sampling(self, num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order,
+                        confidence_noise):
+        """In the order of sample_tokens' arguments; OnnxSampler._check_sampling is the twin."""
         N = self.config.seq_len
-        require(1 <= num_iter <= N,
-                f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter}")
-        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+        require(isinstance(num_iter, (int, np.integer)) and 1 <= num_iter <= N,
+                f"num_iter must be in [1, {N}] (one position at least per step), got {num_iter!r}")
         require(cfg >= 0, f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
         for name, value, choices in (("cfg_mode", cfg_mode, ("features", "logits")),
-                                     ("position_order", position_order, ("random", "confidence")),
-                                     ("cfg_schedule", cfg_schedule, ("linear", "constant"))):
+                                     ("cfg_schedule", cfg_schedule, ("linear", "constant")),
+                                     ("position_order", position_order, ("random", "confidence"))):
             require(value in choices, f"{name} must be one of {choices}, got {value!r}")
+        require(confidence_noise >= 0, f"confidence_noise must be >= 0, got {confidence_noise}")
 
     @torch.no_grad()
     def calibrate(self, latents):
@@ -823,7 +830,8 @@ class TokenBridge(nn.Module):
         labels = upload(labels)
         B, N, C = len(labels), self.config.seq_len, self.config.channels
         num_iter = N if num_iter is None else num_iter
-        self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order)
+        self._check_sampling(num_iter, cfg, temperature, cfg_mode, cfg_schedule, position_order,
+                             confidence_noise)
 
         # random order: the permutations are the generator's first draws
         rng = np.random.default_rng(seed)

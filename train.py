@@ -7,8 +7,8 @@
 
 train() reads top to bottom (TokenBridge, arXiv 2503.16430): 1. data (an ImageNet-style folder
 or the built-in digits), 2. the frozen VAE (the demo trains a small one), 3. the latent cache
-(data.py), 4. calibration (paper Sec. 3.1-3.2), 5. training with the preset's recipe
-(training.py), 6. evaluation: validation NLL and a sample grid from the EMA weights. Everything
+(lib/data.py), 4. calibration (paper Sec. 3.1-3.2), 5. training with the preset's recipe
+(lib/recipe.py), 6. evaluation: validation NLL and a sample grid from the EMA weights. Everything
 goes to the run folder (--out). On the CPU the same seed, data and flags give bit-identical
 weights, and a run stopped anywhere and resumed ends as a run straight through.
 """
@@ -35,15 +35,26 @@ import torch.distributed as dist
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-import data
-import runs
 import tokenbridge as tb
-from cuda_on_cpu import GIB, training_memory, vae_bytes
-from deploy import DefaultsHelpFormatter, check_launcher, exclusive
-from training import (METRICS_FILE, PRECISIONS, TrainingLoss, barrier, final_evaluation, log,
-                      loss_scaler, lr_at, make_optimizer, make_thread_invariant, recipe_summary,
-                      resolve_recipe, restore_state, resume_flags, sample_grid, save_checkpoint,
-                      set_threads, setup_distributed, train_step, update_ema)
+from lib import data, runs
+from lib.cli import DefaultsHelpFormatter
+from lib.distributed import barrier, log, set_threads, setup_distributed
+from lib.gpu_costs import GIB, training_memory, vae_bytes
+from lib.jobs import check_launcher, exclusive
+from lib.recipe import (
+    PRECISIONS,
+    TrainingLoss,
+    loss_scaler,
+    lr_at,
+    make_optimizer,
+    make_thread_invariant,
+    recipe_summary,
+    resolve_recipe,
+    train_step,
+    update_ema,
+)
+from lib.resume import restore_state, resume_flags, save_checkpoint
+from lib.validation import METRICS_FILE, final_evaluation, sample_grid
 
 # The smallest value of each numeric flag: below it the run would fail late or do nothing.
 LOWER_BOUNDS = {"grid_per_class": 0, "steps": 1, "batch": 1, "micro_batch": 1, "warmup_epochs": 0,
@@ -122,7 +133,7 @@ def train(args, given, dist_info, device):
     scaling, stride = vae.config.scaling_factor, data.vae_stride(vae)
     log(f"[vae] scaling_factor {scaling:.4f}, stride {stride}", dist_info)
 
-    # 3. The latent cache: every image encoded once (data.py); unreadable files are left out
+    # 3. The latent cache: every image encoded once (lib/data.py); unreadable files are left out
     cache = prepare_latents(args, config, vae, images, labels, device, dist_info)
     if len(cache.unreadable) == len(images):
         raise ValueError(f"--data {args.data}: none of the {len(images)} image files could be "
@@ -155,7 +166,7 @@ def train(args, given, dist_info, device):
         psnrs = (f"{k} {v['psnr']:.2f} dB" for k, v in report.items() if k != "images")
         log("[calibration] reconstruction PSNR: " + ", ".join(psnrs))
 
-    # 5. Training with the preset's recipe (training.py)
+    # 5. Training with the preset's recipe (lib/recipe.py)
     steps_per_epoch = max(1, len(train_idx) // args.batch)
     args.steps = args.steps or max(1, round(args.epochs * steps_per_epoch))
     lr = args.blr * args.batch / 256
@@ -222,7 +233,7 @@ def train(args, given, dist_info, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags: no flag the user gave is ever silently ignored (what --resume keeps: training.py)
+# Flags: no flag the user gave is ever silently ignored (what --resume keeps: lib/resume.py)
 # ---------------------------------------------------------------------------------------------
 
 def check_args(args):
@@ -250,7 +261,7 @@ def check_gpu_memory(args, config, micro_batch, world, device, dist_info):
             f"--micro-batch {micro_batch}: a {args.preset} step ({args.precision}{checkpointing}) "
             f"peaks at {peak / GIB:.1f} GiB, more than this GPU's {total / GIB:.1f} GiB; "
             "lower --micro-batch (accumulation keeps --batch) or add --grad-checkpointing "
-            f"(python benchmark.py memory --preset {args.preset} prints the peak of each)")
+            f"(python -m tools.benchmark memory --preset {args.preset} prints the peak of each)")
     log(f"[memory] a step peaks at {peak / GIB:.1f} GiB of the GPU's {total / GIB:.1f} GiB "
         f"(micro-batch {micro_batch}, {args.precision}{checkpointing}; counted at the model's "
         "shapes, every position masked)", dist_info)
@@ -278,7 +289,7 @@ def given_flags(argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data, VAE and latent cache for this run (data.py does the work)
+# Data, VAE and latent cache for this run (lib/data.py does the work)
 # ---------------------------------------------------------------------------------------------
 
 def build_config(args):
@@ -316,7 +327,7 @@ def prepare_vae(args, config, images, run_dir, device, dist_info):
 def prepare_latents(args, config, vae, images, labels, device, dist_info):
     """The latent cache at --latents (default: the run folder), memory-mapped by every rank. Unless
     one of this key is complete, every rank encodes its share of the missing rows while rank 0
-    holds the cache's lock for the job (one writer; data.py says how a killed build resumes)."""
+    holds the cache's lock for the job (one writer; lib/data.py says how a killed build resumes)."""
     rank, world, t = dist_info["rank"], dist_info["world"], time.time()
     where = args.latents or args.out
     npy = data.cache_paths(where)[0]
@@ -401,7 +412,7 @@ def get_parser():
                         "(~10 GB) fits a 16-24 GB GPU")
     parser.add_argument("--workers", type=int, default=4,
                         help="processes decoding --data images while the latent cache is filled")
-    # the recipe: the preset's by default (training.RECIPES; large: TokenBridge-L's official one)
+    # the recipe: the preset's by default (recipe.RECIPES; large: TokenBridge-L's official one)
     parser.add_argument("--batch", type=int,
                         help="global batch size (all processes and accumulated micro-batches "
                         "together)")

@@ -11,10 +11,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import evaluate  # noqa: E402
 import tokenbridge as tb  # noqa: E402
 import train  # noqa: E402
+from lib import data  # noqa: E402
+from tools import evaluate  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,11 +41,11 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """(net, info, cache path): quality.py's feature net at its default recipe, trained into a
-    tmp cache."""
-    import quality
+    """(net, info, cache path): lib/digit_metrics.py's feature net at its default recipe,
+    trained into a tmp cache."""
+    from lib import digit_metrics
     cache = tmp_path_factory.mktemp("quality") / "features.pt"
-    net, info = quality.load_feature_net(cache)
+    net, info = digit_metrics.load_feature_net(cache)
     return net, info, cache
 
 

@@ -1,5 +1,6 @@
-"""Tests of the latent cache at ImageNet scale (train.py --data; data.py start_build, fill_cache,
-finish_build): ranks share the encoding, a killed build resumes, one writer at a time, a key
+"""Tests of the latent cache at ImageNet scale (train.py --data; lib/data.py start_build,
+fill_cache, finish_build): ranks share the encoding, a killed build resumes, one writer at a time, a
+key
 that notices a changed image, a cache shared by runs through --latents (kept, or moved, on
 --resume).
 
@@ -21,10 +22,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
 import tokenbridge as tb  # noqa: E402
 import train  # noqa: E402
-import training  # noqa: E402
+from lib import data, resume  # noqa: E402
 
 CONFIG = tb.TokenBridgeConfig.preset("tiny")
 IMAGES = 37                                                    # 36 images and broken.png
@@ -98,8 +98,9 @@ CACHE_SCRIPT = """
 import os, sys, time, torch
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-import data, train, tokenbridge as tb
-from training import setup_distributed
+import train, tokenbridge as tb
+from lib import data
+from lib.distributed import setup_distributed
 torch.set_num_threads(1)
 rank, encode = os.environ["RANK"], data.posterior_moments
 open({pids!r} + rank, "w").write(str(os.getpid()))
@@ -231,8 +232,8 @@ def test_an_interrupted_build_resumes_and_needs_disk_only_for_the_missing_rows(t
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import deploy
-with deploy.exclusive({lock!r}, "the cache"):
+from lib import jobs
+with jobs.exclusive({lock!r}, "the cache"):
     print("held", flush=True)
     time.sleep(120)
 """
@@ -289,7 +290,7 @@ def test_runs_share_a_cache_through_latents_and_another_key_is_refused(tmp_path,
     with pytest.raises(ValueError, match=r"caches/latents.npy holds latents made with other flips"):
         build(tmp_path / "c", "--latents", str(shared), "--flips", "1")  # not rebuilt for one run
     assert build(tmp_path / "d", "--latents", str(shared))[1] == 0
-    assert "latents" in training.RUNTIME_KEYS                            # a resumed run may move it
+    assert "latents" in resume.RUNTIME_KEYS                            # a resumed run may move it
 
 
 def test_a_resumed_run_keeps_its_latents_or_moves_them(tmp_path, folder, vae_dir, monkeypatch):

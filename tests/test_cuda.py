@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_argv
 
-import evaluate
 import export
 import sample
 import tokenbridge as tb
 import train
-import training
-from conftest import ROOT, run_argv
-from cuda_on_cpu import CudaOnCpu
+from lib import recipe
+from lib.cuda_on_cpu import CudaOnCpu
+from tools import evaluate
 
 CUDA = torch.device("cuda", 0)
 
@@ -96,11 +96,11 @@ def test_an_accumulated_clipped_step_on_cuda_is_the_cpus(small_cfg, perturb, pre
     lr = 1e-3
 
     def step(model, device):
-        opt = training.make_optimizer(model, lr, 0.02)
-        scaler = training.loss_scaler(precision, device)
+        opt = recipe.make_optimizer(model, lr, 0.02)
+        scaler = recipe.loss_scaler(precision, device)
         torch.manual_seed(2)                                # the same masks on both devices
         moved = [(x.to(device), y.to(device)) for x, y in batches]
-        loss = training.train_step(training.TrainingLoss(model, 4), opt, moved, lr, 0.05,
+        loss = recipe.train_step(recipe.TrainingLoss(model, 4), opt, moved, lr, 0.05,
                                    device, precision, scaler)
         grads = torch.cat([p.grad.cpu().flatten() for p in model.parameters()])
         return loss, grads, torch.cat([p.detach().cpu().flatten() for p in model.parameters()])
@@ -238,7 +238,7 @@ def test_memory_counted_here_is_pytorchs_memory_trackers(small_cfg):
     with CudaOnCpu(values_up_to=None) as gpu:
         with torch.device(CUDA):
             model = tb.TokenBridge(small_cfg)
-        opt = training.make_optimizer(model, 1e-4, 0.02)
+        opt = recipe.make_optimizer(model, 1e-4, 0.02)
         weights = gpu.live_bytes
         latents = torch.randn(micro_batch, 4, 4, 4, device=CUDA)
         labels = torch.zeros(micro_batch, dtype=torch.long, device=CUDA)
@@ -247,23 +247,23 @@ def test_memory_counted_here_is_pytorchs_memory_trackers(small_cfg):
         tracker.track_external(model, opt)
         with tracker:
             for _ in range(2):
-                training.train_step(training.TrainingLoss(model), opt, [(latents, labels)],
+                recipe.train_step(recipe.TrainingLoss(model), opt, [(latents, labels)],
                                     1e-4, 3.0, CUDA, "bf16")
         tracked = tracker.get_tracker_snapshot("peak")[CUDA]["Total"]
     assert made_before > 0 and gpu.peak_bytes == tracked + made_before
 
 
 def test_the_memory_model_grows_with_the_micro_batch_and_shrinks_with_checkpointing(small_cfg):
-    import cuda_on_cpu
+    from lib import gpu_costs
     params = tb.TokenBridge(small_cfg).num_params()
-    peak = {(mb, ckpt): cuda_on_cpu.training_memory(small_cfg, mb, "bf16", ckpt)
+    peak = {(mb, ckpt): gpu_costs.training_memory(small_cfg, mb, "bf16", ckpt)
             for mb in (1, 8) for ckpt in (False, True)}
     # weights, EMA, gradients and AdamW's two moments: five fp32 copies at least
     assert peak[1, False] > 5 * 4 * params
     assert peak[8, False] > peak[1, False] and peak[8, True] < peak[8, False]
-    resident = cuda_on_cpu.training_memory(small_cfg, 1, "bf16", resident_bytes=10**6)
+    resident = gpu_costs.training_memory(small_cfg, 1, "bf16", resident_bytes=10**6)
     assert resident == peak[1, False] + 10**6
-    sampling = cuda_on_cpu.sampling_memory(small_cfg, batch=4, decode=False)
+    sampling = gpu_costs.sampling_memory(small_cfg, batch=4, decode=False)
     assert 4 * params < sampling < peak[1, False]
 
 
@@ -280,16 +280,16 @@ def test_a_micro_batch_that_will_not_fit_the_gpu_is_refused_before_the_run(tmp_p
 
 @pytest.mark.slow
 def test_benchmark_memory_prints_a_line_per_setting():
-    """python benchmark.py memory: one JSON line per (micro-batch, precision, checkpointing),
+    """python -m tools.benchmark memory: one JSON line per (micro-batch, precision, checkpointing),
     the preset's default micro-batch marked, then FID sampling's."""
-    proc = subprocess.run([sys.executable, "benchmark.py", "memory", "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "tools.benchmark", "memory", "--preset", "tiny",
                            "--micro-batches", "2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     steps = {(d["micro_batch"], d["precision"], d["grad_checkpointing"]): d for d in lines[:-1]}
-    default = training.RECIPES["tiny"].micro_batch
-    assert set(steps) == {(mb, p, c) for mb in (2, default) for p in training.PRECISIONS
+    default = recipe.RECIPES["tiny"].micro_batch
+    assert set(steps) == {(mb, p, c) for mb in (2, default) for p in recipe.PRECISIONS
                           for c in (False, True)}
     assert all(d["preset"] == "tiny" and d.get("default", False) == (mb == default)
                for (mb, _, _), d in steps.items())

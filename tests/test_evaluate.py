@@ -1,4 +1,4 @@
-"""Tests of evaluate.py: the FID, Inception Score and precision/recall formulas against closed
+"""Tests of tools/evaluate.py: the FID, Inception Score and precision/recall formulas against closed
 forms, naive numpy and brute-force k-NN (ADM's float16 distance arithmetic included), the
 streamed .npz reading, every bad-input and offline error, and the command end to end on tiny
 .npz files with torch-fidelity's real InceptionV3 architecture under random weights.
@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402
+from tools import evaluate  # noqa: E402
 
 
 def one_line_error(fn, *args, match=None, **kwargs):
@@ -253,7 +253,7 @@ def test_reference_statistics(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_torch_fidelity_is_imported_lazily(monkeypatch):
-    tree = ast.parse((ROOT / "evaluate.py").read_text())
+    tree = ast.parse((ROOT / "tools" / "evaluate.py").read_text())
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     names = [a.name for n in top for a in n.names] + [n.module for n in top
                                                       if isinstance(n, ast.ImportFrom)]
@@ -379,7 +379,7 @@ def test_command_bad_input_exits_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--samples", str(tmp_path / "s.npz"),
                                       "--reference", str(tmp_path / "r.npz")])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+        runpy.run_module("tools.evaluate", run_name="__main__", alter_sys=True)
     assert str(e.value.code).startswith("error: samples") and "uint8" in str(e.value.code)
     args = evaluate.get_parser().parse_args(["--samples", "s.npz", "--reference", "r.npz",
                                              "--batch-size", "0"])

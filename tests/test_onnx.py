@@ -21,12 +21,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import benchmark
 import deploy
 import export
-import runs
 import sample
 import tokenbridge as tb
+from lib import cli, files, jobs, runs
+from tools import benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = [0, 7, 3]
@@ -94,9 +94,45 @@ def test_export_uses_ema_and_records_fingerprint(run):
 def test_both_samplers_take_the_same_arguments_with_the_same_defaults():
     ours = inspect.signature(tb.TokenBridge.sample_tokens).parameters
     twin = inspect.signature(deploy.OnnxSampler.sample_tokens).parameters
-    shared = [name for name in ours if name != "on_step"]     # a torch-side watcher hook
-    assert list(twin) == shared
-    assert [ours[n].default for n in shared] == [twin[n].default for n in shared]
+    assert list(twin) == list(ours)
+    assert [p.default for p in ours.values()] == [p.default for p in twin.values()]
+
+
+# Bad arguments, one or two at a time (two: the first in the signature's order is named).
+BAD_SAMPLING = [dict(labels=[[1, 2]]), dict(labels=[0.5, 1.0]), dict(labels=[]),
+                dict(labels=np.array([1, 2], np.float32)), dict(labels=[11]), dict(labels=[-1]),
+                dict(num_iter=0), dict(num_iter=65), dict(num_iter=2.5), dict(cfg=-1.0),
+                dict(cfg=float("nan")), dict(temperature=-0.1), dict(temperature=float("nan")),
+                dict(cfg_mode="both"), dict(cfg_schedule="cosine"), dict(position_order="raster"),
+                dict(confidence_noise=-1.0), dict(labels=[11], cfg=-1.0),
+                dict(cfg=-1.0, temperature=-1.0), dict(position_order="raster", cfg_mode="both")]
+
+
+@pytest.mark.parametrize("bad", BAD_SAMPLING, ids=[",".join(b) for b in BAD_SAMPLING])
+def test_both_samplers_refuse_bad_arguments_alike(run, sampler, bad):
+    """The same checks in the same order: each runtime refuses with the same one line."""
+    arguments = {"labels": [1, 2], "num_iter": 4, **bad}
+    refusals = []
+    for sample_tokens in (run.model.sample_tokens, sampler.sample_tokens):
+        with pytest.raises(ValueError) as refused:
+            sample_tokens(**arguments)
+        refusals.append(str(refused.value))
+    assert refusals[0] == refusals[1] and "\n" not in refusals[0]
+    order = list(inspect.signature(deploy.OnnxSampler.sample_tokens).parameters)
+    assert refusals[0].startswith(min(bad, key=order.index)), refusals[0]  # the first bad one
+
+
+def test_both_samplers_tell_a_watcher_the_same_steps(run, sampler):
+    seen = {"torch": [], "onnx": []}
+    run.model.sample_tokens([1, 2], num_iter=4, seed=2, on_step=lambda s, tokens, mask:
+                            seen["torch"].append((s, tokens.numpy(), mask.numpy())))
+    sampler.sample_tokens([1, 2], num_iter=4, seed=2, on_step=lambda s, tokens, mask:
+                          seen["onnx"].append((s, tokens, mask)))
+    assert [s for s, _, _ in seen["onnx"]] == [s for s, _, _ in seen["torch"]] == [0, 1, 2, 3]
+    pairs = zip(seen["torch"], seen["onnx"], strict=True)
+    for (_, tokens, mask), (_, twin_tokens, twin_mask) in pairs:
+        np.testing.assert_array_equal(mask, twin_mask)
+        np.testing.assert_array_equal(tokens, twin_tokens)
 
 
 def test_mask_schedule_twin():
@@ -595,7 +631,7 @@ def test_processes_share_the_batches_and_rank_0_writes_the_npz(run, tmp_path, mo
     counting_runtime(monkeypatch, calls)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")                       # rank 0 starts first and waits for rank 1
-    monkeypatch.setattr(deploy, "wait_for", lambda *a: (_ for _ in ()).throw(TimeoutError))
+    monkeypatch.setattr(jobs, "wait_for", lambda *a: (_ for _ in ()).throw(TimeoutError))
     with pytest.raises(TimeoutError):
         _main(argv + ["--npz", str(npz)])
     assert calls == [0, 2]                                              # rank 0: batches 0 and 2
@@ -613,7 +649,7 @@ def test_a_run_samples_with_its_tuned_settings_unless_told_otherwise(run, tmp_pa
     tuned = tmp_path / "tuned"
     shutil.copytree(run.path, tuned)
     settings = {"cfg": 3.0, "temperature": 0.8, "num_iter": 5, "fd": 1.0}
-    (tuned / deploy.SAMPLING_FILE).write_text(json.dumps(settings))
+    (tuned / cli.SAMPLING_FILE).write_text(json.dumps(settings))
     argv = ["--run-dir", str(tuned), "--out", "", "--labels", "1,2"]
     tokens = _main(argv)
     assert "cfg 3.0, temperature 0.8, num_iter 5 (flags override)" in capsys.readouterr().out
@@ -721,8 +757,8 @@ def test_npz_and_tokens_stream_batch_by_batch_as_numpy_writes_them(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
     labels, tokens = np.arange(10), rng.integers(0, 64, (10, 4, 16))
-    with deploy.npz_writer(str(tmp_path / "s.npz"), 10) as add, \
-            deploy.npy_writer(str(tmp_path / "t.npy"), 10) as write:
+    with files.npz_writer(str(tmp_path / "s.npz"), 10) as add, \
+            files.npy_writer(str(tmp_path / "t.npy"), 10) as write:
         for start in range(0, 10, 4):
             add(images[start:start + 4], labels[start:start + 4])
             write(tokens[start:start + 4])
@@ -733,27 +769,27 @@ def test_npz_and_tokens_stream_batch_by_batch_as_numpy_writes_them(tmp_path):
         np.testing.assert_array_equal(got[key], want[key])
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), tokens)
     with pytest.raises(KeyboardInterrupt):           # killed half-way: no file, no temp file
-        with deploy.npz_writer(str(tmp_path / "k.npz"), 10) as add:
+        with files.npz_writer(str(tmp_path / "k.npz"), 10) as add:
             add(images[:4], labels[:4])
             raise KeyboardInterrupt
     assert sorted(os.listdir(tmp_path)) == ["s.npz", "t.npy", "whole.npz"]
 
 
 def _enter_parts(folder, settings):
-    with deploy.Parts(folder, settings):
+    with jobs.Parts(folder, settings):
         pass
 
 
 def test_only_rank_0_writes_the_settings_of_a_parts_folder(tmp_path, monkeypatch):
     import threading
     written = []
-    real = deploy.write_atomic
+    real = files.write_atomic
 
     def write_atomic(path, write):
         written.append(path)
         real(path, write)
 
-    monkeypatch.setattr(deploy, "write_atomic", write_atomic)
+    monkeypatch.setattr(jobs, "write_atomic", write_atomic)
     folder, settings = str(tmp_path / "x.npz.parts"), {"seed": 0}
     monkeypatch.setenv("RANK", "1")
     other = threading.Thread(target=_enter_parts, args=(folder, settings))   # waits for rank 0
@@ -769,8 +805,8 @@ def test_only_rank_0_writes_the_settings_of_a_parts_folder(tmp_path, monkeypatch
 HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-import deploy
-with deploy.Parts({folder!r}, {{"seed": 0}}):
+from lib import jobs
+with jobs.Parts({folder!r}, {{"seed": 0}}):
     print("LOCKED", flush=True)
     time.sleep(60)
 """
@@ -838,9 +874,9 @@ worker = '''
 import sys, time
 import numpy as np
 sys.path.insert(0, {root!r})
-import deploy
+from lib import jobs
 slow = lambda labels, seed: (time.sleep(0.2), (np.zeros((1, 1)), np.zeros((1, 1, 1, 3))))[1]
-deploy.sample_in_batches(slow, np.arange(300), 1, 0)
+jobs.sample_in_batches(slow, np.arange(300), 1, 0)
 '''
 env = dict(os.environ, TORCHELASTIC_RUN_ID="test")
 child = subprocess.Popen([sys.executable, "-c", worker], env=env, start_new_session=True)

@@ -1,5 +1,6 @@
-"""The README and docs/*.md say what runs: every `python X.py ...` and `torchrun ... X.py ...`
-line of their ```bash blocks, and every such inline code span, parses with that script's own
+"""The README and docs/*.md say what runs: every `python X.py ...`, `python -m tools.X ...` and
+`torchrun ... X.py ...` line of their ```bash blocks, and every such inline code span, parses with
+that script's own
 argparse parser (get_parser(), and torchrun's for torchrun lines), flags spelled out in full, no
 placeholder; the README stays within 15,000 characters; every relative link points to a file
 (and heading) that exists.
@@ -28,9 +29,12 @@ PYTHONS = {"python", "python3"}
 OPERATORS = {"&&", "||", ";", "|", "&", ";;"}
 # what a reader would have to replace before a command runs: `...`, FLAGS, RUN, DIR, <path>
 PLACEHOLDER = re.compile(r"\.\.\.|^[A-Z][A-Z0-9_]*$|^<.*>$")
-# `python X.py ...` or `torchrun ... X.py ...` in single backticks
-INLINE_COMMAND = r"(?<!`)`((?:python3? [\w./-]+\.py|torchrun [^`]*?\.py)\b[^`]*)`(?!`)"
-SCRIPTS_THE_README_RUNS = {"train.py", "sample.py", "export.py", "interop.py", "evaluate.py"}
+# `python X.py ...`, `python -m tools.X ...` or `torchrun ... X.py ...` in single backticks
+INLINE_COMMAND = (r"(?<!`)`((?:python3? [\w./-]+\.py|python3? -m tools\.\w+|torchrun [^`]*?\.py)"
+                  r"\b[^`]*)`(?!`)")
+# the card's scripts at the root (X.py), the tools beside them (python -m tools.X)
+SCRIPTS_THE_README_RUNS = {"train.py", "sample.py", "export.py", "tools.released",
+                           "tools.evaluate"}
 
 
 # --- reading the pages -------------------------------------------------------------------------
@@ -99,10 +103,21 @@ def drop_redirections(tokens):
 
 
 def is_project_command(tokens):
-    """`python X.py ...` or `torchrun ...`; pip, git, curl, `python -m pytest` are not."""
+    """`python X.py ...`, `python -m tools.X ...` or `torchrun ...`; pip, git, curl,
+    `python -m pytest` are not."""
     if tokens[0] == "torchrun":
         return True
-    return Path(tokens[0]).name in PYTHONS and len(tokens) > 1 and tokens[1].endswith(".py")
+    if Path(tokens[0]).name not in PYTHONS or len(tokens) < 2:
+        return False
+    return tokens[1].endswith(".py") or (tokens[1] == "-m" and tokens[2:3] != ["pytest"]
+                                         and len(tokens) > 2 and tokens[2].startswith("tools."))
+
+
+def script_and_argv(tokens):
+    """A python command's script (X.py, or tools.X for -m) and its arguments."""
+    if tokens[1] == "-m":
+        return tokens[2], tokens[3:]
+    return tokens[1], tokens[2:]
 
 
 def inline_commands(text):
@@ -130,13 +145,18 @@ def project_commands(path):
 
 @functools.lru_cache(maxsize=None)
 def script_parser_factory(script):
-    """The script's get_parser (a fresh parser per call), or an AssertionError saying what is
-    wrong."""
-    path = ROOT / script
-    assert path.parent == ROOT and path.is_file(), f"{script} is not a script of this project"
+    """The get_parser of a script at the root (X.py) or of a tool (tools.X), a fresh parser per
+    call, or an AssertionError saying what is wrong."""
+    if script.endswith(".py"):
+        path, name = ROOT / script, Path(script).stem
+        assert path.parent == ROOT, f"{script} is not at the root; tools run as python -m tools.X"
+    else:
+        path, name = ROOT / (script.replace(".", "/") + ".py"), script
+        assert script.count(".") == 1, f"{script} is not a tool of this project"
+    assert path.is_file(), f"{script} is not a script of this project"
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(path.stem)
+    module = importlib.import_module(name)
     assert callable(getattr(module, "get_parser", None)), \
         f"{script} has no get_parser() (scripts build their argparse parser there)"
     return module.get_parser
@@ -163,7 +183,7 @@ def check_command(tokens):
         script, argv = launcher.training_script, launcher.training_script_args
         assert not launcher.module and not launcher.no_python, "torchrun -m / --no-python"
     else:
-        script, argv = tokens[1], tokens[2:]
+        script, argv = script_and_argv(tokens)
     parser = script_parser_factory(script)()
     if "-h" in argv or "--help" in argv:
         return
@@ -214,6 +234,22 @@ def broken_links(text, base):
     return broken
 
 
+def broken_pointers(text):
+    """What a module's comments point to that a user does not have: README.md#anchor or
+    docs/PAGE.md#anchor whose page or heading does not exist, a README named without its
+    section's anchor, the project's design notes (not in the repository)."""
+    broken = []
+    for m in re.finditer(r"\b(README\.md|docs/[\w-]+\.md)(?:#([\w-]+))?", text):
+        path = ROOT / m.group(1)
+        if not path.is_file():
+            broken.append(f"{m.group(0)} (no such file)")
+        elif m.group(2) and m.group(2) not in anchors(path):
+            broken.append(f"{m.group(0)} (no heading #{m.group(2)})")
+    for m in re.finditer(r"(?<!official )README(?!\.md)|DESIGN|shared/", text):
+        broken.append(f"{m.group(0)!r} (point to README.md#heading or docs/PAGE.md#heading)")
+    return broken
+
+
 # --- the pages ---------------------------------------------------------------------------------
 
 COMMANDS = [c for page in PAGES for c in project_commands(page)]
@@ -228,7 +264,7 @@ def test_command_parses(where, text, tokens):
 def test_readme_shows_every_step():
     """The extraction finds the README's commands (an empty list would pass the test above)."""
     commands = project_commands(README)
-    scripts = {tokens[1] for _, _, tokens in commands if tokens[0] != "torchrun"}
+    scripts = {script_and_argv(tokens)[0] for _, _, tokens in commands if tokens[0] != "torchrun"}
     missing = sorted(SCRIPTS_THE_README_RUNS - scripts)
     assert not missing, f"the README has no command for {missing}"
     assert any(tokens[0] == "torchrun" for _, _, tokens in commands), "no torchrun command"
@@ -241,6 +277,15 @@ def test_readme_size():
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_links_resolve(page):
     assert not broken_links(page.read_text(), page.parent)
+
+
+CODE = [*sorted(ROOT.glob("*.py")), *sorted((ROOT / "lib").glob("*.py")),
+        *sorted((ROOT / "tools").glob("*.py")), *sorted((ROOT / ".ci").iterdir())]
+
+
+@pytest.mark.parametrize("module", CODE, ids=[str(p.relative_to(ROOT)) for p in CODE])
+def test_pointers_in_code_resolve(module):
+    assert not broken_pointers(module.read_text())
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -263,8 +308,9 @@ def test_the_readme_installs_what_the_tests_import():
     assert "-r requirements-dev.txt" in (ROOT / ".ci" / "run").read_text()
 
 
-SCRIPTS = sorted(p.name for p in ROOT.glob("*.py")
-                 if "def get_parser" in p.read_text())
+SCRIPTS = sorted([p.name for p in ROOT.glob("*.py") if "def get_parser" in p.read_text()]
+                 + [f"tools.{p.stem}" for p in (ROOT / "tools").glob("*.py")
+                    if "def get_parser" in p.read_text()])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -291,7 +337,9 @@ def test_help_gives_each_default_once(script):
     "python sample.py --run-dir runs/demo --cfg high",          # wrong type
     "python sample.py --run-dir runs/demo --runtime tensorrt",  # not a choice
     "python export.py --run-dir runs/demo --fp16 --int8",       # mutually exclusive
-    "python evaluate.py --samples s.npz",                       # a required flag missing
+    "python -m tools.evaluate --samples s.npz",                 # a required flag missing
+    "python tools/evaluate.py --samples s.npz --reference r.npz",  # a tool run as a file
+    "python -m tools.no_such_tool --help",                      # not a tool of the project
     "python train.py --data /imagenet/train FLAGS",             # placeholder
     "python train.py --data /imagenet/train --preset large ...",
     "python no_such_script.py --run-dir runs/demo",             # not a script of the project
@@ -308,32 +356,47 @@ def test_check_command_fails_on(line):
 def test_check_command_passes_good_lines():
     for line in ["torchrun --nproc_per_node 8 sample.py --run-dir x --cfg 3.1 --out '' --npz a.npz",
                  "python export.py --run-dir runs/demo --int8 --out runs/demo/onnx-int8",
-                 "python train.py --help"]:
+                 "python train.py --help",
+                 "python -m tools.evaluate --samples s.npz --reference r.npz"]:
         [tokens] = simple_commands(line)
         check_command(tokens)
 
 
 def test_extraction():
     page = ("text\n```bash\npip install -r requirements.txt\npython sample.py --run-dir r \\\n"
-            "    --cfg 3  # comment\ncd x && python3 export.py --run-dir r\n```\n"
+            "    --cfg 3  # comment\ncd x && python3 export.py --run-dir r\n"
+            "python -m tools.watch --run-dir r\npython -m pytest -q tests\n```\n"
             "```python\npython a.py\n```\n")
     found = [line for start, body in bash_blocks(page) for line in command_lines(start, body)]
     commands = [tokens for _, line in found for tokens in simple_commands(line)
                 if is_project_command(tokens)]
     assert commands == [["python", "sample.py", "--run-dir", "r", "--cfg", "3"],
-                        ["python3", "export.py", "--run-dir", "r"]]
-    assert [start for start, _ in found] == [3, 4, 6]
+                        ["python3", "export.py", "--run-dir", "r"],
+                        ["python", "-m", "tools.watch", "--run-dir", "r"]]
+    assert [start for start, _ in found] == [3, 4, 6, 7, 8]
     prose = ("Run `python train.py --resume\n runs/demo` or "
-             "`torchrun --nproc_per_node 2 sample.py`; `sample.py`, `torchrun` and "
+             "`torchrun --nproc_per_node 2 sample.py`; `python -m tools.evaluate --help`; "
+             "`sample.py`, `torchrun` and "
              "`python -m pytest` are not commands of a script.\n")
     assert inline_commands(prose) == [(1, "python train.py --resume runs/demo"),
-                                      (2, "torchrun --nproc_per_node 2 sample.py")]
+                                      (2, "torchrun --nproc_per_node 2 sample.py"),
+                                      (2, "python -m tools.evaluate --help")]
 
 
 def test_check_size_fails_when_too_long():
     check_size("x" * MAX_README_CHARS)
     with pytest.raises(AssertionError):
         check_size("x" * (MAX_README_CHARS + 1))
+
+
+def test_broken_pointers_are_found():
+    text = ("# docs/training.md#determinism and README.md#speed exist; the official README too\n"
+            "# docs/training.md#no-such-heading, docs/nowhere.md, README: Speed, DESIGN \u00a74\n")
+    assert broken_pointers(text) == [
+        "docs/training.md#no-such-heading (no heading #no-such-heading)",
+        "docs/nowhere.md (no such file)",
+        "'README' (point to README.md#heading or docs/PAGE.md#heading)",
+        "'DESIGN' (point to README.md#heading or docs/PAGE.md#heading)"]
 
 
 def test_broken_links_are_found():

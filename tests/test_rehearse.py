@@ -1,4 +1,4 @@
-"""rehearse.py at tiny scale, both paths: every stage's real command line, torchrun and the
+"""tools/rehearse.py at tiny scale, both paths: every stage's real command line, torchrun and the
 SIGKILLs included, ends in the stage table; and the tree-kill helper leaves no process behind."""
 import os
 import subprocess
@@ -6,14 +6,15 @@ import sys
 
 import pytest
 
-import rehearse
+from tools import rehearse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_tiny_rehearsal_runs_every_stage(tmp_path):
-    argv = [sys.executable, "rehearse.py", "--scale", "tiny", "--out", str(tmp_path / "work")]
+    argv = [sys.executable, "-m", "tools.rehearse", "--scale", "tiny",
+            "--out", str(tmp_path / "work")]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout[done.stdout.index("\nstage "):]
@@ -26,7 +27,7 @@ def test_tiny_rehearsal_runs_every_stage(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_training_rehearsal_runs_every_stage(tmp_path):
-    argv = [sys.executable, "rehearse.py", "--path", "train", "--scale", "tiny",
+    argv = [sys.executable, "-m", "tools.rehearse", "--path", "train", "--scale", "tiny",
             "--out", str(tmp_path / "work")]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""reproduce.py against naive truths: token entropy and PSNR vs numpy, held_out vs the rows it
+"""tools/reproduce.py against naive truths: token entropy and PSNR vs numpy, held_out vs the rows it
 must read from a latent cache, the tables' means and spreads vs a recomputation from the runs,
 each (run, sampling) scored once, the sign verdicts, and the training commands. Fake run folders:
 perturbed digits models and a tiny VAE stand in for trained runs."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import reproduce
+from tools import reproduce
 
 
 def naive_entropy(tokens, levels):
@@ -89,7 +89,7 @@ def test_guidance_plot_draws_the_coarse_round_and_marks_the_choice(tmp_path):
 def fake_runs():
     """(name -> (model, vae, tuned settings), 12 held-out latents): perturbed digits models and
     one tiny VAE."""
-    import data
+    from lib import data
     torch.manual_seed(0)
     vae = data.build_small_vae(8, 16, width=8).eval()
     modes = torch.randn(12, 16, 4, 4)

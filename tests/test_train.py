@@ -21,12 +21,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import runs  # noqa: E402
+from conftest import SMALL_CFG, run_argv  # noqa: E402
+
 import tokenbridge as tb  # noqa: E402
 import train  # noqa: E402
-import training  # noqa: E402
-from conftest import SMALL_CFG, run_argv  # noqa: E402
+from lib import data, recipe, runs, validation  # noqa: E402
 
 # A tiny VAE in the LDM checkpoint format (kl16.ckpt's): stride 2, 16 latent channels.
 LDM_REFERENCE = Path(__file__).parent / "data" / "ldm_vae_tiny_reference.pt"
@@ -126,7 +125,7 @@ def test_a_rank_draws_the_noise_of_its_own_rows_only(monkeypatch):
 def test_weight_decay_follows_the_official_rule(small_cfg):
     """MAR's add_weight_decay: no decay for 1-D parameters and biases, decay for all the rest."""
     model = tb.TokenBridge(small_cfg)
-    opt = training.make_optimizer(model, 1e-3, 0.02)
+    opt = recipe.make_optimizer(model, 1e-3, 0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
     kept = {names[id(p)] for p in opt.param_groups[1]["params"]}
@@ -142,12 +141,12 @@ def test_weight_decay_follows_the_official_rule(small_cfg):
 
 
 def test_lr_schedule_is_the_official_one_in_steps():
-    lrs = [training.lr_at(s, 1.0, 4, 20) for s in range(21)]
+    lrs = [recipe.lr_at(s, 1.0, 4, 20) for s in range(21)]
     assert lrs[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]                   # warm-up from 0, as at epoch 0
     assert abs(lrs[12] - 0.5) < 1e-12 and lrs[20] == 0.0      # half way down, then 0 at the end
     assert lrs[4:] == sorted(lrs[4:], reverse=True)             # never up after the warm-up
-    assert [training.lr_at(s, 1.0, 4, 20, "constant") for s in (2, 4, 19)] == [0.5, 1.0, 1.0]
-    assert training.lr_at(1, 1.0, 2.5, 20) == 0.4               # fractional warm-up, as in epochs
+    assert [recipe.lr_at(s, 1.0, 4, 20, "constant") for s in (2, 4, 19)] == [0.5, 1.0, 1.0]
+    assert recipe.lr_at(1, 1.0, 2.5, 20) == 0.4               # fractional warm-up, as in epochs
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cfg):
@@ -161,8 +160,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cf
         model = tb.TokenBridge(cfg).calibrate(lat)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         batches = list(zip(lat.split(micro), lab.split(micro), strict=True))
-        loss_fn = training.TrainingLoss(model)
-        training.train_step(loss_fn, opt, batches, 0.0, 1e9, torch.device("cpu"))
+        loss_fn = recipe.TrainingLoss(model)
+        recipe.train_step(loss_fn, opt, batches, 0.0, 1e9, torch.device("cpu"))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for name in grads[0]:
@@ -170,17 +169,17 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(small_cf
 
 
 def test_presets_carry_the_official_recipe():
-    def recipe(*argv):
-        return training.resolve_recipe(train.get_parser().parse_args(list(argv)))
+    def resolved(*argv):
+        return recipe.resolve_recipe(train.get_parser().parse_args(list(argv)))
     large = tb.TokenBridgeConfig.preset("large")
-    line = training.recipe_summary(recipe("--preset", "large"), large)
+    line = recipe.recipe_summary(resolved("--preset", "large"), large)
     for part in ("global batch 2048", "lr 0.0004 = blr 5e-05 x 2048 / 256", "400 epochs",
                  "warm-up 100 epochs", "cosine to 0", "weight decay 0.02", "grad clip 3.0",
                  "EMA 0.9999 constant", "dropout 0.1", "label drop 0.1",
                  "head on every masked position"):
         assert part in line, part
-    assert recipe("--preset", "huge").epochs == 800
-    mine = recipe("--preset", "large", "--batch", "256")
+    assert resolved("--preset", "huge").epochs == 800
+    mine = resolved("--preset", "large", "--batch", "256")
     assert mine.batch == 256 and mine.blr == 5e-5                    # a flag wins, the rest stays
 
 
@@ -196,9 +195,9 @@ def test_validation_bits_of_a_uniform_model_is_log2_levels(small_cfg, monkeypatc
         return torch.zeros_like(logits), targets
     monkeypatch.setattr(model, "token_logits", uniform)
     lab = torch.zeros(6, dtype=torch.long)
-    assert abs(training.validation_bits(model, lat, lab) - 4.0) < 1e-6               # 16 levels
+    assert abs(validation.validation_bits(model, lat, lab) - 4.0) < 1e-6               # 16 levels
     state = torch.get_rng_state()
-    training.validation_bits(model, lat, lab)
+    validation.validation_bits(model, lat, lab)
     assert torch.equal(state, torch.get_rng_state())  # evaluating never moves the training RNG
 
     def sure_of_slot_0(latents, labels, mask):             # slot 0 certain: 0 bits, the others 4
@@ -206,10 +205,10 @@ def test_validation_bits_of_a_uniform_model_is_log2_levels(small_cfg, monkeypatc
         logits[:, 0] = 100.0 * F.one_hot(targets[:, 0], small_cfg.levels)
         return logits, targets
     monkeypatch.setattr(model, "token_logits", sure_of_slot_0)
-    bits = training.validation_bits(model, lat, lab, per_channel=True)
+    bits = validation.validation_bits(model, lat, lab, per_channel=True)
     expected = torch.tensor([0.0] + [4.0] * (small_cfg.channels - 1), dtype=torch.float64)
     assert torch.allclose(bits, expected, atol=1e-6)
-    assert training.validation_bits(model, lat, lab) == pytest.approx(bits.mean().item())
+    assert validation.validation_bits(model, lat, lab) == pytest.approx(bits.mean().item())
 
 
 def record_unseeded_draws(monkeypatch):
@@ -241,7 +240,7 @@ def test_validation_touches_no_global_rng_and_not_the_batch_split(small_cfg, per
     model.calibrate(lat)
     lab = torch.arange(20) % 2
     state, unseeded = torch.get_rng_state(), record_unseeded_draws(monkeypatch)
-    bits = [training.validation_bits(model, lat, lab, batch=b) for b in (250, 250, 7)]
+    bits = [validation.validation_bits(model, lat, lab, batch=b) for b in (250, 250, 7)]
     assert unseeded == [] and torch.equal(state, torch.get_rng_state())
     assert bits[0] == bits[1] and bits[2] == pytest.approx(bits[0], rel=1e-6)
 
@@ -263,15 +262,15 @@ def test_final_evaluation_validates_at_the_micro_batch_and_the_runs_precision(sm
     args = argparse.Namespace(micro_batch=4, precision="bf16", sweep=False, data=None,
                               grid_per_class=0, num_iter=4, cfg=1.0, temperature=1.0)
     metrics = {}
-    training.final_evaluation(args, model, None, lat, lab, tmp_path, metrics, log=lambda m: None)
+    validation.final_evaluation(args, model, None, lat, lab, tmp_path, metrics, log=lambda m: None)
     assert seen == [(4, torch.bfloat16), (2, torch.bfloat16)]
     assert 0 < metrics["val_bits_per_token"] < 8
     seen.clear()
-    training.validation_bits(model, lat, lab)
+    validation.validation_bits(model, lat, lab)
     assert seen == [(6, None)]                                   # fp32 by default: no autocast
     for bad, message in [({"batch": 0}, "batch must be >= 1"), ({"precision": "fp8"}, "fp8")]:
         with pytest.raises(ValueError, match=message):
-            training.validation_bits(model, lat, lab, **bad)
+            validation.validation_bits(model, lat, lab, **bad)
 
 
 def test_decode_holds_a_bounded_number_of_latent_positions_at_once(vae_dir, monkeypatch):
@@ -304,7 +303,7 @@ def test_subsampled_loss_equals_full_loss_when_all_positions_kept(small_cfg):
     full = model(lat, lab)
     torch.manual_seed(1)
     # head_positions >= N: the forward pass itself
-    assert torch.equal(training.TrainingLoss(model, small_cfg.seq_len)(lat, lab), full)
+    assert torch.equal(recipe.TrainingLoss(model, small_cfg.seq_len)(lat, lab), full)
     # With the head on every masked position the subset path gives the same loss as forward: it
     # draws the same mask and label drop first, then only a ranking of the masked positions.
     seed = next(s for s in range(100) if torch.manual_seed(s) is not None
@@ -314,7 +313,7 @@ def test_subsampled_loss_equals_full_loss_when_all_positions_kept(small_cfg):
     torch.manual_seed(seed)
     mask_count = int(model.random_mask(4, lat.device)[0].sum())
     torch.manual_seed(seed)
-    sub = training.TrainingLoss(model, mask_count)(lat, lab)
+    sub = recipe.TrainingLoss(model, mask_count)(lat, lab)
     assert torch.allclose(sub, full, rtol=1e-5, atol=1e-5)
 
 
@@ -355,13 +354,13 @@ def test_a_run_is_complete_before_its_optional_evaluation(tmp_path, fake_data, v
     so a run killed during a slow sample grid is still complete; --grid-per-class 0 skips it."""
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed in the final evaluation")
-    real = training.validation_bits
-    monkeypatch.setattr(training, "validation_bits", killed)
+    real = validation.validation_bits
+    monkeypatch.setattr(validation, "validation_bits", killed)
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args(tmp_path / "killed", fake_data, vae_dir))
     metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert metrics["complete"] and metrics["step"] == 6 and "val_bits_per_token" not in metrics
-    monkeypatch.setattr(training, "validation_bits", real)
+    monkeypatch.setattr(validation, "validation_bits", real)
     train.main(run_args(tmp_path / "no-grid", fake_data, vae_dir, "--grid-per-class", "0"))
     metrics = json.loads((tmp_path / "no-grid" / "metrics.json").read_text())
     assert metrics["complete"] and 0 < metrics["val_bits_per_token"] < 8
@@ -379,8 +378,8 @@ def test_the_latent_geometry_comes_from_the_vae(vae_dir, tmp_path):
     assert config.encoder_width == tb.TokenBridgeConfig.preset("large").encoder_width
     ref = torch.load(LDM_REFERENCE, weights_only=True)
     torch.save({"model": ref["model"]}, tmp_path / "tiny.ckpt")
-    import interop
-    built = interop.load_ldm_vae(tmp_path / "tiny.ckpt")
+    from lib import official
+    built = official.load_ldm_vae(tmp_path / "tiny.ckpt")
     geometry = (data.vae_stride(built), built.config.latent_channels)
     assert data.vae_geometry(tmp_path / "tiny.ckpt") == geometry
 
@@ -397,6 +396,7 @@ def test_one_class_or_unconditional_trains_a_model_of_p_x(tmp_path, fake_data, v
     """A folder with one class (or --unconditional) trains with the null class only, and sample.py
     then samples with the null class by default."""
     import shutil
+
     import sample
     one = tmp_path / "one-class"
     shutil.copytree(fake_data / "square", one / "square")
@@ -454,13 +454,13 @@ def test_fp16_skips_a_step_whose_gradients_overflow():
     halves the scale; the next one trains."""
     torch.manual_seed(0)
     model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).calibrate(torch.randn(8, 4, 4, 4))
-    opt = training.make_optimizer(model, 1e-3, 0.0)
+    opt = recipe.make_optimizer(model, 1e-3, 0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)      # overflows float32 at once
     batch = [(torch.randn(4, 4, 4, 4), torch.tensor([0, 1, 0, 1]))]
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def step():
-        return training.train_step(training.TrainingLoss(model), opt, batch, 1e-3, 3.0,
+        return recipe.train_step(recipe.TrainingLoss(model), opt, batch, 1e-3, 3.0,
                                    torch.device("cpu"), "fp16", scaler)
     assert math.isfinite(step())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -486,7 +486,7 @@ def test_sample_grid_caps_decoding_steps_at_the_token_count(tmp_path, vae_dir):
     model = tb.TokenBridge(tb.TokenBridgeConfig(**SMALL_CFG)).eval()
     model.calibrate(torch.randn(8, 4, 4, 4))
     vae = data.open_vae(vae_dir, 4, 4)
-    training.sample_grid(model, vae, tmp_path / "grid.png", per_class=3, num_iter=64)
+    validation.sample_grid(model, vae, tmp_path / "grid.png", per_class=3, num_iter=64)
     assert Image.open(tmp_path / "grid.png").size == (3 * 16, 2 * 16)   # 2 classes x 3 samples
 
 
@@ -689,13 +689,13 @@ def test_vae_mismatches_and_ckpt_are_clear_errors(vae_dir, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, fake_data, vae_dir, small_model,
                                                          monkeypatch):
     calls = {"n": 0}
-    real = training.TrainingLoss.forward
+    real = recipe.TrainingLoss.forward
 
     def poisoned(self, latents, labels):
         calls["n"] += 1
         loss = real(self, latents, labels)
         return loss * float("nan") if calls["n"] == 5 else loss
-    monkeypatch.setattr(training.TrainingLoss, "forward", poisoned)
+    monkeypatch.setattr(recipe.TrainingLoss, "forward", poisoned)
     with pytest.raises(ValueError, match="non-finite loss .* at step 5.*last good checkpoint"):
         train.main(run_args(tmp_path / "r", fake_data, vae_dir))
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["step"] == 4
@@ -754,7 +754,8 @@ def test_ddp_two_processes_gloo(tmp_path, fake_data, vae_dir):
 DDP_LOSS_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-import torch._dynamo, torch.distributed as dist, tokenbridge as tb, training
+import torch._dynamo, torch.distributed as dist, tokenbridge as tb
+from lib import recipe
 from torch.nn.attention import sdpa_kernel
 torch.set_num_threads(1)
 
@@ -764,12 +765,12 @@ def rank_losses(rank, out):
     model = tb.TokenBridge(tb.TokenBridgeConfig(**{cfg!r})).calibrate(torch.randn(8, 4, 4, 4))
     batch = (torch.randn(4, 4, 4, 4) * (1 + rank), torch.tensor([0, 1, 0, 1]))
     torch.manual_seed(1 + rank)
-    with sdpa_kernel(training.TRAINING_ATTENTION):
-        own = training.TrainingLoss(model)(*batch).item()
+    with sdpa_kernel(recipe.TRAINING_ATTENTION):
+        own = recipe.TrainingLoss(model)(*batch).item()
     torch.manual_seed(1 + rank)
-    ddp = torch.nn.parallel.DistributedDataParallel(training.TrainingLoss(model))
+    ddp = torch.nn.parallel.DistributedDataParallel(recipe.TrainingLoss(model))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    logged = training.train_step(ddp, opt, [batch], 0.0, 1e9, torch.device("cpu"))
+    logged = recipe.train_step(ddp, opt, [batch], 0.0, 1e9, torch.device("cpu"))
     with open(f"{{out}}/{{rank}}.json", "w") as f:
         json.dump({{"own": own, "logged": logged}}, f)
     dist.destroy_process_group()
@@ -811,15 +812,15 @@ def forward_then_die(self, *a):  # SIGKILL in the middle of a step, after its fo
         os.kill(os.getpid(), signal.SIGKILL)
     return loss
 
-def save_then_die(obj, path, *a, **k):  # SIGKILL half-way through writing a checkpoint
-    if str(path).endswith("checkpoint.pt.tmp"):
+def save_then_die(obj, file, *a, **k):  # SIGKILL half-way through writing a checkpoint
+    if getattr(file, "name", "").endswith("checkpoint.pt.tmp"):
         calls["saves"] += 1
         if calls["saves"] == kill_in_save:
-            save(obj, path, *a, **k)
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
+            save(obj, file, *a, **k)
+            file.flush()
+            os.truncate(file.name, os.path.getsize(file.name) // 2)
             os.kill(os.getpid(), signal.SIGKILL)
-    return save(obj, path, *a, **k)
+    return save(obj, file, *a, **k)
 
 train.TrainingLoss.forward, train.torch.save = forward_then_die, save_then_die
 argv = sys.argv[1:]

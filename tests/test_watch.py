@@ -1,5 +1,5 @@
-"""Tests of watch.py and the sampler's on_step callback: the callback changes nothing, it sees the
-mask schedule, the pictures' last frames are the sample itself, the command writes both files.
+"""Tests of tools/watch.py and the sampler's on_step callback: the callback changes nothing, it sees
+the mask schedule, the pictures' last frames are the sample itself, the command writes both files.
 
 One tiny run (a perturbed tiny TokenBridge with a shuffled channel order, a random tiny
 AutoencoderKL) in a temporary folder: no downloads, CPU, seconds.
@@ -15,10 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import runs
 import tokenbridge as tb
-import watch
+from lib import data, runs
+from tools import watch
 
 LABELS = [0, 7, 3]
 SETTINGS = {"num_iter": 4, "cfg": 2.0, "temperature": 1.0, "seed": (0, 0)}

@@ -1,12 +1,13 @@
 """Speed and memory figures as one JSON line each: sampling (PyTorch vs ONNX Runtime), the
 training step, and the GPU memory of training and sampling.
 
-    python benchmark.py sample            # bench-s: a decoding step, torch eager/captured, ONNX
-    python benchmark.py train             # bench-s: one optimizer step, the paper's loss
-    python benchmark.py train --preset large --device cuda   # and days for TokenBridge-L's recipe
-    python benchmark.py memory --preset large   # peak GPU memory per micro-batch, on any machine
+    python -m tools.benchmark sample         # bench-s: a decoding step, torch / ONNX Runtime
+    python -m tools.benchmark train          # bench-s: one optimizer step, the paper's loss
+    python -m tools.benchmark train --preset large --device cuda   # and days for L's recipe
+    python -m tools.benchmark memory --preset large   # peak GPU memory per micro-batch, anywhere
 
-Random weights and latents: no run folder, data or VAE needed. The README quotes these lines.
+Random weights and latents: no run folder, data or VAE needed. README.md#speed and
+docs/speed.md quote these lines.
 """
 import argparse
 import copy
@@ -22,12 +23,19 @@ import numpy as np
 import torch
 
 import tokenbridge as tb
-from cuda_on_cpu import (GIB, sampling_counts, sampling_memory, training_memory, uses_kl16,
-                         vae_bytes)
-from deploy import ORT_ERRORS, DefaultsHelpFormatter, OnnxSampler, one_line
+from deploy import ORT_ERRORS, OnnxSampler, one_line
 from export import export
-from runs import torch_device
-from training import PRECISIONS, RECIPES, TrainingLoss, make_optimizer, train_step
+from lib.cli import DefaultsHelpFormatter
+from lib.gpu_costs import (
+    GIB,
+    sampling_counts,
+    sampling_memory,
+    training_memory,
+    uses_kl16,
+    vae_bytes,
+)
+from lib.recipe import PRECISIONS, RECIPES, TrainingLoss, make_optimizer, train_step
+from lib.runs import torch_device
 
 
 def _best_seconds(fns, repeats, sync=lambda: None):
@@ -57,7 +65,7 @@ def _onnx_runtime(run, precision, args):
 def sampling(args):
     """One JSON line: the sampler's hot path. Per decoding step: milliseconds of torch eager,
     torch captured (capture_sampler) and each ONNX runtime, measured; the host's waits for the
-    device and the kernels a GPU launches, counted (cuda_on_cpu.sampling_counts, the same on any
+    device and the kernels a GPU launches, counted (gpu_costs.sampling_counts, the same on any
     machine), the captured launches derived from them (a channel step replays as one graph), and
     the ONNX Runtime runs, counted. Also images/s, and the KV-cached vs recomputed head.
 

@@ -1,8 +1,8 @@
 """FID, Inception Score, precision and recall of a samples .npz against ADM's ImageNet reference.
 
-    python evaluate.py --samples fid.npz --reference VIRTUAL_imagenet256_labeled.npz
-    python evaluate.py --samples fid.npz --reference REF.npz --inception-weights weights.pth \\
-        --device cuda --batch-size 200 --out metrics.json        # default out: fid.metrics.json
+    python -m tools.evaluate --samples fid.npz --reference VIRTUAL_imagenet256_labeled.npz
+    python -m tools.evaluate --samples fid.npz --reference REF.npz \\
+        --inception-weights weights.pth --device cuda --batch-size 200 --out metrics.json
 
 The metrics are those of ADM's evaluator (Dhariwal & Nichol 2021, guided-diffusion's
 evaluations/evaluator.py), which the TokenBridge paper's ImageNet tables follow:
@@ -40,8 +40,8 @@ import scipy.special
 import torch
 from tqdm import tqdm
 
-import runs
-from deploy import DefaultsHelpFormatter, unwritable
+from lib import runs
+from lib.cli import DefaultsHelpFormatter, unwritable
 
 K = 3                   # ADM's nhood_sizes=(3,): the k-th nearest neighbour sets a ball's radius
 SPLIT_SIZE = 5000       # ADM's compute_inception_score(split_size=5000)
@@ -158,8 +158,10 @@ def load_inception(weights=None, device="cpu"):
     """torch-fidelity's InceptionV3 giving (pool_3 (B, 2048), logits without bias (B, 1008)) for
     uint8 (B, 3, H, W); weights: a file of its state dict, None to download it (once, cached)."""
     try:  # lazily: torch-fidelity's package imports torchvision, which the rest does not need
-        from torch_fidelity.feature_extractor_inceptionv3 import (URL_INCEPTION_V3,
-                                                                  FeatureExtractorInceptionV3)
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            URL_INCEPTION_V3,
+            FeatureExtractorInceptionV3,
+        )
     except ImportError as e:
         raise ValueError(f"evaluate.py needs torch-fidelity ({e}); pip install torch-fidelity"
                          ) from None

@@ -2,8 +2,8 @@
 
     model = load_official_tokenbridge("checkpoint-last.pth", preset="large")   # -> TokenBridge
     vae = load_ldm_vae("kl16.ckpt")                                            # -> AutoencoderKL
-    python interop.py --official checkpoint-last.pth --preset large --vae kl16.ckpt --out runs/large
-    python interop.py --download large     # the same, both files fetched by their published names
+    python -m tools.released --official checkpoint-last.pth --preset large --vae kl16.ckpt
+    python -m tools.released --download large  # the same, both files fetched by their names
 
 Both converters are plain key maps checked both ways: every source key lands on exactly one
 target tensor of the same shape and every target tensor is filled, or a ValueError names the
@@ -13,13 +13,12 @@ Kept out of tokenbridge.py, which describes the method; this file only describes
 import argparse
 import os
 import re
-import sys
 
 import torch
 
-import runs
 import tokenbridge as tb
-from deploy import SAMPLING_FILE, DefaultsHelpFormatter
+from lib import runs
+from lib.cli import SAMPLING_FILE
 
 # AR slot i of the official models generates VAE channel OFFICIAL_ORDER[i] (hard-coded there).
 OFFICIAL_ORDER = [8, 1, 10, 9, 6, 12, 4, 0, 3, 11, 7, 14, 2, 15, 13, 5]
@@ -392,36 +391,3 @@ def _download(url, filename):
         torch.hub.download_url_to_file(url, path)  # a temp file renamed once complete
     return path
 
-
-def main(args):
-    if args.download:
-        if args.preset not in (None, args.download):
-            raise ValueError(f"--download {args.download} names the model size; drop --preset")
-        download_official(args.download, args.vae, args.out)
-    else:
-        import_official(args.official, args.preset or "large", args.vae, args.out)
-
-
-def get_parser():
-    parser = argparse.ArgumentParser(
-        description="Convert released TokenBridge weights (and kl16) into a run folder.",
-        formatter_class=DefaultsHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--official", help="official checkpoint-last.pth, a local file")
-    source.add_argument("--download", choices=RELEASED_SIZES,
-                        help="fetch the released checkpoint of this size (and kl16, unless --vae) "
-                             "from its published home, then convert it")
-    parser.add_argument("--preset", choices=sorted(tb.PRESETS),
-                        help="the model size of --official (default large; the released ones: "
-                             "large, huge)")
-    parser.add_argument("--vae",
-                        help="MAR's kl16.ckpt (LDM layout), converted to a diffusers AutoencoderKL")
-    parser.add_argument("--out", help="run folder to write (default runs/official-PRESET)")
-    return parser
-
-
-if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except ValueError as e:
-        sys.exit(f"error: {e}")

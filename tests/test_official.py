@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import interop
 import tokenbridge as tb
+from lib import official
 
 DATA = Path(__file__).parent / "data"
 
@@ -21,14 +21,14 @@ def shapes_of(name):
 
 
 @pytest.fixture(scope="module")
-def official():
+def official_model():
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
-    model = interop.from_official_state_dict(ref["state_dict"], interop.official_config("tiny"))
+    model = official.from_official_state_dict(ref["state_dict"], official.official_config("tiny"))
     return model, ref["reference"]
 
 
-def test_official_model_reproduces_features_and_logits(official):
-    model, ref = official
+def test_official_model_reproduces_features_and_logits(official_model):
+    model, ref = official_model
     mask = ref["mask"].bool()
     z = model.backbone(ref["official_dequantized"], mask, ref["labels"])
     z_uncond = model.backbone(ref["official_dequantized"], mask, torch.full_like(ref["labels"], 10))
@@ -39,8 +39,8 @@ def test_official_model_reproduces_features_and_logits(official):
     torch.testing.assert_close(logits, ref["teacher_forced_logits"], atol=1e-4, rtol=1e-4)
 
 
-def test_official_model_reproduces_greedy_tokens_with_the_slot0_quirk(official):
-    model, ref = official
+def test_official_model_reproduces_greedy_tokens_with_the_slot0_quirk(official_model):
+    model, ref = official_model
     cond = model.head.project(ref["z"][ref["mask"].bool()])
     tokens, _ = model._sample_channels(cond, torch.rand(len(cond), 16), temperature=0)
     assert torch.equal(tokens[:, model.quantizer.order], ref["greedy_tokens_generation_order"])
@@ -52,13 +52,13 @@ def test_official_model_reproduces_greedy_tokens_with_the_slot0_quirk(official):
     assert not torch.equal(plain, tokens)
 
 
-def test_official_quantizer_mode(official):
-    model, ref = official
+def test_official_quantizer_mode(official_model):
+    model, ref = official_model
     tokens = tb.patchify(ref["latents"])
     assert torch.equal(model.quantizer.quantize(tokens), ref["official_indices"])   # nearest centre
     torch.testing.assert_close(model.quantizer.dequantize(ref["official_indices"]),
                                ref["official_dequantized"], atol=1e-4, rtol=1e-5)
-    bins = interop.use_official_range(tb.GaussianQuantizer(64, assign="bins")).quantize(tokens)
+    bins = official.use_official_range(tb.GaussianQuantizer(64, assign="bins")).quantize(tokens)
     differ = (bins != ref["official_indices"]).float().mean().item()
     assert differ < 0.02                  # bin lookup and nearest centre disagree rarely
     assert torch.equal(model.quantizer.order, ref["channel_order"])
@@ -69,9 +69,9 @@ def test_official_quantizer_mode(official):
                                           ("tokenbridge_small_bench", "bench-s")])
 def test_official_keys_map_one_to_one(name, preset):
     shapes = shapes_of(name)
-    cfg = interop.official_config(preset)
-    mapping = interop.official_key_mapping(cfg)
-    assert set(mapping) == set(shapes) - set(interop._DERIVED)
+    cfg = official.official_config(preset)
+    mapping = official.official_key_mapping(cfg)
+    assert set(mapping) == set(shapes) - set(official._DERIVED)
     with torch.device("meta"):
         ours = tb.TokenBridge(cfg).state_dict()
     assert {k for k, _ in mapping.values()} == {k for k in ours if not k.startswith("quantizer.")}
@@ -85,8 +85,8 @@ def test_kl16_keys_map_one_to_one():
     from diffusers import AutoencoderKL
     shapes = shapes_of("mar_kl16_vae")
     with torch.device("meta"):
-        ours = AutoencoderKL(**interop.ldm_vae_config()).state_dict()
-    renames = interop.ldm_module_renames(5, 2)
+        ours = AutoencoderKL(**official.ldm_vae_config()).state_dict()
+    renames = official.ldm_module_renames(5, 2)
     mapped = {}
     for key, shape in shapes.items():
         module, _, param = key.rpartition(".")
@@ -100,7 +100,7 @@ def test_kl16_keys_map_one_to_one():
 def test_ldm_vae_converter_reproduces_the_reference():
     ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
     c = ref["reference"]["ldm_config"]
-    vae = interop.from_ldm_state_dict(ref["model"], ch=c["ch"], ch_mult=c["ch_mult"],
+    vae = official.from_ldm_state_dict(ref["model"], ch=c["ch"], ch_mult=c["ch_mult"],
                                       embed_dim=c["embed_dim"], num_res_blocks=c["num_res_blocks"],
                                       resolution=c["resolution"], attn_levels=(1,))
     want = ref["reference"]
@@ -116,20 +116,20 @@ def test_ldm_vae_converter_reproduces_the_reference():
 
 def test_checkpoint_of_another_size_names_the_key_and_shapes():
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
-    bigger = interop.official_config("bench-s", buffer_size=4)
+    bigger = official.official_config("bench-s", buffer_size=4)
     message = r"'fake_latent' has shape \(1, 64\) but the model expects \(1, 256\)"
     with pytest.raises(ValueError, match=message):
-        interop.from_official_state_dict(ref["state_dict"], bigger)
+        official.from_official_state_dict(ref["state_dict"], bigger)
 
 
 def test_checkpoint_of_another_architecture_is_refused():
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
     state = dict(ref["state_dict"], **{"diffloss.net.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected key 'diffloss.net.weight'"):
-        interop.from_official_state_dict(state, interop.official_config("tiny"))
+        official.from_official_state_dict(state, official.official_config("tiny"))
     del state["diffloss.net.weight"], state["channel_heads.3.bias"]
     with pytest.raises(ValueError, match="lacks 'channel_heads.3.bias'"):
-        interop.from_official_state_dict(state, interop.official_config("tiny"))
+        official.from_official_state_dict(state, official.official_config("tiny"))
 
 
 def test_truncated_file_is_refused(tmp_path):
@@ -137,9 +137,9 @@ def test_truncated_file_is_refused(tmp_path):
     path.write_bytes((DATA / "official_tiny_reference.pt").read_bytes()[:10_000])
     message = "is not a torch checkpoint .*truncated.* is the file complete"
     with pytest.raises(ValueError, match=message):
-        interop.load_official_tokenbridge(path, "tiny")
+        official.load_official_tokenbridge(path, "tiny")
     with pytest.raises(ValueError, match="no torch checkpoint at"):
-        interop.load_official_tokenbridge(tmp_path / "missing.pth", "tiny")
+        official.load_official_tokenbridge(tmp_path / "missing.pth", "tiny")
 
 
 def test_official_checkpoint_file_with_namespace_and_ema(tmp_path):
@@ -148,7 +148,7 @@ def test_official_checkpoint_file_with_namespace_and_ema(tmp_path):
     ema = {k: v + 1 if k == "mask_token" else v for k, v in ref["state_dict"].items()}
     torch.save({"model": ref["state_dict"], "model_ema": ema, "args": argparse.Namespace(model="x"),
                 "epoch": 3}, tmp_path / "checkpoint-last.pth")
-    model = interop.load_official_tokenbridge(tmp_path / "checkpoint-last.pth", "tiny")
+    model = official.load_official_tokenbridge(tmp_path / "checkpoint-last.pth", "tiny")
     # the EMA weights are preferred
     torch.testing.assert_close(model.backbone.mask_token, ema["mask_token"])
 
@@ -157,19 +157,19 @@ def test_vae_with_other_latent_channels_is_refused(tmp_path):
     ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
     torch.save({"model": ref["model"]}, tmp_path / "kl.ckpt")
     with pytest.raises(ValueError, match="has 16 latent channels but the model expects 4"):
-        interop.load_ldm_vae(tmp_path / "kl.ckpt", latent_channels=4)
+        official.load_ldm_vae(tmp_path / "kl.ckpt", latent_channels=4)
     torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="not an LDM/MAR VAE checkpoint"):
-        interop.load_ldm_vae(tmp_path / "bad.ckpt")
+        official.load_ldm_vae(tmp_path / "bad.ckpt")
 
 
 def test_ldm_config_is_read_off_the_keys():
     ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
-    tiny = interop.ldm_config_from_state_dict(ref["model"])
+    tiny = official.ldm_config_from_state_dict(ref["model"])
     assert tiny == dict(ch=32, num_res_blocks=2, embed_dim=16, ch_mult=(1, 2), attn_levels=(1,))
     shapes = shapes_of("mar_kl16_vae")
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    kl16 = interop.ldm_config_from_state_dict(meta)
+    kl16 = official.ldm_config_from_state_dict(meta)
     assert kl16 == dict(ch=128, num_res_blocks=2, embed_dim=16, ch_mult=(1, 1, 2, 2, 4),
                         attn_levels=(4,))
 
@@ -177,6 +177,7 @@ def test_ldm_config_is_read_off_the_keys():
 def test_released_weights_sample_and_export_from_the_command_line(tmp_path):
     """sample.py / export.py --official CKPT --vae kl.ckpt: converted to a run folder, then used."""
     import argparse
+
     import export
     import sample
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
@@ -203,13 +204,14 @@ def test_a_converted_run_samples_with_the_released_settings(tmp_path, monkeypatc
     """interop writes the released cfg, temperature and steps beside the converted weights, and
     sample.py without sampling flags uses them: the tokens of the same flags given by hand."""
     import argparse
+
     import sample
     released = dict(cfg=2.5, temperature=0.9, num_iter=3)
-    monkeypatch.setitem(interop.RELEASED_SAMPLING, "tiny", released)
+    monkeypatch.setitem(official.RELEASED_SAMPLING, "tiny", released)
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
     torch.save({"model_ema": ref["state_dict"], "args": argparse.Namespace(model="tiny")},
                tmp_path / "ckpt.pth")
-    run = interop.import_official(tmp_path / "ckpt.pth", "tiny", out=str(tmp_path / "run"))
+    run = official.import_official(tmp_path / "ckpt.pth", "tiny", out=str(tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "sampling.json").read_text()).items() >= released.items()
 
     def tokens(*flags):
@@ -223,7 +225,7 @@ def test_a_converted_run_samples_with_the_released_settings(tmp_path, monkeypatc
 
 
 def test_official_range_is_the_fixed_affine_map():
-    q = interop.use_official_range(tb.GaussianQuantizer(64, channels=2, assign="nearest"))
+    q = official.use_official_range(tb.GaussianQuantizer(64, channels=2, assign="nearest"))
     x = torch.linspace(-6, 6, 999).unsqueeze(-1).expand(-1, 2)
     u = ((x + 5) / 10 * 6 - 3).clamp(-3, 3)                           # the official formula
     expected = (u.unsqueeze(-1) - q.centers).abs().argmin(-1)
@@ -249,7 +251,7 @@ def hub(monkeypatch, tmp_path):
         fail = fail or {}
 
         def listing(repo_id, **kwargs):
-            assert repo_id == interop.TOKENBRIDGE_REPO
+            assert repo_id == official.TOKENBRIDGE_REPO
             if "list" in fail:
                 raise fail["list"]
             return list(files)
@@ -274,8 +276,8 @@ FLAT_LAYOUT = ["README.md", "tokenbridge-huge.pth", "tokenbridge-large.pth", "kl
 
 @pytest.mark.parametrize("files", [README_LAYOUT, FLAT_LAYOUT], ids=["folders", "flat"])
 def test_the_released_checkpoint_of_a_size_is_found_by_listing(files):
-    for size in interop.RELEASED_SIZES:
-        found = interop.released_checkpoint(size, files, "FIX")
+    for size in official.RELEASED_SIZES:
+        found = official.released_checkpoint(size, files, "FIX")
         assert size in found and found.endswith(".pth") and found in files
 
 
@@ -286,7 +288,7 @@ def test_the_released_checkpoint_of_a_size_is_found_by_listing(files):
      "several checkpoints name 'huge': huge/checkpoint-last.pth, huge/checkpoint-best.pth")])
 def test_no_or_several_matching_checkpoints_are_one_line_listing_them(files, message):
     with pytest.raises(ValueError) as info:
-        interop.released_checkpoint("huge", files, "pass --official PATH")
+        official.released_checkpoint("huge", files, "pass --official PATH")
     text = str(info.value)
     assert message in text and text.endswith("by hand and pass --official PATH")
     assert "\n" not in text
@@ -294,13 +296,14 @@ def test_no_or_several_matching_checkpoints_are_one_line_listing_them(files, mes
 
 def test_download_converts_the_fetched_files_into_a_loadable_run(hub, monkeypatch, tmp_path):
     import argparse
-    import runs
+
+    from lib import runs
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)
     torch.save({"model_ema": ref["state_dict"], "args": argparse.Namespace(model="tiny")},
                tmp_path / "checkpoint-last.pth")
     vae = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
     torch.save({"model": vae["model"]}, tmp_path / "kl16-source.ckpt")
-    monkeypatch.setattr(interop, "RELEASED_SIZES", ("tiny",))
+    monkeypatch.setattr(official, "RELEASED_SIZES", ("tiny",))
     calls = hub({"README.md": None, "tiny/checkpoint-last.pth": tmp_path / "checkpoint-last.pth"})
     fetched = []
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
@@ -311,9 +314,9 @@ def test_download_converts_the_fetched_files_into_a_loadable_run(hub, monkeypatc
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     for _ in range(2):  # the second time from the caches
-        run = interop.download_official("tiny", out=str(tmp_path / "run"))
-    assert calls == [(interop.TOKENBRIDGE_REPO, "tiny/checkpoint-last.pth")] * 2
-    assert fetched == [interop.RELEASED_KL16["url"]]
+        run = official.download_official("tiny", out=str(tmp_path / "run"))
+    assert calls == [(official.TOKENBRIDGE_REPO, "tiny/checkpoint-last.pth")] * 2
+    assert fetched == [official.RELEASED_KL16["url"]]
     model, ckpt = runs.load_run(run)
     assert ckpt["config"]["official_compat"] and runs.has_vae(run)
     torch.testing.assert_close(model.backbone.mask_token, ref["state_dict"]["mask_token"])
@@ -328,7 +331,7 @@ def test_download_failure_says_what_to_fetch_by_hand(hub, error):
     ckpt = README_LAYOUT[2]
     hub(dict.fromkeys(README_LAYOUT), fail={ckpt: exc("offline")})
     with pytest.raises(ValueError) as info:
-        interop.download_official("large", vae="kl16.ckpt")
+        official.download_official("large", vae="kl16.ckpt")
     message = str(info.value)
     assert "\n" not in message and f"could not download {ckpt} ({error})" in message
     assert f"https://huggingface.co/Epiphqny/TokenBridge/resolve/main/{ckpt}" in message
@@ -342,7 +345,7 @@ def test_a_repository_that_cannot_be_listed_says_where_to_look(hub):
                                          r"https://huggingface.co/Epiphqny/TokenBridge/tree/main "
                                          r"by hand and pass --official PATH --preset large "
                                          r"--vae KL16_PATH$"):
-        interop.download_official("large")
+        official.download_official("large")
 
 
 def test_kl16_download_failure_points_to_mars_link(hub, tmp_path, monkeypatch):
@@ -356,31 +359,31 @@ def test_kl16_download_failure_points_to_mars_link(hub, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"could not download kl16\.ckpt \(URLError\); download "
                                          r"https://www\.dropbox\.com/.*kl16\.ckpt.* by hand and "
                                          r"pass --vae PATH \(with --download huge\)$"):
-        interop.download_official("huge")
+        official.download_official("huge")
 
 
 def test_download_of_an_unpublished_name_is_refused(hub):
     calls = hub({})
     with pytest.raises(ValueError, match=r"no released TokenBridge checkpoint is named 'medium' "
                                          r"\(published: large, huge\)"):
-        interop.download_official("medium")
+        official.download_official("medium")
     assert calls == []
 
 
-# --- the inverse converters (rehearse.py writes official-format files with them) -----------------
+# --- the inverse converters (tools/rehearse.py writes official-format files with them) ---------
 
 def test_official_state_dict_round_trips(perturb):
     ref = torch.load(DATA / "official_tiny_reference.pt", weights_only=True)["state_dict"]
-    model = interop.from_official_state_dict(ref, interop.official_config("tiny"))
-    back = interop.to_official_state_dict(model)
+    model = official.from_official_state_dict(ref, official.official_config("tiny"))
+    back = official.to_official_state_dict(model)
     assert set(back) == set(ref)
     for key, value in ref.items():   # the derived tables are recomputed: float rounding only
         assert back[key].shape == value.shape, key
-        atol = 1e-5 if key in interop._DERIVED else 0
+        atol = 1e-5 if key in official._DERIVED else 0
         torch.testing.assert_close(back[key], value, rtol=0, atol=atol)
-    model = interop.from_official_state_dict(ref, interop.official_config("tiny"))
+    model = official.from_official_state_dict(ref, official.official_config("tiny"))
     perturb(model)
-    again = interop.from_official_state_dict(interop.to_official_state_dict(model), model.config)
+    again = official.from_official_state_dict(official.to_official_state_dict(model), model.config)
     ours, theirs = model.state_dict(), again.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -390,22 +393,23 @@ def test_official_state_dict_round_trips(perturb):
 def test_official_state_dict_has_the_official_keys_and_shapes(name, preset):
     shapes = shapes_of(name)
     with torch.device("meta"):
-        official = interop.to_official_state_dict(tb.TokenBridge(interop.official_config(preset)))
-    assert {k: list(v.shape) for k, v in official.items()} == shapes
+        state = official.to_official_state_dict(tb.TokenBridge(official.official_config(preset)))
+    assert {k: list(v.shape) for k, v in state.items()} == shapes
 
 
 def test_ldm_state_dict_round_trips(perturb):
     from diffusers import AutoencoderKL
     ref = torch.load(DATA / "ldm_vae_tiny_reference.pt", weights_only=True)
-    config = interop.ldm_config_from_state_dict(ref["model"])
-    back = interop.to_ldm_state_dict(interop.from_ldm_state_dict(ref["model"], **config))
+    config = official.ldm_config_from_state_dict(ref["model"])
+    back = official.to_ldm_state_dict(official.from_ldm_state_dict(ref["model"], **config))
     assert set(back) == set(ref["model"])
     assert all(torch.equal(back[k], ref["model"][k]) for k in back)
-    small = interop.ldm_vae_config(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, resolution=32,
+    small = official.ldm_vae_config(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, resolution=32,
                                    attn_levels=(2,))
     vae = perturb(AutoencoderKL(**small))
-    ldm = interop.to_ldm_state_dict(vae)
-    again = interop.from_ldm_state_dict(ldm, **interop.ldm_config_from_state_dict(ldm)).state_dict()
+    ldm = official.to_ldm_state_dict(vae)
+    config = official.ldm_config_from_state_dict(ldm)
+    again = official.from_ldm_state_dict(ldm, **config).state_dict()
     assert set(again) == set(vae.state_dict())
     assert all(torch.equal(again[k], v) for k, v in vae.state_dict().items())
 
@@ -414,5 +418,5 @@ def test_ldm_state_dict_has_kl16s_keys_and_shapes():
     from diffusers import AutoencoderKL
     shapes = shapes_of("mar_kl16_vae")
     with torch.device("meta"):
-        ldm = interop.to_ldm_state_dict(AutoencoderKL(**interop.ldm_vae_config()))
+        ldm = official.to_ldm_state_dict(AutoencoderKL(**official.ldm_vae_config()))
     assert {k: list(v.shape) for k, v in ldm.items()} == shapes

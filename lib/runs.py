@@ -1,12 +1,12 @@
-"""A run folder: what train.py writes and sample.py, export.py, interop.py and reproduce.py read.
+"""A run folder: what train.py and tools/released.py write, and the scripts and tools read.
 
     RUN/checkpoint.pt    config, weights (model and EMA), optimizer, step, RNG states, flags
     RUN/vae/             the frozen VAE, a diffusers AutoencoderKL folder
     RUN/onnx/            the graphs export.py writes (deploy.py reads them)
 
 One safe loader for torch files (torch.load with weights_only=True: no code in a file can run),
-one VAE loader, and atomic writes (a temp file renamed into place: a crash never leaves half a
-file). Everything here raises ValueError with one line; the scripts print it.
+one VAE loader, and torch files and JSON written whole or not at all (lib/files.py). Everything
+here raises ValueError with one line; the scripts print it.
 """
 import hashlib
 import json
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import tokenbridge as tb
+from lib.files import write_atomic
 
 CHECKPOINT, VAE_DIR = "checkpoint.pt", "vae"
 
@@ -58,7 +59,7 @@ def _load(path):
 
 def load_checkpoint(run):
     """RUN/checkpoint.pt as a dict with at least "config" and "model"."""
-    fix = "give a run folder written by train.py (or interop.py, for the released weights)"
+    fix = "give a run folder written by train.py (or tools/released.py, for the released weights)"
     path = Path(run) / CHECKPOINT
     ckpt = read_torch_file(path, "TokenBridge checkpoint", fix)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)
@@ -117,21 +118,9 @@ def load_vae(folder, device="cpu"):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a crash or a full disk never leaves a half file."""
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save, written whole or not at all (files.write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_json(obj, path):
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def _atomic(path, write):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise ValueError(f"could not write {path} ({e.strerror or e}){kept}") from None
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))

@@ -2,18 +2,20 @@
 
 Random weights, the real command lines (torchrun included), real SIGKILLs half-way.
 
-    python rehearse.py                       # TokenBridge-L and -H, kl16 (about 20 min, 2 cores)
-    python rehearse.py --scale tiny          # the same path with tiny models (a few minutes)
-    python rehearse.py --path train          # training at real shapes (estimated 20 min, 2 cores)
-    python rehearse.py --path train --scale tiny     # the same with tiny models (a minute or two)
-    python rehearse.py --out runs/rehearsal --keep   # keep the work folder (default: a temp one)
+    python -m tools.rehearse                            # L and H, kl16 (about 20 min, 2 cores)
+    python -m tools.rehearse --scale tiny               # the same path, tiny models (minutes)
+    python -m tools.rehearse --path train               # training at real shapes (about 20 min)
+    python -m tools.rehearse --path train --scale tiny  # the same, tiny models (a minute or two)
+    python -m tools.rehearse --out runs/rehearsal --keep    # keep the work folder (default: temp)
 
 Every stage but the first runs what a user types, as a subprocess from the repository root, and
 reports its wall time and peak memory: ru_maxrss from os.wait4, the largest single process of the
 command's tree. What each stage of --path sample (the default) proves:
   weights   official-format checkpoint-last.pth files for L (with an AdamW state) and H, and MAR's
-            kl16.ckpt, written by interop's inverse converters from random weights (in-process)
-  convert   interop.py reads both official files (mmap: L's optimizer state is never read) and kl16
+            kl16.ckpt, written by lib/official.py's inverse converters from random weights
+            (in-process)
+  convert   tools.released reads both official files (mmap: L's optimizer state is never read)
+            and kl16
   sample    torchrun, 2 processes, samples an FID .npz; SIGKILLed (every process of the tree) once 3
             batches are on disk, the same command samples only the missing batches and writes it
   export    export.py writes L's graphs in fp32, fp16 and int8 and H's in fp32 (H's backbone is over
@@ -58,10 +60,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import data
-import interop
 import tokenbridge as tb
-from deploy import BACKBONE_FILE, HEAD_FILE, META_FILE, VAE_FILE, DefaultsHelpFormatter
+from deploy import BACKBONE_FILE, HEAD_FILE, META_FILE, VAE_FILE
+from lib import data, official
+from lib.cli import DefaultsHelpFormatter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -320,11 +322,11 @@ def write_official_checkpoint(preset, path, moments, seed=0):
     """checkpoint-last.pth as the official code writes it, with random weights (the model's own
     init: the scales training starts from, so sampling stays numerically sane)."""
     torch.manual_seed(seed)
-    cfg = interop.official_config(preset)
+    cfg = official.official_config(preset)
     model = tb.TokenBridge(cfg)
     wake_adaln(model)
-    state = interop.to_official_state_dict(model)
-    names = list(interop.official_key_mapping(cfg))            # the official parameters, in order
+    state = official.to_official_state_dict(model)
+    names = list(official.official_key_mapping(cfg))            # the official parameters, in order
     args = argparse.Namespace(model=f"tokenbridge_{preset}", img_size=cfg.image_size,
                               vae_stride=cfg.vae_stride, vae_embed_dim=cfg.channels, patch_size=1,
                               class_num=cfg.num_classes, buffer_size=cfg.buffer_size)
@@ -338,13 +340,13 @@ def write_official_checkpoint(preset, path, moments, seed=0):
 def write_ldm_vae(vae_config, stride, path, seed=0):
     """MAR's kl16.ckpt layout ({"model": LDM state dict}) with random weights."""
     from diffusers import AutoencoderKL
-    config = interop.ldm_vae_config(**vae_config)
+    config = official.ldm_vae_config(**vae_config)
     levels = len(config["block_out_channels"])            # each level but the last halves the size
     tb.require(2 ** (levels - 1) == stride, f"the VAE's stride {2 ** (levels - 1)} is not the "
                f"models' {stride}")
     torch.manual_seed(seed)
     vae = AutoencoderKL(**config)
-    torch.save({"model": interop.to_ldm_state_dict(vae)}, path)
+    torch.save({"model": official.to_ldm_state_dict(vae)}, path)
 
 
 def write_weights(work, large, huge, vae_config):
@@ -359,7 +361,7 @@ def weights(r):
     # in a child process: its memory goes with it (this process's later in-process rows would
     # show the gigabytes of L and H otherwise), and the row measures it as any command
     large, huge = r.scale["large"], r.scale["huge"]
-    code = "import sys, rehearse; rehearse.write_weights(*sys.argv[1:])"
+    code = "import sys; from tools import rehearse; rehearse.write_weights(*sys.argv[1:])"
     r.run("weights", f"official L.pth ({large}, with AdamW moments), H.pth ({huge}), kl16.ckpt, "
           "random", [PY, "-c", code, r.work, large, huge, json.dumps(r.scale["vae"])])
 
@@ -370,8 +372,9 @@ def convert(r):
     for name in ("large", "huge"):
         preset, out = r.scale[name], r.path(f"official-{name}")
         pth, vae = r.path("L.pth" if name == "large" else "H.pth"), r.path("kl16.ckpt")
-        r.run("convert", f"interop.py --preset {preset} ({name})",
-              [PY, "interop.py", "--official", pth, "--preset", preset, "--vae", vae, "--out", out])
+        r.run("convert", f"tools.released --preset {preset} ({name})",
+              [PY, "-m", "tools.released", "--official", pth, "--preset", preset, "--vae", vae,
+               "--out", out])
 
 
 # --- stage 3: sample, killed half-way, resumed --------------------------------------------------
@@ -404,7 +407,7 @@ def sample_and_kill(r):
 
 def skipped_images(stderr):
     """Images each rank found on disk, summed: the first count of its progress bar
-    (deploy.sample_in_batches starts the bar at the batches it skips)."""
+    (jobs.sample_in_batches starts the bar at the batches it skips)."""
     first = {}
     bars = re.findall(r"sample \(rank (\d+)\):[^|\r\n]*\|[^|\r\n]*\|\s*(\d+)/\d+", stderr)
     for rank, count in bars:
@@ -498,8 +501,9 @@ def write_random_inception(path):
     """A state dict of torch_fidelity's FeatureExtractorInceptionV3 with random weights. Its
     constructor loads weights (downloads them when no path is given): an empty file and a
     load_state_dict that does nothing keep the random init."""
-    from torch_fidelity.feature_extractor_inceptionv3 import \
-        FeatureExtractorInceptionV3 as Inception
+    from torch_fidelity.feature_extractor_inceptionv3 import (
+        FeatureExtractorInceptionV3 as Inception,
+    )
     empty = path + ".empty"
     torch.save({}, empty)
     torch.manual_seed(0)
@@ -524,7 +528,7 @@ def evaluate(r):
         raise StageFailed("evaluate", "evaluate.py does not exist in the repository")
     metrics = r.path("metrics.json")
     r.run("evaluate", "evaluate.py on fid.npz",
-          [PY, "evaluate.py", "--samples", r.path("fid.npz"),
+          [PY, "-m", "tools.evaluate", "--samples", r.path("fid.npz"),
            "--reference", r.path("reference.npz"),
            "--inception-weights", r.path("inception.pth"), "--device", "cpu", "--batch-size", "8",
            "--out", metrics])

@@ -1,4 +1,4 @@
-"""Sample quality on the built-in digits: our FID analogue (DESIGN §4, "Judged by samples").
+"""Sample quality on the built-in digits: our FID analogue (docs/findings.md#the-measure).
 
     net, info = load_feature_net()          # trained once (seconds), then cached
     scores = evaluate(images, labels)       # images: uint8 (B, 32, 32, 3), labels: (B,)
@@ -47,8 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-import runs
+from lib import data, runs
 
 CACHE = "runs/.quality/digits_features.pt"
 ARCH_VERSION = 1      # bump when FeatureNet or its training changes: old caches are then retrained

@@ -35,8 +35,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
-import runs
-from deploy import check_launcher, save_grid, to_uint8
+from deploy import save_grid, to_uint8
+from lib import runs
+from lib.files import write_atomic
+from lib.jobs import check_launcher
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -175,9 +177,9 @@ def vae_geometry(path):
     keys (an LDM .ckpt) without building it."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        import interop
-        state = interop.load_checkpoint(path)
-        config = interop.ldm_config_from_state_dict(state.get("model", state))
+        from lib import official
+        state = official.load_checkpoint(path)
+        config = official.ldm_config_from_state_dict(state.get("model", state))
         return 2 ** (len(config["ch_mult"]) - 1), config["embed_dim"]
     try:
         config = json.loads((path / "config.json").read_text())
@@ -243,12 +245,12 @@ def train_vae(vae, images, steps, batch, lr, kl_weight, seed, device):
 
 def open_vae(path, stride, channels):
     """--vae: a diffusers AutoencoderKL folder, or an LDM checkpoint such as MAR's kl16.ckpt
-    (converted by interop.py); its stride and channels must match the config."""
+    (converted by lib/official.py); its stride and channels must match the config."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        import interop
+        from lib import official
         try:
-            vae = interop.load_ldm_vae(path, latent_channels=channels).eval().requires_grad_(False)
+            vae = official.load_ldm_vae(path, latent_channels=channels).eval().requires_grad_(False)
         except ValueError as e:
             raise ValueError(f"--vae {path}: {e}") from None
     elif (path / "config.json").is_file():
@@ -611,7 +613,8 @@ def reconstruction_report(vae, quantizer, images, modes, levels, run_dir, rows=8
     pick = np.linspace(0, len(images) - 1, min(rows, len(images))).round().astype(int)
     columns = [images, decoded["continuous"], decoded[64], decoded[16]]
     grid = np.stack([column[pick] for column in columns], 1)                # (rows, 4, H, W, 3)
-    save_grid(grid.reshape(-1, *grid.shape[2:]), run_dir / "reconstruction.png", cols=4)
+    write_atomic(run_dir / "reconstruction.png",
+                 lambda f: save_grid(grid.reshape(-1, *grid.shape[2:]), f, cols=4))
     runs.write_json(report, run_dir / "reconstruction.json")
     return report
 

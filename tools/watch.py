@@ -1,6 +1,6 @@
 """Watch it decode: a few samples step by step, and one image channel by channel.
 
-    python watch.py --run-dir runs/demo --out docs/decoding    # -> docs/decoding.png, .gif
+    python -m tools.watch --run-dir runs/demo --out docs/decoding    # -> docs/decoding.png, .gif
 
 TokenBridge generates in two nested orders. The outer loop (MAR's) decodes the positions a few
 at a time, on a cosine schedule (tokenbridge.mask_schedule), in a random order or the most
@@ -23,7 +23,6 @@ for the same labels, seed and settings (both draw from default_rng((seed, 0))), 
 --num-iter, --cfg and --temperature default to the run's tuned ones (RUN/sampling.json).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,11 +31,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import data
-import runs
 import tokenbridge as tb
-from deploy import (SAMPLING_FILE, DefaultsHelpFormatter, batch_seed, check_labels, tile,
-                    unwritable, write_atomic)
+from deploy import check_labels, tile
+from lib import data, runs
+from lib.cli import DefaultsHelpFormatter, unwritable, use_tuned
+from lib.files import write_atomic
+from lib.jobs import batch_seed
 
 TINT = np.array([60, 80, 130], np.float32)  # unknown positions lean to slate blue: visible on
 UNKNOWN_SHADE = 0.7                          # the digits' black background and on white alike
@@ -200,16 +200,6 @@ def save_gif(pictures, durations, path):
 
 
 # --- command line ---------------------------------------------------------------------------------
-
-def use_tuned(args):
-    """--num-iter, --cfg, --temperature left out: the run's tuned ones (as sample.py does)."""
-    path = os.path.join(args.run, SAMPLING_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            tuned = json.load(f)
-        for key in ("num_iter", "cfg", "temperature"):
-            if getattr(args, key) is None and key in tuned:
-                setattr(args, key, tuned[key])
 
 
 def pick_labels(args, config):

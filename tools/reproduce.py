@@ -1,14 +1,14 @@
 """Reproduce the paper's tables and figures at small scale on the built-in digits, from run folders.
 
-    python reproduce.py --train-missing     # trains the missing run folders below, then all parts
-    python reproduce.py                     # every table and figure from the run folders there are
-    python reproduce.py --parts reconstruction,demo
+    python -m tools.reproduce --train-missing   # trains the missing run folders, then every part
+    python -m tools.reproduce                   # every table and figure from the runs there are
+    python -m tools.reproduce --parts reconstruction,demo
 
 Every run is `python train.py` (the demo: AR head, frequency order, 64 levels, seed 0) or the
 demo with one flag changed and the demo's frozen VAE (`--vae runs/demo/vae`), so only the
 model differs; RUNS lists them. Writes into --out (docs/):
 
-  reconstruction   PSNR and rFD (quality.py's Fréchet distance) of the 500 held-out digits
+  reconstruction   PSNR and rFD (lib/digit_metrics.py's Fréchet distance) of the 500 held-out digits
                    through continuous latents and 128 ... 8 levels; rd_quantization.png,
                    reconstruction_levels.png
   generation       the paper's ablations (AR vs parallel head, frequency vs default order, 64 vs
@@ -25,7 +25,7 @@ Each run is scored at the sampling settings its own sweep chose (RUN/sampling.js
 train.py) and unguided (cfg 1, temperature 1, one position per step), each with 1,000 fresh
 class-balanced samples: the same sampling seeds for every run, other seeds than the sweeps'
 (a sweep's best score is the minimum of 20 noisy ones). The numbers go to results.json, the
-tables to results.md (the README's Results copy them).
+tables to results.md (README.md#results-at-a-glance copies them).
 """
 import argparse
 import contextlib
@@ -42,12 +42,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import data
-import quality
-import runs
 import tokenbridge as tb
-from deploy import SAMPLING_FILE, DefaultsHelpFormatter, tile
-from training import grid_classes, validation_bits
+from deploy import tile
+from lib import data, digit_metrics, runs
+from lib.cli import SAMPLING_FILE, DefaultsHelpFormatter
+from lib.validation import grid_classes, validation_bits
 
 # run folder name -> train.py flags; every run but the demo also gets --vae <runs>/demo/vae
 RUNS = {
@@ -179,7 +178,7 @@ def reconstruction_rows(model, vae, images, modes, labels, net):
     for levels in LEVELS:
         decoded = data.decode_levels(vae, model.quantizer, modes, levels)
         psnr, mse = data.psnr(images, decoded)
-        scores = quality.evaluate(decoded, labels.numpy(), reference=images, net=net)
+        scores = digit_metrics.evaluate(decoded, labels.numpy(), reference=images, net=net)
         row = {"levels": levels, "psnr": psnr, "mse": mse, **{k: scores[k] for k in SCORES}}
         if levels != "continuous":
             tokens = model.quantizer.with_levels(levels).quantize(tb.patchify(modes))  # (B, N, C)
@@ -241,7 +240,7 @@ def score_run(args, run, sampling, net, cache):
     _, modes, labels = held_out(Path(args.runs) / run)
 
     def score(settings):
-        return quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED, net=net,
+        return digit_metrics.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED, net=net,
                                      **settings, **dict(sampling))
 
     scores = {"run": run, "nll": validation_bits(model, modes, labels), "tuned": score(tuned),
@@ -348,7 +347,7 @@ def channel_scores(args, run, net):
     scores = {}
     for name, schedule in SCHEDULES.items():
         with channel_temperatures(schedule):
-            scores[name] = quality.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED,
+            scores[name] = digit_metrics.sample_scores(model, vae, n=args.samples, seed=EVAL_SEED,
                                                  net=net, **UNGUIDED)
     bits = validation_bits(model, modes, labels, per_channel=True).tolist()
     fds = ", ".join(f"{name} FD {s['fd']:.1f}" for name, s in scores.items())
@@ -472,7 +471,7 @@ def titled_row(panels, titles, path, gap=6, title_h=14):
 
 
 # ---------------------------------------------------------------------------------------------
-# Markdown tables (results.md; the README copies them)
+# Markdown tables (results.md; README.md#results-at-a-glance copies them)
 # ---------------------------------------------------------------------------------------------
 
 def pm(value_spread, fmt="{:.1f}", percent=False):
@@ -612,8 +611,9 @@ def main(args):
     if unknown:
         raise ValueError(f"unknown --parts {', '.join(sorted(unknown))}; "
                          f"choose from {', '.join(PARTS)}")
-    if args.samples < quality.MIN_IMAGES:
-        raise ValueError(f"--samples must be at least {quality.MIN_IMAGES}, got {args.samples}")
+    if args.samples < digit_metrics.MIN_IMAGES:
+        raise ValueError(f"--samples must be at least {digit_metrics.MIN_IMAGES}, "
+                         f"got {args.samples}")
 
     # the run folders: the missing ones trained when asked; the demo's checked before anything
     # is loaded, as every part needs it
@@ -625,7 +625,7 @@ def main(args):
     if not is_finished(demo):
         raise ValueError(f"{demo} is not a finished run: make it with "
                          f"`python train.py --out {demo}`, or every run with "
-                         "`python reproduce.py --train-missing`")
+                         "`python -m tools.reproduce --train-missing`")
 
     # the results so far (the parts this call does not redo stay), and the real digits' floor
     if args.threads:
@@ -634,8 +634,8 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    net = quality.load_feature_net()[0]
-    results["floor"] = quality.real_floor(250, net=net)
+    net = digit_metrics.load_feature_net()[0]
+    results["floor"] = digit_metrics.real_floor(250, net=net)
 
     # the parts asked for
     cache = {}      # (run, sampling) -> scores: a run in two rows or tables is sampled once
