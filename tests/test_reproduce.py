@@ -114,13 +114,13 @@ def patched(fake_runs, trained, monkeypatch, tmp_path):
     monkeypatch.setattr(reproduce, "load", lambda run: models[run.name])
     monkeypatch.setattr(reproduce, "held_out", lambda run: (None, modes, labels))
     monkeypatch.setattr(reproduce, "is_finished", lambda run: run.name not in missing)
-    monkeypatch.setattr(reproduce.quality, "load_feature_net", lambda *a, **k: trained[:2])
-    real_scores = reproduce.quality.sample_scores
+    monkeypatch.setattr(reproduce.digit_metrics, "load_feature_net", lambda *a, **k: trained[:2])
+    real_scores = reproduce.digit_metrics.sample_scores
 
     def counted(model, *args, **kwargs):
         calls.append((id(model), tuple(sorted(kwargs.items()))))
         return real_scores(model, *args, **kwargs)
-    monkeypatch.setattr(reproduce.quality, "sample_scores", counted)
+    monkeypatch.setattr(reproduce.digit_metrics, "sample_scores", counted)
     return calls, missing
 
 

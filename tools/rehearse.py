@@ -65,7 +65,7 @@ from deploy import BACKBONE_FILE, HEAD_FILE, META_FILE, VAE_FILE
 from lib import data, official
 from lib.cli import DefaultsHelpFormatter
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 PY = sys.executable
 # the torchrun installed beside this python (its workers run this python), else the PATH's
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(PY)) or shutil.which("torchrun")
@@ -524,10 +524,8 @@ def evaluate(r):
     r.in_process("evaluate", "reference .npz (ADM layout) + random Inception weights (in-process)",
                  lambda: (write_reference(r.path("reference.npz"), size),
                           write_random_inception(r.path("inception.pth"))))
-    if not os.path.isfile(os.path.join(ROOT, "evaluate.py")):
-        raise StageFailed("evaluate", "evaluate.py does not exist in the repository")
     metrics = r.path("metrics.json")
-    r.run("evaluate", "evaluate.py on fid.npz",
+    r.run("evaluate", "tools.evaluate on fid.npz",
           [PY, "-m", "tools.evaluate", "--samples", r.path("fid.npz"),
            "--reference", r.path("reference.npz"),
            "--inception-weights", r.path("inception.pth"), "--device", "cpu", "--batch-size", "8",
