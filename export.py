@@ -42,22 +42,9 @@ import torch
 import torch.nn as nn
 
 import tokenbridge as tb
-from deploy import (
-    BACKBONE_FILE,
-    BACKBONE_INPUTS,
-    BACKBONE_OUTPUTS,
-    DATA_SUFFIX,
-    EXPORT_FORMAT,
-    HEAD_FILE,
-    HEAD_INPUTS,
-    HEAD_OUTPUTS,
-    META_FILE,
-    VAE_FILE,
-    VAE_INPUTS,
-    VAE_OUTPUTS,
-    file_sha256,
-    make_session,
-)
+from deploy import (BACKBONE_FILE, BACKBONE_INPUTS, BACKBONE_OUTPUTS, DATA_SUFFIX, EXPORT_FORMAT,
+                    HEAD_FILE, HEAD_INPUTS, HEAD_OUTPUTS, META_FILE, VAE_FILE, VAE_INPUTS,
+                    VAE_OUTPUTS, file_sha256, make_session)
 from lib import runs
 from lib.cli import DefaultsHelpFormatter
 

@@ -41,18 +41,9 @@ from lib.cli import DefaultsHelpFormatter
 from lib.distributed import barrier, log, set_threads, setup_distributed
 from lib.gpu_costs import GIB, training_memory, vae_bytes
 from lib.jobs import check_launcher, exclusive
-from lib.recipe import (
-    PRECISIONS,
-    TrainingLoss,
-    loss_scaler,
-    lr_at,
-    make_optimizer,
-    make_thread_invariant,
-    recipe_summary,
-    resolve_recipe,
-    train_step,
-    update_ema,
-)
+from lib.recipe import (PRECISIONS, TrainingLoss, loss_scaler, lr_at, make_optimizer,
+                        make_thread_invariant, recipe_summary, resolve_recipe, train_step,
+                        update_ema)
 from lib.resume import restore_state, resume_flags, save_checkpoint
 from lib.validation import METRICS_FILE, final_evaluation, sample_grid
 

@@ -36,12 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
-from torch.overrides import (
-    TorchFunctionMode,
-    _get_current_function_mode_stack,
-    _pop_mode,
-    _push_mode,
-)
+from torch.overrides import (TorchFunctionMode, _get_current_function_mode_stack, _pop_mode,
+                             _push_mode)
 from torch.utils import _python_dispatch
 from torch.utils import _pytree as pytree
 from torch.utils import checkpoint as torch_checkpoint

@@ -26,14 +26,8 @@ import tokenbridge as tb
 from deploy import ORT_ERRORS, OnnxSampler, one_line
 from export import export
 from lib.cli import DefaultsHelpFormatter
-from lib.gpu_costs import (
-    GIB,
-    sampling_counts,
-    sampling_memory,
-    training_memory,
-    uses_kl16,
-    vae_bytes,
-)
+from lib.gpu_costs import (GIB, sampling_counts, sampling_memory, training_memory, uses_kl16,
+                           vae_bytes)
 from lib.recipe import PRECISIONS, RECIPES, TrainingLoss, make_optimizer, train_step
 from lib.runs import torch_device
 
