@@ -706,8 +706,8 @@ def test_disk_full_while_saving_keeps_the_old_checkpoint(tmp_path, fake_data, va
     train.main(run_args(tmp_path / "r", fake_data, vae_dir, "--steps", "2"))
     before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
 
-    def full(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
+    def full(obj, f, *a, **k):  # f: the open temp file
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(runs.torch, "save", full)
     with pytest.raises(ValueError, match="No space left.*intact"):
