@@ -378,6 +378,7 @@ def test_command_bad_input_exits_with_one_line(tmp_path, monkeypatch):
     np.savez(tmp_path / "s.npz", arr_0=images(5, 4, 0).astype(np.float32))
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--samples", str(tmp_path / "s.npz"),
                                       "--reference", str(tmp_path / "r.npz")])
+    monkeypatch.delitem(sys.modules, "tools.evaluate", raising=False)  # afresh, as python -m does
     with pytest.raises(SystemExit) as e:
         runpy.run_module("tools.evaluate", run_name="__main__", alter_sys=True)
     assert str(e.value.code).startswith("error: samples") and "uint8" in str(e.value.code)
