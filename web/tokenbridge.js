@@ -233,13 +233,13 @@ async function readMeta(folder) {
   return meta;
 }
 
-// twin of deploy.check_labels
+// twin of deploy.check_labels, for a JavaScript array (its length stands for numpy's shape)
 function checkLabels(labels, numClasses) {
   const top = numClasses + 1;
   const integers = Array.isArray(labels) && labels.every(Number.isInteger);
-  if (!(integers && labels.length > 0 && !labels.some(Array.isArray)))
+  if (!(integers && labels.length > 0))
     throw new Error("labels must be a 1-D array of integer class numbers, got " +
-                    `${integers ? "integers" : "non-integers"} of ${labels.length}`);
+                    `${integers ? "integers" : "non-integers"} of shape (${labels?.length},)`);
   if (!labels.every((x) => x >= 0 && x < top))
     throw new Error(`labels must lie in [0, ${top}) for this model's ${numClasses} classes ` +
                     `(${numClasses}: unconditional), got [${labels.slice(0, 8).join(", ")}]`);
