@@ -145,8 +145,8 @@ def write_outputs(args, batches, count):
             else:
                 kept.append(tokens)
     if args.out:
-        grid = np.concatenate(grid)  # the first 100; --npz holds them all
-        write_atomic(args.out, lambda f: save_grid(grid, f))
+        first = np.concatenate(grid)  # the first 100; --npz holds them all
+        write_atomic(args.out, lambda f: save_grid(first, f))
         print(f"wrote {args.out} ({min(count, 100)} of {count} images, {args.runtime})")
     if args.npz:
         print(f"wrote {args.npz} ({count} images, ADM layout: arr_0 (N, H, W, 3) uint8, labels)")

@@ -1,5 +1,6 @@
 """Files written whole or not at all: a temp file renamed into place (a reader never sees half a
-file, a crash leaves none), and arrays of any size streamed in batches into .npy and ADM's .npz.
+file, a failed write leaves the previous one), and arrays of any size streamed in batches into
+.npy and ADM's .npz.
 The one atomic write of the project: run folders (lib/runs.py), parts, samples and pictures use
 it. Imports no torch."""
 import contextlib
