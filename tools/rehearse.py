@@ -459,8 +459,11 @@ def export(r):
 # --- stage 5: ONNX Runtime against PyTorch ------------------------------------------------------
 
 def sample_tokens(r, what, source, tokens, labels):
+    # every setting given: a run folder's sampling.json (the released ones) fills what is left out
+    # for the torch runtime, and the ONNX command names no run folder
     argv = [PY, "sample.py", *source, "--labels", labels, "--num-iter", "1", "--cfg", "3",
-            "--seed", "0", "--save-tokens", r.path(tokens), "--out", "", "--device", "cpu"]
+            "--temperature", "1", "--seed", "0", "--save-tokens", r.path(tokens), "--out", "",
+            "--device", "cpu"]
     r.run("onnx", what, argv)
     return np.load(r.path(tokens))
 
